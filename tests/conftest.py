@@ -1,0 +1,42 @@
+"""Shared test fixtures: where the golden reference data lives, and the slow-test switch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_golden() -> Path | None:
+    env = os.environ.get("FEATSTORE_GOLDEN")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO_ROOT / "shared" / "golden", REPO_ROOT.parent / "shared" / "golden"]
+    for c in candidates:
+        if (c / "README.md").is_file():
+            return c
+    return None
+
+
+GOLDEN_DIR = _find_golden()
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The golden reference folder (../shared/golden beside the checkout, or $FEATSTORE_GOLDEN)."""
+    if GOLDEN_DIR is None:
+        pytest.fail("golden reference data not found: expected ../shared/golden beside the checkout "
+                    "or FEATSTORE_GOLDEN=/path/to/golden")
+    return GOLDEN_DIR
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip @pytest.mark.slow tests unless FEATSTORE_RUN_SLOW=1 or `-m slow` was given."""
+    if os.environ.get("FEATSTORE_RUN_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: set FEATSTORE_RUN_SLOW=1 (CI does) or run `pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
