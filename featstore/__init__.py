@@ -1,0 +1,33 @@
+"""featstore: precompute, store, verify and stream frozen-backbone (VGGT) image features for training.
+
+Public API (imported lazily so ``import featstore`` stays cheap):
+
+* :func:`load_vggt` - the VGGT aggregator from an official checkpoint (or ``"tiny"``)
+* :func:`preprocess_image` - the model's own preprocessing (``crop``, ``pad``, ``janusvln``)
+* :func:`open_store` - random access to a store, by key or image path
+* :func:`stream` - a DDP- and worker-safe webdataset IterableDataset over a shard store
+* :func:`load_cached_vggt_features` - drop-in replacement for per-image cache loading in training code
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_vggt": "featstore.model",
+    "preprocess_image": "featstore.preprocess",
+    "open_store": "featstore.loader",
+    "stream": "featstore.loader",
+    "load_cached_vggt_features": "featstore.loader",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'featstore' has no attribute {name!r}")

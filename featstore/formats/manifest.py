@@ -1,0 +1,108 @@
+"""The manifest schema: one JSON document describing a store, shared by build, merge, verify and export.
+
+Shard stores keep it as ``<out>/manifest.json``; per-image stores as ``<data root>/vggt_cache_manifest.json``
+(the file older tools read). The fields older tools read (``total_images``, ``processed_images``,
+``vggt_model_path``, ``data_root``, ``cache_format``) are always present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from featstore.errors import StoreError
+from featstore.fsutil import atomic_write_json
+
+SCHEMA_VERSION = 1
+SHARD_MANIFEST = "manifest.json"
+PER_IMAGE_MANIFEST = "vggt_cache_manifest.json"
+PER_IMAGE_SUFFIX = ".vggt_cache.pt"
+PER_IMAGE_FORMAT = "<image_path>.vggt_cache.pt"
+SHARD_FORMAT = "featstore-shards"
+FAILURES_LEDGER = "failures.jsonl"
+REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")
+
+
+def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any) -> dict[str, Any]:
+    """Return a manifest with every schema field present (``layout`` is ``"shards"`` or ``"per-image"``)."""
+    from featstore import __version__
+
+    if layout not in ("shards", "per-image"):
+        raise ValueError(f"layout must be 'shards' or 'per-image', not {layout!r}")
+    m: dict[str, Any] = {
+        "total_images": 0,
+        "processed_images": 0,
+        "vggt_model_path": model_path,
+        "data_root": data_root,
+        "cache_format": PER_IMAGE_FORMAT if layout == "per-image" else SHARD_FORMAT,
+        "featstore_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "layout": layout,
+        "cache_root": None,  # per-image caches mirrored under --out; None when beside the images
+        "complete": False,
+        "model": {"fingerprint": None, "name": None, "config": None},
+        "layers": [],
+        "tensors": {},  # name -> {"layer": int, "dtype": str}
+        "preprocess": {"mode": None, "apply_exif": False},
+        "dtype": None,
+        "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
+        "feature_shapes": {},  # "[1, P, C]" -> count
+        "counts": {"records": 0, "processed": 0, "skipped": 0, "failed": 0, "missing": 0, "stale_rebuilt": 0},
+        "failures_ledger": None,
+        "source_fingerprint": "stat",  # "stat" (size, mtime) or "sha256"
+        "times": {"started": None, "finished": None, "seconds": None},
+        "world_size": 1,
+        "parts": None,
+        "shards": [],  # [{"name", "records", "bytes", "sha256"}]
+        "index": None,  # {"name", "records", "bytes", "sha256"}
+        "provenance_unknown": [],  # fields an export from legacy caches could not know
+    }
+    unknown = set(fields) - set(m)
+    if unknown:
+        raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+    m.update(fields)
+    return m
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Validate and write a manifest atomically."""
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"manifest lacks required fields {missing}")
+    atomic_write_json(path, manifest)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read a manifest (featstore's or an older script's); raises StoreError naming what is wrong."""
+    try:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"manifest not found at {path}: run `featstore build` first (or point at the store "
+                         f"directory that holds {SHARD_MANIFEST} or {PER_IMAGE_MANIFEST})") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"manifest {path} is unreadable or not JSON ({e}); re-run `featstore merge` or "
+                         f"`featstore build` to rewrite it") from None
+    if not isinstance(m, dict):
+        raise StoreError(f"manifest {path} is not a JSON object")
+    m.setdefault("layout", "per-image" if m.get("cache_format") == PER_IMAGE_FORMAT else "shards")
+    return m
+
+
+def find_manifest(path: Path) -> Path:
+    """Locate the manifest for a store path (a shard store dir, a data root, or the manifest file itself)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in (SHARD_MANIFEST, PER_IMAGE_MANIFEST):
+        if (path / name).is_file():
+            return path / name
+    if (path / "vggt_featstore" / SHARD_MANIFEST).is_file():
+        return path / "vggt_featstore" / SHARD_MANIFEST
+    raise StoreError(f"no featstore manifest under {path}: expected {SHARD_MANIFEST} (shard store) or "
+                     f"{PER_IMAGE_MANIFEST} (per-image caches); run `featstore build` first")
+
+
+def shape_key(shape: tuple[int, ...] | list[int]) -> str:
+    """The ``feature_shapes`` key for a tensor shape, e.g. ``"[1, 1369, 2048]"``."""
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"

@@ -1,0 +1,60 @@
+"""Per-image caches: ``<image path>.vggt_cache.pt`` beside each image (or mirrored under a cache root).
+
+Files are written to a temporary name and renamed, and read with ``torch.load(weights_only=True)`` so a
+hostile pickle cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import torch
+
+from featstore.errors import RecordError
+from featstore.formats.keys import is_safe_relative_key
+from featstore.formats.manifest import PER_IMAGE_SUFFIX
+from featstore.formats.record import Record, record_from_pt, record_to_pt
+from featstore.fsutil import atomic_write_bytes
+
+
+def cache_path_for(key: str, data_root: Path, cache_root: Path | None = None) -> Path:
+    """Where the per-image cache for ``key`` lives: beside the image, or mirrored under ``cache_root``."""
+    if key.startswith("/"):
+        if cache_root is not None:
+            raise RecordError(f"image {key!r} lies outside the data root, so it has no place under the cache "
+                              f"root {cache_root}; move it under the data root or write caches beside images")
+        return Path(key + PER_IMAGE_SUFFIX)
+    if not is_safe_relative_key(key):
+        raise RecordError(f"refusing key {key!r}: it would escape the output root")
+    return (cache_root or data_root) / (key + PER_IMAGE_SUFFIX)
+
+
+def encode_pt(rec: Record) -> bytes:
+    """Serialise a record as the per-image ``.pt`` bytes (``torch.save`` of :func:`record_to_pt`)."""
+    buf = io.BytesIO()
+    torch.save(record_to_pt(rec), buf)
+    return buf.getvalue()
+
+
+def write_pt(path: Path, rec: Record, *, fsync: bool = True) -> int:
+    """Write a record's per-image cache atomically; returns the bytes written."""
+    data = encode_pt(rec)
+    atomic_write_bytes(path, data, fsync=fsync)
+    return len(data)
+
+
+def read_pt(path: Path, *, key: str | None = None, verify: bool = True) -> Record:
+    """Load a per-image cache safely (``weights_only=True``) and return it as a record."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            msg = ("it contains objects other than tensors and plain data, which featstore refuses to unpickle "
+                   "(it could run code)")
+        raise RecordError(f"cannot load per-image cache {path}: {msg}; delete it and re-run `featstore build`") from None
+    return record_from_pt(obj, key=key, verify=verify)

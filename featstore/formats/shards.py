@@ -1,0 +1,215 @@
+"""Tar shards: the writer (temporary name, size rollover, rename on close) and member reading.
+
+Shards are plain POSIX tar files named like webdataset shards, ``<prefix>-<rank>-<n>.tar``, holding one
+member ``<encoded key>.fsr`` per record (see :mod:`featstore.formats.keys`). A shard becomes visible under
+its final name only once it is complete and fsynced, so readers never see a torn shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from featstore.errors import RecordError, StoreError
+from featstore.formats.keys import key_from_member, member_name
+from featstore.formats.record import decode_header
+from featstore.fsutil import fsync_dir, temp_name_for
+
+SHARDS_DIR = "shards"
+SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
+DEFAULT_SHARD_BYTES = 1 << 30
+BLOCK = 512
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """Where one record lives: member data offset and length inside a shard, and what its header says."""
+
+    key: str
+    offset: int
+    length: int
+    crc32: int  # crc32 of the whole stored record bytes
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, dtype, shape) per tensor
+    source: tuple[int, int]  # (size, mtime_ns) of the source image when the record was built
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A closed shard: its file name, record count, size and sha256."""
+
+    name: str
+    records: int
+    bytes: int
+    sha256: str
+
+
+def shard_name(prefix: str, rank: int, n: int) -> str:
+    """The webdataset-style name of shard ``n`` written by ``rank``."""
+    return f"{prefix}-{rank:05d}-{n:06d}.tar"
+
+
+def parse_shard_name(name: str) -> tuple[str, int, int] | None:
+    """Return (prefix, rank, n) for a shard file name, or None."""
+    m = SHARD_RE.match(name)
+    return (m["prefix"], int(m["rank"]), int(m["n"])) if m else None
+
+
+def list_shards(shards_dir: Path) -> list[str]:
+    """Names of the complete shards in ``shards_dir`` (temporary files excluded), sorted."""
+    if not shards_dir.is_dir():
+        return []
+    return sorted(e.name for e in os.scandir(shards_dir) if e.is_file() and parse_shard_name(e.name))
+
+
+def entry_from_record_bytes(key: str, offset: int, data: bytes | memoryview) -> ShardEntry:
+    """Build the index entry for record bytes stored at ``offset``."""
+    import zlib
+
+    header, specs, _ = decode_header(data)
+    if header["key"] != key:
+        raise RecordError(f"member for key {key!r} holds a record for {header['key']!r}")
+    src = (header.get("meta") or {}).get("source") or {}
+    return ShardEntry(key, offset, len(data), zlib.crc32(data) & 0xFFFFFFFF,
+                      tuple((s.name, s.dtype, s.shape) for s in specs),
+                      (int(src.get("size", -1)), int(src.get("mtime_ns", -1))))
+
+
+class _HashingWriter(io.RawIOBase):
+    """File wrapper that counts and sha256-hashes every byte written."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.pos, self.sha = f, 0, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        n = self.f.write(b)
+        self.sha.update(b)
+        self.pos += len(b)
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class ShardWriter:
+    """Appends encoded records to tar shards, rolling over at ``max_bytes``; closes each shard atomically."""
+
+    def __init__(self, shards_dir: Path, prefix: str, rank: int, first_n: int, max_bytes: int = DEFAULT_SHARD_BYTES,
+                 fsync: bool = True):
+        self.dir, self.prefix, self.rank, self.n = Path(shards_dir), prefix, rank, first_n
+        self.max_bytes, self.fsync = max_bytes, fsync
+        self.closed_shards: list[tuple[ShardInfo, list[ShardEntry]]] = []
+        self._f: BinaryIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._entries: list[ShardEntry] = []
+        self._tmp: Path | None = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        final = self.dir / shard_name(self.prefix, self.rank, self.n)
+        if final.exists():
+            raise StoreError(f"refusing to overwrite existing shard {final}")
+        self._tmp = temp_name_for(final)
+        self._f = open(self._tmp, "wb")
+        self._hw = _HashingWriter(self._f)
+        self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
+        self._entries = []
+
+    def write(self, key: str, data: bytes) -> None:
+        """Append one encoded record (rolls to a new shard first when the current one is full)."""
+        if self._tar is not None and self._hw.pos + len(data) + 2 * BLOCK > self.max_bytes and self._entries:
+            self.close_shard()
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        info = tarfile.TarInfo(member_name(key))
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        data_offset = self._hw.pos - (-(-len(data) // BLOCK) * BLOCK)
+        self._entries.append(entry_from_record_bytes(key, data_offset, data))
+
+    @property
+    def pending(self) -> int:
+        """Records written to the open (not yet visible) shard."""
+        return len(self._entries)
+
+    def close_shard(self) -> ShardInfo | None:
+        """Finish the open shard: end-of-archive blocks, fsync, rename to its final name."""
+        if self._tar is None:
+            return None
+        assert self._f is not None and self._tmp is not None
+        self._tar.close()  # writes the two zero blocks and pads to the record size
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+        self._f.close()
+        name = shard_name(self.prefix, self.rank, self.n)
+        os.replace(self._tmp, self.dir / name)
+        if self.fsync:
+            fsync_dir(self.dir)
+        info = ShardInfo(name, len(self._entries), self._hw.pos, self._hw.sha.hexdigest())
+        self.closed_shards.append((info, self._entries))
+        self._tar = self._f = self._tmp = None
+        self._entries = []
+        self.n += 1
+        return info
+
+    def abort(self) -> None:
+        """Drop the open shard's temporary file (used on errors; a crash leaves it for cleanup)."""
+        if self._f is not None:
+            self._f.close()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+        self._tar = self._f = self._tmp = None
+
+
+def iter_shard_members(path: Path) -> Iterator[tuple[str, int, int]]:
+    """Yield (member name, data offset, size) for every regular member of a tar shard, reading headers only."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    yield m.name, m.offset_data, m.size
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise StoreError(f"shard {path} is not a readable tar file ({e}); rebuild it or remove it and resume "
+                         f"the build") from None
+
+
+def scan_shard(path: Path) -> list[ShardEntry]:
+    """Rebuild a shard's index entries by reading its tar headers and record headers."""
+    entries = []
+    with open(path, "rb") as f:
+        for name, off, size in iter_shard_members(path):
+            key = key_from_member(name)
+            if key is None:
+                raise StoreError(f"shard {path} has an unexpected member {name!r}")
+            f.seek(off)
+            entries.append(entry_from_record_bytes(key, off, f.read(size)))
+    return entries
+
+
+def read_member(f: BinaryIO, offset: int, length: int) -> bytes:
+    """Read exactly ``length`` bytes at ``offset`` from an open shard."""
+    f.seek(offset)
+    data = f.read(length)
+    if len(data) != length:
+        raise RecordError(f"shard is truncated: wanted {length} bytes at offset {offset}, got {len(data)}")
+    return data
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,104 @@
+"""The build lock: one writer per output at a time, with safe takeover of a lock left by a dead process.
+
+The lock is a file created with ``O_CREAT | O_EXCL`` holding the owner's host, pid and start time. A
+second job sees who holds it. A lock whose owner is on this host and no longer alive is stale and is
+taken over (by rename, so two jobs racing for a stale lock cannot both win).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from featstore.errors import LockError
+
+LOCK_NAME = ".featstore.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's owner record, or None when there is no lock."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": "?", "pid": -1, "started": "?", "unreadable": True}
+
+
+def is_stale(owner: dict[str, Any]) -> bool:
+    """True when the owner was on this host and its process is gone (a crashed or killed build)."""
+    return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+
+
+def describe(owner: dict[str, Any]) -> str:
+    """``host <h>, pid <p>, started <t>`` for messages."""
+    return f"host {owner.get('host')}, pid {owner.get('pid')}, started {owner.get('started')}"
+
+
+class BuildLock:
+    """Context manager holding ``<dir>/.featstore.lock`` for the duration of a build."""
+
+    def __init__(self, directory: Path, command: str = "featstore build"):
+        self.path = Path(directory) / LOCK_NAME
+        self.command = command
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; raise LockError naming the live holder otherwise."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": self.command}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = read_lock(self.path)
+                if owner is None:
+                    continue
+                if not is_stale(owner):
+                    raise LockError(f"another featstore job is writing {self.path.parent} ({describe(owner)}). "
+                                    f"Wait for it to finish; if it is dead on another host, delete {self.path}")
+                # Stale: move it aside atomically; only one racer's rename succeeds.
+                aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+                try:
+                    os.rename(self.path, aside)
+                    os.unlink(aside)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise LockError(f"could not take the build lock {self.path}; retry")
+
+    def release(self) -> None:
+        """Drop the lock if we hold it."""
+        if self.held:
+            try:
+                owner = read_lock(self.path)
+                if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                    self.path.unlink()
+            finally:
+                self.held = False
+
+    def __enter__(self) -> "BuildLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
