@@ -289,3 +289,15 @@ def test_undecodable_inputs_raise_image_error_naming_the_path(tmp_path, case):
     reason = {"truncated": "cannot decode", "zero_byte": "cannot decode", "not_an_image": "cannot decode",
               "directory": "directory", "missing": "not found", "garbage_after_magic": "cannot decode"}[case]
     assert reason in str(e.value)
+
+
+def test_shipped_sample_frames_preprocess():
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample" / "episodes"
+    frames = sorted(p for p in sample.rglob("*") if p.is_file())
+    assert len(frames) == 12
+    for path in frames:
+        for mode in MODES:
+            t = preprocess_image(path, mode)
+            with Image.open(path) as img:
+                assert tuple(t.shape[1:]) == preprocessed_size(*img.size, mode)
+            assert t.dtype == torch.float32 and 0.0 <= float(t.min()) and float(t.max()) <= 1.0
