@@ -1,0 +1,479 @@
+"""``featstore build``: discover images, run batched VGGT inference in a pipelined loop, write a store.
+
+Order of work for one process (a torchrun rank or a ``--part`` of a job array):
+
+1. load the model (fail fast: a missing checkpoint is exit 2, never random weights);
+2. discover images and keep this rank's deterministic share (crc32 of the key modulo the world size);
+3. look at the existing store and skip what is done (resume), rebuild what is stale;
+4. decode in DataLoader workers -> shape-bucketed batches -> model -> background encode + write;
+5. leave part files; rank 0 waits for every rank, then merges index and manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from featstore.env import dist_env
+from featstore.errors import CheckpointError, FeatstoreError, LockError, StoreError
+from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
+from featstore.formats.index import INDEX_NAME
+from featstore.formats.manifest import SHARD_MANIFEST, read_manifest, shape_key
+from featstore.formats.perimage import cache_path_for, read_pt
+from featstore.formats.record import Record, dtype_name, parse_dtype
+from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
+from featstore.fsutil import atomic_write_json, is_temp_name
+from featstore.lock import BuildLock
+from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
+                             merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
+from featstore.pipeline import (BackgroundWriter, Batch, Decoded, ImageDataset, PerImageSink, ShardSink, WorkItem,
+                                make_loader, shape_batches)
+
+log = logging.getLogger("featstore")
+NAMED_MODELS = ("tiny", "vggt-1b-random")
+BUILD_CONFIG = "build.json"
+DEFAULT_OUT_NAME = "vggt_featstore"
+
+
+@dataclass
+class BuildOptions:
+    """Everything ``featstore build`` needs; the CLI fills it from flags and environment defaults."""
+
+    data_root: Path
+    model: str
+    out: Path | None = None
+    format: str = "shards"
+    annotations: list[Path] = field(default_factory=list)
+    image_list: Path | None = None
+    data_path: str | None = None
+    batch_size: int = 16
+    device: str = "cuda:0"
+    dtype: str | None = None
+    layers: tuple[int, ...] = (-2,)
+    preprocess: str = "crop"
+    apply_exif: bool = False
+    tokens: str = "patch"
+    shard_size: int = 1_000_000_000
+    shard_prefix: str = "vggt"
+    skip_existing: bool = True
+    rebuild_stale: bool = False
+    hash_inputs: bool = False
+    allow_failures: int = 0
+    num_workers: int = 4
+    writer_threads: int = 4
+    zstd_level: int = 1
+    compile: bool = False
+    num_parts: int = 1
+    part: int = 0
+    max_pixels: int | None = None
+    fsync: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunStats:
+    """Counts and timings of one process's run."""
+
+    total_images: int = 0
+    processed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    missing: int = 0
+    stale_rebuilt: int = 0
+    bytes_written: int = 0
+    batch_size_used: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    shapes: Counter = field(default_factory=Counter)
+
+
+def owner_of(key: str, world: int) -> int:
+    """The rank that builds ``key``: deterministic, disjoint, balanced, stable as the data set grows."""
+    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % world
+
+
+def _model_path_problem(model: str) -> str | None:
+    if model in NAMED_MODELS:
+        return None
+    return None if Path(model).exists() else model
+
+
+def _setup_distributed(world: int) -> bool:
+    if world <= 1 or not torch.distributed.is_available():
+        return False
+    if not torch.distributed.is_initialized():
+        # gloo for a handful of barriers only: no NCCL needed, and builds can take days.
+        torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
+    return True
+
+
+class Build:
+    """One process's build: holds options, model, stats and the store it writes."""
+
+    def __init__(self, opts: BuildOptions):
+        self.opts = opts
+        d = dist_env()
+        self.dist = d
+        if not 0 <= opts.part < opts.num_parts:
+            raise ValueError(f"--part {opts.part} is outside --num-parts {opts.num_parts}")
+        self.gid = opts.part * d.world_size + d.rank
+        self.gworld = opts.num_parts * d.world_size
+        self.is_leader = self.gid == 0 and opts.num_parts == 1
+        self.stats = RunStats()
+        self.done_before = 0
+        self.missing_examples: list[str] = []
+        self.bar: tqdm | None = None
+        self.closed: list = []
+        self.data_root = Path(opts.data_root).resolve()
+        if opts.format == "shards":
+            self.out = Path(opts.out).resolve() if opts.out else self.data_root / DEFAULT_OUT_NAME
+            self.cache_root = None
+            self.state_dir = self.out / PARTS_DIR
+        else:
+            self.cache_root = Path(opts.out).resolve() if opts.out else None
+            self.out = self.cache_root or self.data_root
+            self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
+
+    # --- setup -------------------------------------------------------------------------------------------
+    def load_model(self) -> None:
+        """Load the model on this rank's device and settle the storage dtype and layers."""
+        from featstore.model import load_vggt
+
+        dev = pick_device(self.opts.device)
+        if dev.type == "cuda" and self.dist.world_size > 1:
+            dev = torch.device("cuda", self.dist.local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        self.device = dev
+        self.model = load_vggt(self.opts.model, device=str(dev))
+        self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
+        self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
+        forward = torch.compile(self.model) if self.opts.compile else None
+        self.extractor = Extractor(self.model, self.layers, self.store_dtype, self.opts.tokens, forward)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings every record of a store must share (checked on resume)."""
+        names = self.extractor.names
+        return {
+            "model": {"fingerprint": self.model.fingerprint, "name": self.model.config.name,
+                      "config": self.model.config.to_dict()},
+            "vggt_model_path": str(self.opts.model),
+            "data_root": str(self.data_root),
+            "cache_root": str(self.cache_root) if self.cache_root else None,
+            "layers": list(self.layers),
+            "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype)} for n, i in zip(names, self.layers)},
+            "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif},
+            "dtype": dtype_name(self.store_dtype),
+            "tokens": self.opts.tokens,
+            "source_fingerprint": "sha256" if self.opts.hash_inputs else "stat",
+        }
+
+    def check_settings(self) -> None:
+        """Refuse to resume into a store built with different model, layers, preprocessing, dtype or tokens."""
+        prev = self._previous_settings()
+        if not prev or not self.opts.skip_existing:
+            return
+        mine = self.settings()
+        diffs = []
+        for k in ("layers", "dtype", "tokens"):
+            if prev.get(k) not in (None, mine[k]):
+                diffs.append(f"{k}: store has {prev.get(k)}, this run {mine[k]}")
+        fp = (prev.get("model") or {}).get("fingerprint")
+        if fp and fp != mine["model"]["fingerprint"]:
+            diffs.append(f"model fingerprint: store has {fp[:12]}, this run {mine['model']['fingerprint'][:12]}")
+        pmode = (prev.get("preprocess") or {}).get("mode")
+        if pmode and pmode != mine["preprocess"]["mode"]:
+            diffs.append(f"preprocess: store has {pmode}, this run {mine['preprocess']['mode']}")
+        if diffs:
+            raise StoreError(f"the store at {self.out} was built with other settings ({'; '.join(diffs)}). Mixing "
+                             f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
+                             f"every record with the new settings")
+
+    def _previous_settings(self) -> dict[str, Any] | None:
+        for p in (self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST,
+                  per_image_manifest_path(self.data_root, self.cache_root)):
+            if p.is_file():
+                try:
+                    return read_manifest(p)
+                except StoreError:
+                    continue
+        return None
+
+    def prepare_output(self) -> None:
+        """Create the output, remove this rank's leftover temporary files, write the build settings."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create output directory {self.out}: {e.strerror}; choose a writable --out") from None
+        if not os.access(self.out, os.W_OK):
+            raise StoreError(f"output directory {self.out} is not writable; choose a writable --out")
+        if self.opts.format == "shards":
+            shard_dir = self.out / SHARDS_DIR
+            shard_dir.mkdir(exist_ok=True)
+            mine = f"-{self.gid:05d}-"
+            for e in os.scandir(shard_dir):
+                if is_temp_name(e.name) and mine in e.name:
+                    log.info("removing unfinished shard %s left by an interrupted build", e.name)
+                    os.unlink(e.path)
+            if self.is_leader or self.opts.num_parts > 1:
+                atomic_write_json(self.out / BUILD_CONFIG, self.settings())
+
+    # --- planning ----------------------------------------------------------------------------------------
+    def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """For the keys of this rank, what is already stored: key -> source (size, mtime_ns)."""
+        if self.opts.format == "shards":
+            _, known = collect_entries(self.out)
+            wanted = set(keys)
+            shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
+            return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
+        done = {}
+        for k in keys:
+            p = cache_path_for(k, self.data_root, self.cache_root)
+            if p.is_file():
+                done[k] = (-1, -1)
+        return done
+
+    def is_stale(self, item: WorkItem, stored: tuple[int, int]) -> bool:
+        """True when the image changed since its record was built (size or mtime differ)."""
+        if self.opts.format == "per-image":
+            try:
+                rec = read_pt(cache_path_for(item.key, self.data_root, self.cache_root), verify=False)
+                src = rec.meta.get("source") or {}
+                stored = (int(src.get("size", -1)), int(src.get("mtime_ns", -1)))
+            except (FeatstoreError, OSError):
+                return True
+        try:
+            st = os.stat(item.path)
+        except OSError:
+            return False
+        return stored != (st.st_size, st.st_mtime_ns)
+
+    def plan(self, items: list[WorkItem]) -> list[WorkItem]:
+        """This rank's items still to build."""
+        mine = [it for it in items if owner_of(it.key, self.gworld) == self.gid]
+        if not self.opts.skip_existing:
+            return mine
+        done = self.done_sources([it.key for it in mine])
+        todo = []
+        for it in mine:
+            if it.key not in done:
+                todo.append(it)
+            elif self.opts.rebuild_stale and self.is_stale(it, done[it.key]):
+                self.stats.stale_rebuilt += 1
+                todo.append(it)
+            else:
+                self.stats.skipped += 1
+        self.done_before = self.stats.skipped
+        return todo
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def _sink(self) -> ShardSink | PerImageSink:
+        if self.opts.format == "shards":
+            existing = [parse_shard_name(n) for n in list_shards(self.out / SHARDS_DIR)]
+            first_n = max((p[2] for p in existing if p), default=-1) + 1
+            writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
+                                 self.opts.shard_size, fsync=self.opts.fsync)
+            return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level)
+        return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
+
+    def _records(self, job: tuple[Batch, dict[str, torch.Tensor], Any]) -> list[Record]:
+        batch, host, event = job
+        if event is not None:
+            event.synchronize()
+        meta_common = {"layers": dict(zip(self.extractor.names, self.layers)), "model": self.model.fingerprint,
+                       "preprocess": self.opts.preprocess, "tokens": self.opts.tokens,
+                       "image_size": list(batch.images.shape[-2:])}
+        recs = []
+        for i, (item, src) in enumerate(zip(batch.items, batch.sources)):
+            tensors = {n: t[i].clone() for n, t in host.items()}  # [1, P, C] each
+            recs.append(Record(item.key, item.path, tensors, dict(meta_common, source=src)))
+        return recs
+
+    def _on_written(self, records: list[Record]) -> None:
+        self.stats.processed += len(records)
+        for r in records:
+            self.stats.shapes[shape_key(r.features.shape)] += 1
+        if self.bar is not None:
+            self.bar.update(len(records))
+
+    def _on_failure(self, d: Decoded) -> None:
+        self.stats.failed += 1
+        self.stats.failures.append({"key": d.item.key, "path": d.item.path, "error": d.error or "unknown"})
+        if self.stats.failed <= 5:
+            log.warning("cannot use %s: %s", d.item.path, d.error)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def run_loop(self, todo: list[WorkItem]) -> None:
+        """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
+        cuda = self.device.type == "cuda"
+        dataset = ImageDataset(todo, self.opts.preprocess, apply_exif=self.opts.apply_exif,
+                               hash_inputs=self.opts.hash_inputs, max_pixels=self.opts.max_pixels)
+        loader = make_loader(dataset, self.opts.num_workers if len(todo) > 1 else 0, cuda)
+        sink = self._sink()
+        writer = BackgroundWriter(sink, self._records, self._on_written)
+        self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
+                        disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
+        max_batch = self.opts.batch_size
+        try:
+            for batch in shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda):
+                images = batch.images.to(self.device, non_blocking=True)
+                feats, worked = self.extractor.run_adaptive(images, max_batch)
+                if worked < max_batch and worked < images.shape[0]:
+                    max_batch = worked
+                    log.warning("continuing with batch size %d after CUDA out of memory", worked)
+                host, event = to_host(feats)
+                writer.put((batch, host, event))
+            writer.close()
+        except BaseException:
+            if isinstance(sink, ShardSink):
+                sink.writer.abort()
+            raise
+        finally:
+            self.bar.close()
+            self.bar = None
+        self.stats.bytes_written = sink.bytes_written
+        self.stats.batch_size_used = max_batch
+        self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
+
+    # --- finish ------------------------------------------------------------------------------------------
+    def summary(self, started: float, finished: float) -> dict[str, Any]:
+        """This rank's part summary (merged by rank 0 into the manifest)."""
+        s = self.stats
+        return dict(self.settings(), gid=self.gid, world_size=self.gworld, layout=self.opts.format,
+                    total_images=s.total_images, done_images=self.done_before + s.processed,
+                    counts={"processed": s.processed, "skipped": s.skipped, "failed": s.failed,
+                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt},
+                    feature_shapes=dict(s.shapes), failures=s.failures, missing_examples=self.missing_examples,
+                    bytes_written=s.bytes_written, times={"started": started, "finished": finished})
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        torch.distributed.barrier()
+
+
+def run_build(opts: BuildOptions) -> int:
+    """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run)."""
+    from featstore.sources import discover_images
+
+    started = time.time()
+    problem = _model_path_problem(opts.model)
+    if problem is not None:
+        log.error("VGGT_MODEL_PATH not found: %s", problem)
+        log.error("Pass --model /path/to/VGGT-1B (a folder with model.safetensors or model.pt), or set "
+                  "VGGT_MODEL_PATH; use --model tiny for the built-in test model")
+        return 2
+    try:
+        b = Build(opts)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    distributed = _setup_distributed(b.dist.world_size)
+    try:
+        return _run(b, opts, started, distributed, discover_images)
+    except (CheckpointError, LockError, StoreError) as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discover_images: Any) -> int:
+    if not Path(opts.data_root).is_dir():
+        log.error("DATA_ROOT is not a readable directory: %s", opts.data_root)
+        return 2
+    b.load_model()
+    found = discover_images(b.data_root, annotations=tuple(opts.annotations), image_list=opts.image_list,
+                            data_path=opts.data_path)
+    items = [WorkItem(i.key, str(i.path)) for i in found.items]
+    b.missing_examples = list(found.missing[:20])
+    b.stats.missing = len(found.missing) if b.gid == 0 else 0
+    b.stats.total_images = len(items) + len(found.missing)
+    if not items:
+        log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
+        if found.missing:
+            log.warning("%d referenced images are missing, e.g. %s", len(found.missing), found.missing[:3])
+        return 1
+    if found.missing and b.gid == 0:
+        log.warning("%d images referenced by annotations do not exist (first: %s)", len(found.missing),
+                    ", ".join(found.missing[:3]))
+    lock_name = f"build-{b.gid:05d}"
+    with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
+        b.check_settings()
+        b.prepare_output()
+        todo = b.plan(items)
+        _barrier(distributed)  # every rank has read the store state before anyone writes
+        if b.gid == 0:
+            log.info("Processing %d images... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
+                     len(todo) if b.gworld == 1 else len(items), b.stats.skipped, b.gworld, b.device,
+                     opts.batch_size, dtype_name(b.store_dtype))
+        b.bar = None
+        b.run_loop(todo)
+        if b.device.type == "cuda":
+            torch.cuda.synchronize()
+        finished = time.time()
+        write_part(b.state_dir, b.gid, b.summary(started, finished), b.closed)
+        _barrier(distributed)
+        manifest = None
+        if b.is_leader:
+            if b.gworld > 1 and not distributed:
+                wait_for_parts(b.state_dir, b.gworld)
+            manifest = _merge(b)
+    return _report(b, opts, started, manifest)
+
+
+class _RankLock(BuildLock):
+    """The lock of a non-zero rank (same mechanism, one file per rank)."""
+
+    def __init__(self, directory: Path, name: str):
+        super().__init__(directory, command=f"featstore build ({name})")
+        self.path = Path(directory) / f".featstore.lock-{name}"
+
+
+def _merge(b: Build) -> dict[str, Any]:
+    if b.opts.format == "shards":
+        return merge_shard_store(b.out)
+    return merge_per_image_store(b.out, per_image_manifest_path(b.data_root, b.cache_root))
+
+
+def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, Any] | None) -> int:
+    s = b.stats
+    secs = max(time.time() - started, 1e-9)
+    if b.gid == 0:
+        log.log(25, "Processed %d images", s.processed)
+        where = (f"{b.out}/{SHARDS_DIR}/*.tar (index {b.out / INDEX_NAME})" if opts.format == "shards"
+                 else "<image_path>.vggt_cache.pt" + (f" under {b.cache_root}" if b.cache_root else ""))
+        log.info("Cache files stored as: %s", where)
+        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f images/s, "
+                 "%s written%s", s.processed, s.skipped, s.failed, s.missing, s.stale_rebuilt, secs,
+                 s.processed / secs, _human(s.bytes_written),
+                 f" | batch size used {s.batch_size_used}" if s.batch_size_used < opts.batch_size else "")
+        if manifest is not None and manifest.get("failures_ledger") and s.failed:
+            log.warning("%d images failed; see %s", s.failed, b.out / manifest["failures_ledger"])
+    if s.failed > opts.allow_failures:
+        log.error("%d images failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
+                  "--allow-failures N", s.failed, opts.allow_failures)
+        return 1
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+

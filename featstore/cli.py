@@ -1,0 +1,225 @@
+"""The ``featstore`` command line: build, verify, export, merge.
+
+Every option of ``build`` that users' existing scripts set through the environment (``VGGT_MODEL_PATH``,
+``DATA_ROOT``, ``BATCH_SIZE``, ``DEVICE``, ``SKIP_EXISTING``) takes its default from there (see
+:mod:`featstore.env`); a flag always wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from featstore import __version__
+from featstore.env import build_defaults
+
+SUCCESS = 25
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte size such as ``512MB``, ``2GB``, ``1.5GiB`` or ``1000000`` (KB/MB/GB are powers of 1000)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use a number with an optional unit, e.g. 512MB, 2GB")
+    base = 1024 if m.group(3) else 1000
+    exp = " KMGT".index(m.group(2).upper() or " ")
+    size = int(float(m.group(1)) * base**exp)
+    if size < 1024:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too small (at least 1KB)")
+    return size
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Parse ``-2`` or ``-2,-1`` or ``22,23`` into a tuple of ints."""
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers {text!r}: expected comma-separated integers such as -2 or 22,23") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("--layers needs at least one layer")
+    return layers
+
+
+def _bool_env_flag(p: argparse.ArgumentParser, name: str, default: bool, help_on: str, help_off: str) -> None:
+    dest = name.replace("-", "_")
+    p.add_argument(f"--{name}", dest=dest, action="store_true", default=default, help=help_on)
+    p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
+
+
+def add_build_parser(sub: argparse._SubParsersAction) -> None:
+    """Define ``featstore build`` and its options."""
+    env = build_defaults()
+    p = sub.add_parser(
+        "build", help="precompute features for a data set into a store",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Discover images, run batched VGGT inference in a pipelined loop, and write per-image "
+                    ".vggt_cache.pt files or zstd tar shards with an index. Resumable: re-running skips finished "
+                    "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`.")
+    g = p.add_argument_group("inputs")
+    g.add_argument("--data-root", type=Path, default=env.data_root, required=env.data_root is None,
+                   help="root folder of the training images; relative image paths resolve against it "
+                        "(default: $DATA_ROOT)")
+    g.add_argument("--model", default=env.model_path, required=env.model_path is None,
+                   help="VGGT checkpoint: a folder or a model.safetensors / model.pt / sharded index file; "
+                        "'tiny' for the built-in test model (default: $VGGT_MODEL_PATH)")
+    g.add_argument("--annotations", type=Path, action="append", default=[],
+                   help="a .jsonl or .json annotation file (or a folder of them) listing images; repeatable. "
+                        "Without it and without --image-list, .jsonl/annotations.json files at the data root are "
+                        "used, else the data root is scanned for jpg/jpeg/png/webp/bmp")
+    g.add_argument("--image-list", type=Path, help="text file with one image path per line (relative to the data root)")
+    g.add_argument("--data-path", help="sub-folder of the data root that relative annotation paths resolve against "
+                                       "first (as in JanusVLN data configs)")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=("shards", "per-image"), default="shards",
+                   help="shards: zstd-compressed tar shards + index under --out; per-image: "
+                        "<image>.vggt_cache.pt beside each image (or mirrored under --out), what existing "
+                        "training code loads")
+    g.add_argument("--out", type=Path, help="output folder (shards default: DATA_ROOT/vggt_featstore; per-image "
+                                            "default: beside the images)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="storage dtype (default: bfloat16 on GPU, float16 on GPUs without bf16, float32 on CPU)")
+    g.add_argument("--layers", type=parse_layers, default=(-2,),
+                   help="comma-separated aggregator layers to store; the first is stored as 'features', others "
+                        "as 'layer_<i>'; -2 is the layer JanusVLN uses")
+    g.add_argument("--tokens", choices=("patch", "all"), default="patch",
+                   help="patch: patch tokens only [1, P, 2C] (JanusVLN); all: camera + register + patch tokens")
+    g.add_argument("--shard-size", type=parse_size, default=1_000_000_000,
+                   help="target shard size, e.g. 512MB or 2GB")
+    g.add_argument("--shard-prefix", default="vggt", help="shard file name prefix: <prefix>-<rank>-<n>.tar")
+    g.add_argument("--zstd-level", type=int, default=1, help="zstd level (1 is fastest and, with byte "
+                                                              "shuffling, compresses bf16 features best)")
+    g = p.add_argument_group("model and preprocessing")
+    g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default="crop",
+                   help="crop/pad: the official VGGT load_and_preprocess_images; janusvln: pad then resize to "
+                        "multiples of 28 (504x504), what JanusVLN's training code feeds VGGT")
+    g.add_argument("--apply-exif", action="store_true",
+                   help="rotate images by their EXIF orientation (the official code ignores it; only use this if "
+                        "your training code does the same)")
+    g.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (decompression bombs)")
+    g.add_argument("--device", default=env.device,
+                   help="torch device; falls back to cpu with a warning when CUDA is absent; under torchrun each "
+                        "rank uses cuda:LOCAL_RANK (default: $DEVICE or cuda:0)")
+    g.add_argument("--batch-size", type=int, default=env.batch_size,
+                   help="images per forward pass; halved automatically on CUDA out of memory (default: $BATCH_SIZE or 16)")
+    g.add_argument("--compile", action="store_true", help="run the model under torch.compile (faster on GPU after warm-up)")
+    g.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding images")
+    g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
+    g = p.add_argument_group("resume and incremental builds")
+    _bool_env_flag(p, "skip-existing", env.skip_existing,
+                   "skip images whose features are already stored (default: $SKIP_EXISTING or true)",
+                   "rebuild every image")
+    g.add_argument("--rebuild-stale", action="store_true",
+                   help="rebuild records whose source image changed since it was built (size or mtime; content "
+                        "with --hash-inputs)")
+    g.add_argument("--hash-inputs", action="store_true", help="record a sha256 of each source image in its record")
+    g.add_argument("--allow-failures", type=int, default=0,
+                   help="exit 0 even if up to N images fail to decode (they are listed in the failures ledger)")
+    g = p.add_argument_group("scale-out")
+    g.add_argument("--num-parts", type=int, default=1,
+                   help="split the job into K parts (job arrays); run each with --part i, then `featstore merge`")
+    g.add_argument("--part", type=int, default=0, help="which part this job builds (0-based)")
+    g.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="skip fsync after writes (faster on some network filesystems; less safe on power loss)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from featstore.build import BuildOptions, run_build
+
+    if args.batch_size < 1:
+        logging.getLogger("featstore").error("--batch-size must be at least 1 (got %d)", args.batch_size)
+        return 2
+    opts = BuildOptions(
+        data_root=args.data_root, model=str(args.model), out=args.out, format=args.format,
+        annotations=list(args.annotations), image_list=args.image_list, data_path=args.data_path,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, layers=args.layers,
+        preprocess=args.preprocess, apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size,
+        shard_prefix=args.shard_prefix, skip_existing=args.skip_existing, rebuild_stale=args.rebuild_stale,
+        hash_inputs=args.hash_inputs, allow_failures=args.allow_failures, num_workers=args.num_workers,
+        writer_threads=args.writer_threads, zstd_level=args.zstd_level, compile=args.compile,
+        num_parts=args.num_parts, part=args.part, max_pixels=args.max_pixels, fsync=args.fsync,
+        progress=args.progress)
+    return run_build(opts)
+
+
+def add_merge_parser(sub: argparse._SubParsersAction) -> None:
+    """Define ``featstore merge``."""
+    p = sub.add_parser("merge", help="join the parts of a job-array build into one index and manifest",
+                       description="Merge the part files that `featstore build --num-parts K --part i` jobs leave "
+                                   "into one index and manifest. Safe to re-run.")
+    p.add_argument("store", type=Path, help="the shard store folder (--out of the builds), or the per-image root")
+    p.set_defaults(func=_cmd_merge)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from featstore.formats.manifest import PER_IMAGE_MANIFEST
+    from featstore.merge import PER_IMAGE_STATE_DIR, merge_per_image_store, merge_shard_store
+
+    log = logging.getLogger("featstore")
+    if (args.store / PER_IMAGE_STATE_DIR).is_dir():
+        m = merge_per_image_store(args.store, args.store / PER_IMAGE_MANIFEST)
+    else:
+        m = merge_shard_store(args.store)
+    log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])
+    return 0
+
+
+def _add_optional(sub: argparse._SubParsersAction, module: str, name: str) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    adder = getattr(mod, f"add_{name}_parser", None)
+    if adder is not None:
+        adder(sub)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="featstore",
+        description="Precompute frozen-backbone (VGGT) image features, store them compactly, prove they are "
+                    "right, and stream them into training.")
+    parser.add_argument("--version", action="version", version=f"featstore {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_build_parser(sub)
+    _add_optional(sub, "featstore.verify", "verify")
+    _add_optional(sub, "featstore.export", "export")
+    add_merge_parser(sub)
+    return parser
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """``[INFO] message`` lines on stderr, plus a SUCCESS level, as users' scripts print."""
+    logging.addLevelName(SUCCESS, "SUCCESS")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    log = logging.getLogger("featstore")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        logging.getLogger("featstore").error("interrupted; re-run the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""The build's streaming stages: decode -> shape-bucketed batches -> (model) -> records -> sink.
+
+* :class:`ImageDataset` runs in DataLoader workers: stat, read, optionally hash, decode, preprocess.
+  A bad image becomes a failure item, never an exception.
+* :func:`shape_batches` groups decoded images of the same preprocessed shape into batches.
+* :class:`ShardSink` / :class:`PerImageSink` encode (a thread pool: zstd releases the GIL) and write.
+* :class:`BackgroundWriter` runs a sink on its own thread behind a bounded queue, so device-to-host
+  copies, compression and writing overlap the next batch while memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from PIL import Image
+
+from featstore.errors import FeatstoreError
+from featstore.formats.perimage import cache_path_for, encode_pt
+from featstore.formats.record import Record, encode_record
+from featstore.formats.shards import ShardWriter
+from featstore.fsutil import atomic_write_bytes
+from featstore.preprocess import preprocess_image
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to build: its key, absolute path and original path string."""
+
+    key: str
+    path: str
+
+
+@dataclass
+class Decoded:
+    """A worker's result: the preprocessed image or the reason it failed, plus the source fingerprint."""
+
+    item: WorkItem
+    image: torch.Tensor | None
+    error: str | None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def source_fingerprint(st: os.stat_result, sha256: str | None = None) -> dict[str, Any]:
+    """The record's note of its source image: size and mtime (and content hash with --hash-inputs)."""
+    fp: dict[str, Any] = {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
+    if sha256 is not None:
+        fp["sha256"] = sha256
+    return fp
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader workers; failures are returned, not raised."""
+
+    def __init__(self, items: list[WorkItem], mode: str, *, apply_exif: bool = False, hash_inputs: bool = False,
+                 max_pixels: int | None = None):
+        self.items, self.mode, self.apply_exif = items, mode, apply_exif
+        self.hash_inputs, self.max_pixels = hash_inputs, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Decoded:
+        item = self.items[i]
+        try:
+            st = os.stat(item.path)
+            with open(item.path, "rb") as f:
+                data = f.read()
+            digest = hashlib.sha256(data).hexdigest() if self.hash_inputs else None
+            kwargs: dict[str, Any] = {"apply_exif": self.apply_exif}
+            if self.max_pixels is not None:
+                kwargs["max_pixels"] = self.max_pixels
+            with Image.open(io.BytesIO(data)) as img:
+                img.filename = item.path  # type: ignore[attr-defined]  # for error messages
+                tensor = preprocess_image(img, self.mode, **kwargs)
+            return Decoded(item, tensor, None, source_fingerprint(st, digest))
+        except (FeatstoreError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return Decoded(item, None, f"{type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - a broken image must never end a long build
+            return Decoded(item, None, f"{type(e).__name__}: {e}")
+
+
+def _identity(x: Decoded) -> Decoded:
+    return x
+
+
+def make_loader(dataset: ImageDataset, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding one :class:`Decoded` at a time, decoded in ``num_workers`` processes."""
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=8, persistent_workers=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
+                                       collate_fn=_identity, pin_memory=False, **kwargs)
+
+
+@dataclass
+class Batch:
+    """Images of one shape, stacked (pinned when feeding a GPU)."""
+
+    items: list[WorkItem]
+    sources: list[dict[str, Any]]
+    images: torch.Tensor
+
+
+def shape_batches(decoded: Iterable[Decoded], batch_size: int, on_failure: Callable[[Decoded], None],
+                  pin_memory: bool = False) -> Iterator[Batch]:
+    """Group successfully decoded images by shape into batches of ``batch_size`` (remainders at the end)."""
+    buckets: dict[tuple[int, ...], list[Decoded]] = {}
+
+    def emit(group: list[Decoded]) -> Batch:
+        imgs = [d.image for d in group]
+        out = torch.empty((len(imgs), *imgs[0].shape), dtype=imgs[0].dtype, pin_memory=pin_memory)  # type: ignore
+        torch.stack(imgs, out=out)  # type: ignore[arg-type]
+        return Batch([d.item for d in group], [d.source for d in group], out)
+
+    for d in decoded:
+        if d.image is None:
+            on_failure(d)
+            continue
+        group = buckets.setdefault(tuple(d.image.shape), [])
+        group.append(d)
+        if len(group) >= batch_size:
+            del buckets[tuple(d.image.shape)]
+            yield emit(group)
+    for group in buckets.values():
+        yield emit(group)
+
+
+class ShardSink:
+    """Encodes records with a thread pool and appends them, in order, to this rank's shards."""
+
+    def __init__(self, writer: ShardWriter, threads: int, zstd_level: int):
+        self.writer, self.level = writer, zstd_level
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-encode")
+        self.bytes_written = 0
+
+    def write(self, records: list[Record]) -> None:
+        """Encode and append a batch of records."""
+        for rec, data in zip(records, self.pool.map(lambda r: encode_record(r, self.level), records)):
+            self.writer.write(rec.key, data)
+            self.bytes_written += len(data)
+
+    def close(self) -> None:
+        """Close the open shard (making it visible) and stop the pool."""
+        self.writer.close_shard()
+        self.pool.shutdown()
+
+
+class PerImageSink:
+    """Writes each record as ``<image>.vggt_cache.pt`` (temporary name, then rename) using a thread pool."""
+
+    def __init__(self, data_root: Path, cache_root: Path | None, threads: int, fsync: bool = True):
+        self.data_root, self.cache_root, self.fsync = data_root, cache_root, fsync
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-write")
+        self.bytes_written = 0
+
+    def _write_one(self, rec: Record) -> int:
+        data = encode_pt(rec)
+        atomic_write_bytes(cache_path_for(rec.key, self.data_root, self.cache_root), data, fsync=self.fsync)
+        return len(data)
+
+    def write(self, records: list[Record]) -> None:
+        """Write a batch of records, one file each."""
+        self.bytes_written += sum(self.pool.map(self._write_one, records))
+
+    def close(self) -> None:
+        """Stop the pool."""
+        self.pool.shutdown()
+
+
+class BackgroundWriter:
+    """Runs ``make_records`` + ``sink.write`` on a thread behind a bounded queue; re-raises its errors."""
+
+    def __init__(self, sink: ShardSink | PerImageSink, make_records: Callable[[Any], list[Record]],
+                 on_written: Callable[[list[Record]], None], depth: int = 3):
+        self.sink, self.make_records, self.on_written = sink, make_records, on_written
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="featstore-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                records = self.make_records(job)
+                self.sink.write(records)
+                self.on_written(records)
+            except BaseException as e:  # noqa: BLE001 - surfaced to the main thread in put()/close()
+                self.error = e
+
+    def put(self, job: Any) -> None:
+        """Queue a job (blocks when the queue is full: backpressure on the model loop)."""
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def close(self) -> None:
+        """Drain the queue, close the sink, and raise the first writer error, if any."""
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.sink.close()
