@@ -16,6 +16,7 @@ Where the official code has no sensible answer, featstore documents its own rule
 
 * 16-bit greyscale ("I;16*", "I"): Pillow's ``convert("RGB")`` clips such images at 255 (almost all
   white). featstore maps 0..65535 linearly to 0..255 (``round(v/257)``, values clipped to 0..65535 first).
+  16-bit RGB(A) PNGs are already opened by Pillow as 8-bit "RGB"/"RGBA" (high byte) and are left as they are.
 * Degenerate aspect ratios: where the official size rule gives 0 for the short side (e.g. 5000x10), the
   side is clamped to ``MIN_SIDE`` (14, one patch) instead of producing an empty tensor.
 * EXIF orientation is ignored by default (as the official code does, so cached features equal the online
@@ -149,10 +150,10 @@ def _load_rgb(source: ImageSource, apply_exif: bool, max_pixels: int) -> Image.I
                          "the file is damaged or not an image: replace or remove it") from exc
 
 
-def _to_tensor(img: Image.Image) -> torch.Tensor:
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 HWC RGB -> float32 CHW in [0,1], dividing by 255 exactly as torchvision's ToTensor does."""
-    array = np.array(img, dtype=np.uint8, copy=True)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    writable = np.array(array, dtype=np.uint8, order="C", copy=True)
+    return torch.from_numpy(writable).permute(2, 0, 1).to(torch.float32).div(255).contiguous()
 
 
 def _pad_centered(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -185,13 +186,12 @@ def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: boo
         raise ImageError(f"{_describe(source)}: resizing {img.size[0]}x{img.size[1]} for mode {mode!r} "
                          f"needs {new_w}x{new_h} pixels, above the limit of {max_pixels:,}; "
                          "the aspect ratio is too extreme: use mode 'pad' or crop the image")
-    t = _to_tensor(img.resize((new_w, new_h), Image.Resampling.BICUBIC))
+    pixels = np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
     if mode == "crop":
-        if new_h > TARGET_SIZE:
-            top = (new_h - TARGET_SIZE) // 2
-            t = t[:, top:top + TARGET_SIZE, :].contiguous()
-        return t
-    t = _pad_centered(t, TARGET_SIZE, TARGET_SIZE)
+        # Same rows as the official crop of the float tensor; cropping the uint8 array first saves memory.
+        top = max(new_h - TARGET_SIZE, 0) // 2
+        return _to_tensor(pixels[top:top + TARGET_SIZE])
+    t = _pad_centered(_to_tensor(pixels), TARGET_SIZE, TARGET_SIZE)
     return janusvln_resize(t) if mode == "janusvln" else t
 
 

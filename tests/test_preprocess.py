@@ -301,3 +301,16 @@ def test_shipped_sample_frames_preprocess():
             with Image.open(path) as img:
                 assert tuple(t.shape[1:]) == preprocessed_size(*img.size, mode)
             assert t.dtype == torch.float32 and 0.0 <= float(t.min()) and float(t.max()) <= 1.0
+
+
+def test_sixteen_bit_rgb_png_uses_pillows_high_byte(tmp_path):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    values = np.zeros((518, 518, 3), dtype=">u2")
+    values[..., 0], values[..., 1], values[..., 2] = 0x1280, 0xFFFF, 0x00FF
+    raw = b"".join(b"\0" + row.tobytes() for row in values)
+    path = tmp_path / "rgb48.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 518, 518, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    u8 = _as_u8(preprocess_image(path, "crop"))
+    assert u8[:, 5, 5].tolist() == [0x12, 0xFF, 0x00] and bool((u8 == u8[:, :1, :1]).all())
