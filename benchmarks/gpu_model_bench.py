@@ -1,0 +1,189 @@
+"""GPU throughput of the VGGT aggregator against a bf16 matmul measured in the same run.
+
+    python benchmarks/gpu_model_bench.py                 # H100/H200: full size, 518 & 504, B 32 & 64, eager + compile
+    python benchmarks/gpu_model_bench.py --smoke         # CPU: tiny model, tiny sizes (checks the script itself)
+
+Model: "vggt-1b-random" (official VGGT-1B sizes, golden rule weights; speed does not depend on the
+values). Each image is its own sequence ([B, 1, 3, H, W], as when caching per-image features), run to
+the requested layer (default -2, the feature layer). FLOPs are counted analytically for the
+layers actually run (patch conv, 24 DINO blocks, frame+global blocks up to the requested layer; 3.046
+TFLOP per 518x518 image for all 72 blocks) and cross-checked with torch's FlopCounterMode on the same
+call; TFLOP/s is divided by the bf16 8192^3 matmul rate of the same run to give the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from featstore.model import VGGTAggregator, VGGTConfig, load_vggt  # noqa: E402
+
+
+def analytic_flops(cfg: VGGTConfig, h: int, w: int, layers_run: int, attention: bool = True) -> float:
+    """Multiply-add FLOPs (x2) per image ([1,1,3,h,w]): patch conv, DINO blocks, `layers_run` frame+global pairs.
+
+    `attention=False` leaves out q k^T and attn v (torch's FlopCounterMode does not count CPU SDPA).
+    """
+    n_patch = (h // cfg.patch_size) * (w // cfg.patch_size)
+    c = cfg.embed_dim
+
+    def block(n: int, mlp_ratio: float) -> float:
+        linear = 2 * n * c * c * (3 + 1 + 2 * mlp_ratio)  # qkv, proj, fc1 + fc2
+        attn = 2 * 2 * n * n * c if attention else 0  # q k^T and attn v
+        return linear + attn
+
+    conv = 2 * n_patch * c * cfg.in_chans * cfg.patch_size ** 2
+    n_dino = 1 + cfg.dino_num_register_tokens + n_patch
+    n_agg = cfg.patch_start_idx + n_patch
+    return conv + cfg.dino_depth * block(n_dino, cfg.dino_mlp_ratio) + 2 * layers_run * block(n_agg, cfg.mlp_ratio)
+
+
+def counted_flops(model: torch.nn.Module, images: torch.Tensor, layer: int) -> float:
+    """FLOPs of one call, counted by torch.utils.flop_counter on the real operators."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(images, layers=(layer,))
+    return float(counter.get_total_flops())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, iters: int) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype`."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sec = time_calls(lambda: torch.mm(a, b), device, warmup=3, iters=iters)
+    return 2 * n ** 3 / sec
+
+
+def compile_model(model: VGGTAggregator, scope: str, backend: str):
+    """Compiled callable: every transformer block compiled in place ("blocks"), or the whole model ("model")."""
+    if scope == "model":
+        return torch.compile(model, backend=backend, dynamic=False)
+    for blk in [*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks]:
+        blk.compile(backend=backend, dynamic=False)  # identical blocks share one compiled graph per shape
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model on CPU, small sizes, 2 iterations, eager compile backend (tests the script)")
+    p.add_argument("--model", default=None, help='load_vggt source (default "vggt-1b-random"; "tiny" with --smoke)')
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weights and activations dtype (default bfloat16)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="square image sides (default 518 504)")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 32 64)")
+    p.add_argument("--layer", type=int, default=-2, help="deepest layer computed (default -2, the feature layer)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="both",
+                   help="run eager, torch.compile, or both (default both)")
+    p.add_argument("--compile-scope", choices=["blocks", "model"], default="blocks",
+                   help="compile each block (fast to compile, default) or the whole model")
+    p.add_argument("--compile-backend", default=None, help='torch.compile backend (default "inductor"; "eager" with --smoke)')
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration (default 2)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 5)")
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 matmul baseline (default 8192)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+
+    smoke = args.smoke
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not smoke else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    source = args.model or ("tiny" if smoke else "vggt-1b-random")
+    sizes = args.sizes or ([56, 42] if smoke else [518, 504])
+    batches = args.batches or ([2] if smoke else [32, 64])
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
+    iters = args.iters if args.iters is not None else (2 if smoke else 5)
+    mm_n = args.matmul_size or (256 if smoke else 8192)
+    backend = args.compile_backend or ("eager" if smoke else "inductor")
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for name in ("recompile_limit", "cache_size_limit"):  # one entry per (block kind, shape)
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    t_start = time.perf_counter()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {dev_name}; torch {torch.__version__}; dtype {args.dtype}; model {source}")
+    mm = matmul_rate(mm_n, dtype, device, iters=20 if not smoke else 3)
+    print(f"matmul {mm_n}^3 {args.dtype}: {mm / 1e12:.1f} TFLOP/s")
+
+    t0 = time.perf_counter()
+    model = load_vggt(source, device=device, dtype=dtype)
+    layer = model.normalize_layers(args.layer)[0]
+    print(f"load {time.perf_counter() - t0:.1f} s; config {model.config.name}; layers run {layer + 1} of "
+          f"{model.config.depth}")
+
+    # Analytic count for what runs; FlopCounterMode once per size on the eager model as a cross-check.
+    flops = {size: analytic_flops(model.config, size, size, layer + 1) for size in sizes}
+    flop_check = {}
+    for size in sizes:
+        counted = counted_flops(model, torch.rand(1, 1, 3, size, size, device=device), layer)
+        no_attn = analytic_flops(model.config, size, size, layer + 1, attention=False)
+        flop_check[size] = {"analytic": flops[size], "analytic_without_attention": no_attn, "counted": counted}
+        print(f"{size}x{size}: {flops[size] / 1e9:.6g} GFLOP/image analytic ({no_attn / 1e9:.6g} without "
+              f"attention); FlopCounterMode {counted / 1e9:.6g} (counts attention on CUDA only)")
+    results = []
+    for compiled in modes:
+        run = compile_model(model, args.compile_scope, backend) if compiled else model
+        for size in sizes:
+            flops_one = flops[size]
+            for b in batches:
+                images = torch.rand(b, 1, 3, size, size, device=device)
+                t_c = time.perf_counter()
+                with torch.no_grad():
+                    run(images, layers=(layer,))  # first call: compiles when compiled
+                sync(device)
+                first = time.perf_counter() - t_c
+                with torch.no_grad():
+                    sec = time_calls(lambda: run(images, layers=(layer,)), device, warmup, iters)
+                img_s = b / sec
+                tflops = img_s * flops_one / 1e12
+                row = {"compile": compiled, "size": size, "batch": b, "img_per_s": img_s, "ms_per_batch": sec * 1e3,
+                       "tflops": tflops, "ratio_to_matmul": tflops * 1e12 / mm, "tflop_per_image": flops_one / 1e12,
+                       "first_call_s": first}
+                results.append(row)
+                print(f"{'compile' if compiled else 'eager  '} {size}x{size} B={b:3d}: {img_s:8.1f} img/s "
+                      f"{sec * 1e3:9.1f} ms/batch {tflops:7.1f} TFLOP/s ({row['ratio_to_matmul'] * 100:5.1f}% of "
+                      f"matmul) [first call {first:.1f} s]")
+    total = time.perf_counter() - t_start
+    print(f"total {total:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "dtype": args.dtype,
+                                         "model": source, "layer": layer, "matmul_tflops": mm / 1e12,
+                                         "compile_scope": args.compile_scope, "compile_backend": backend,
+                                         "flop_check": flop_check, "results": results, "total_s": total}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
