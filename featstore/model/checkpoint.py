@@ -265,7 +265,7 @@ def _read_aggregator(path: Path) -> tuple[dict[str, torch.Tensor], VGGTConfig]:
 
 
 def _build(config: VGGTConfig, tensors: dict[str, torch.Tensor] | None, device: torch.device,
-           dtype: torch.dtype) -> VGGTAggregator:
+           dtype: torch.dtype, file_backed: bool = False) -> VGGTAggregator:
     if tensors is None:  # named rule weights: generate in place, then cast
         with torch.device("meta"):
             model = VGGTAggregator(config)
@@ -280,7 +280,8 @@ def _build(config: VGGTConfig, tensors: dict[str, torch.Tensor] | None, device: 
         cast = {}
         for k, t in tensors.items():
             c = t.to(device=device, dtype=dtype)
-            cast[k] = c.clone() if c.data_ptr() == t.data_ptr() else c  # never keep mmap'ed file storage
+            # torch.load(mmap=True) tensors are views of the file: never keep them as parameters.
+            cast[k] = c.clone() if file_backed and c.data_ptr() == t.data_ptr() else c
         model.load_state_dict(cast, strict=True, assign=True)
     model.reset_buffers(device)
     model.fingerprint = fingerprint
@@ -303,6 +304,6 @@ def load_vggt(source: str | os.PathLike, device: torch.device | str = "cpu",
         return model
     path = locate_checkpoint(source)
     tensors, config = _read_aggregator(path)
-    model = _build(config, tensors, dev, dt)
+    model = _build(config, tensors, dev, dt, file_backed=not path.name.endswith((".safetensors", ".index.json")))
     model.source = str(path)
     return model
