@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from featstore.env import dist_env
-from featstore.errors import CheckpointError, FeatstoreError, LockError, StoreError
+from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, LockError, StoreError
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.formats.index import INDEX_NAME
-from featstore.formats.manifest import SHARD_MANIFEST, read_manifest, shape_key
+from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, read_manifest, shape_key
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
@@ -236,12 +236,27 @@ class Build:
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
             return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
+        self._remove_temp_caches(keys)
         done = {}
         for k in keys:
             p = cache_path_for(k, self.data_root, self.cache_root)
             if p.is_file():
                 done[k] = (-1, -1)
         return done
+
+    def _remove_temp_caches(self, keys: list[str]) -> None:
+        # Temporary cache files next to this rank's images can only come from an interrupted build
+        # (the lock keeps a second writer out), so they are safe to remove.
+        dirs = {cache_path_for(k, self.data_root, self.cache_root).parent for k in keys}
+        for d in dirs:
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if is_temp_name(e.name) and PER_IMAGE_SUFFIX + ".tmp-" in e.name:
+                    log.info("removing unfinished cache file %s left by an interrupted build", e.path)
+                    os.unlink(e.path)
 
     def is_stale(self, item: WorkItem, stored: tuple[int, int]) -> bool:
         """True when the image changed since its record was built (size or mtime differ)."""
@@ -382,7 +397,7 @@ def run_build(opts: BuildOptions) -> int:
     distributed = _setup_distributed(b.dist.world_size)
     try:
         return _run(b, opts, started, distributed, discover_images)
-    except (CheckpointError, LockError, StoreError) as e:
+    except (CheckpointError, LockError, StoreError, AnnotationError) as e:
         log.error("%s", e)
         return 2
     finally:
@@ -391,11 +406,18 @@ def run_build(opts: BuildOptions) -> int:
 
 
 def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discover_images: Any) -> int:
+    from featstore.sources import auto_annotations
+
     if not Path(opts.data_root).is_dir():
         log.error("DATA_ROOT is not a readable directory: %s", opts.data_root)
         return 2
     b.load_model()
-    found = discover_images(b.data_root, annotations=tuple(opts.annotations), image_list=opts.image_list,
+    annotations = list(opts.annotations)
+    if not annotations and opts.image_list is None:
+        annotations = auto_annotations(b.data_root)
+        if annotations:
+            log.info("using annotation files at the data root: %s", ", ".join(p.name for p in annotations))
+    found = discover_images(b.data_root, annotations=tuple(annotations), image_list=opts.image_list,
                             data_path=opts.data_path)
     items = [WorkItem(i.key, str(i.path)) for i in found.items]
     b.missing_examples = list(found.missing[:20])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="storage dtype (default: bfloat16 on GPU, float16 on GPUs without bf16, float32 on CPU)")
     g.add_argument("--layers", type=parse_layers, default=(-2,),
-                   help="comma-separated aggregator layers to store; the first is stored as 'features', others "
+                   help="comma-separated aggregator layers to store, written --layers=-2,-1 when the first is negative; the first is stored as 'features', others "
                         "as 'layer_<i>'; -2 is the layer JanusVLN uses")
     g.add_argument("--tokens", choices=("patch", "all"), default="patch",
                    help="patch: patch tokens only [1, P, 2C] (JanusVLN); all: camera + register + patch tokens")
@@ -107,7 +108,8 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=env.batch_size,
                    help="images per forward pass; halved automatically on CUDA out of memory (default: $BATCH_SIZE or 16)")
     g.add_argument("--compile", action="store_true", help="run the model under torch.compile (faster on GPU after warm-up)")
-    g.add_argument("--num-workers", type=int, default=4, help="DataLoader processes decoding images")
+    g.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: decode in the main process)")
     g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
     g = p.add_argument_group("resume and incremental builds")
     _bool_env_flag(p, "skip-existing", env.skip_existing,

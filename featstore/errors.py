@@ -25,3 +25,7 @@ class StoreError(FeatstoreError):
 
 class LockError(StoreError):
     """Another featstore job holds the output's build lock."""
+
+
+class AnnotationError(FeatstoreError):
+    """An annotation or image-list file is missing or cannot be parsed."""

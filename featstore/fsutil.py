@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from featstore.faults import crash_point
+
 TMP_MARKER = ".tmp-"
 
 
@@ -51,6 +53,7 @@ def atomic_open(path: Path | str, mode: str = "wb", *, fsync: bool = True) -> It
         if fsync:
             os.fsync(f.fileno())
         f.close()
+        crash_point("atomic-before-rename")
         os.replace(tmp, path)
         if fsync:
             fsync_dir(path.parent)

@@ -23,6 +23,7 @@ from featstore.formats.index import INDEX_NAME, Index, write_index
 from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST, new_manifest,
                                         read_manifest, shape_key, write_manifest)
 from featstore.formats.shards import SHARDS_DIR, ShardEntry, ShardInfo, list_shards, scan_shard, sha256_file
+from featstore.faults import crash_point
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name
 
 log = logging.getLogger("featstore")
@@ -45,6 +46,7 @@ def write_part(parts_dir: Path, gid: int, summary: dict[str, Any],
         names = [s.name for s, _ in closed]
         write_index(parts_dir / f"{part_stem(gid)}.fsi", names,
                     ((i, e) for i, (_, es) in enumerate(closed) for e in es))
+    crash_point("part-index-written")
     atomic_write_json(parts_dir / f"{part_stem(gid)}.json", summary)
 
 
@@ -134,6 +136,7 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
         for e in known[name]:
             latest[e.key] = name
     live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
+    crash_point("merge-before-index")
     n = write_index(out_dir / INDEX_NAME, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
     shard_meta = _shard_records(out_dir, live, known, old, parts)
     merged = _merge_summaries(parts, old)
@@ -155,7 +158,9 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
              complete=bool(total) and n >= total - counts.get("failed", 0) - counts.get("missing", 0),
              index={"name": INDEX_NAME, "records": n, "bytes": (out_dir / INDEX_NAME).stat().st_size,
                     "sha256": sha256_file(out_dir / INDEX_NAME)})
+    crash_point("merge-before-manifest")
     write_manifest(out_dir / SHARD_MANIFEST, m)
+    crash_point("merge-before-cleanup")
     for s in shards:
         if s not in live:
             log.info("removing fully superseded shard %s", s)

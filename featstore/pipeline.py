@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from featstore.errors import FeatstoreError
+from featstore.faults import crash_point
 from featstore.formats.perimage import cache_path_for, encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
@@ -165,6 +166,7 @@ class PerImageSink:
     def _write_one(self, rec: Record) -> int:
         data = encode_pt(rec)
         atomic_write_bytes(cache_path_for(rec.key, self.data_root, self.cache_root), data, fsync=self.fsync)
+        crash_point("per-image-written")
         return len(data)
 
     def write(self, records: list[Record]) -> None:

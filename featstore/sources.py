@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
 
-from featstore.errors import FeatstoreError
+from featstore.errors import AnnotationError, FeatstoreError
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
 OUTPUT_DIR_NAME = "vggt_featstore"
@@ -59,10 +59,6 @@ class Discovery:
     missing: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     looked_in: list[str] = field(default_factory=list)
-
-
-class AnnotationError(FeatstoreError):
-    """An annotation or image-list file is missing or cannot be parsed."""
 
 
 # ---------------------------------------------------------------- annotation records

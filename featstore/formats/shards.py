@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
+from featstore.faults import crash_point
 from featstore.fsutil import fsync_dir, temp_name_for
 
 SHARDS_DIR = "shards"
@@ -136,6 +137,7 @@ class ShardWriter:
         self._tar.addfile(info, io.BytesIO(data))
         data_offset = self._hw.pos - (-(-len(data) // BLOCK) * BLOCK)
         self._entries.append(entry_from_record_bytes(key, data_offset, data))
+        crash_point("record-appended")
 
     @property
     def pending(self) -> int:
@@ -153,9 +155,11 @@ class ShardWriter:
             os.fsync(self._f.fileno())
         self._f.close()
         name = shard_name(self.prefix, self.rank, self.n)
+        crash_point("shard-before-rename")
         os.replace(self._tmp, self.dir / name)
         if self.fsync:
             fsync_dir(self.dir)
+        crash_point("shard-after-rename")
         info = ShardInfo(name, len(self._entries), self._hw.pos, self._hw.sha.hexdigest())
         self.closed_shards.append((info, self._entries))
         self._tar = self._f = self._tmp = None
