@@ -123,3 +123,20 @@ def test_full_size_rule_weights_match_official(golden_dir):
     assert result["max_abs"]["layer22_patch_tokens"] <= 1e-4
     assert result["max_abs"]["layer23_patch_tokens"] <= 1e-4
     assert result["max_abs"]["layer23_special_tokens"] <= 1e-4
+
+
+def test_non_causal_path_calls_sdpa_without_mask(tiny_model, monkeypatch):
+    """Flash kernels need attn_mask=None: the default (official) path must never build a mask."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        tiny_model(torch.rand(2, 3, 3, 28, 42), layers=(-1,))
+    assert len(seen) == 2 + 2 * 2 and all(m is None for m in seen)  # 2 DINO blocks + 2 frame/global pairs

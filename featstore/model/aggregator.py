@@ -93,7 +93,7 @@ class VGGTAggregator(nn.Module):
         """Images [B,S,3,H,W] in [0,1] -> tokens [B*S, P, C] and the per-frame RoPE tables."""
         b, s, _, h, w = images.shape
         dtype = self.camera_token.dtype
-        x = (images.float() - self._resnet_mean) / self._resnet_std
+        x = (images.float() - self._resnet_mean.float()) / self._resnet_std.float()
         patches = self.patch_embed(x.reshape(b * s, 3, h, w).to(dtype))
         tokens = torch.cat([self._special_tokens(b, s, first_frame_is_start), patches], dim=1)
         rope = self.rope.tables(h // self.patch_size, w // self.patch_size, tokens.device, dtype)
