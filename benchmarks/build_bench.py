@@ -1,0 +1,151 @@
+"""End-to-end build throughput against its own stages, measured in the same run on the same images.
+
+    python benchmarks/build_bench.py                       # CPU: tiny model, 96 images
+    python benchmarks/build_bench.py --model vggt-1b-random --device cuda --n 1024 --batch-size 32
+
+Prints, for the same synthetic JPEG set:
+
+* decode-only images/s (DataLoader workers: read + decode + preprocess, what the build's loader does),
+* model-only images/s (preprocessed batches already on the device),
+* end-to-end build images/s (the real pipelined loop writing zstd shards),
+
+and the ratios end-to-end / model-only (GPU target >= 0.9: the pipeline hides decode and write) and
+end-to-end / decode-only (on CPU the model is the bottleneck, so expect well below 1). Then bytes per
+image for each output format and storage dtype, from real stores of the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from featstore.build import Build, BuildOptions  # noqa: E402
+from featstore.pipeline import ImageDataset, WorkItem, make_loader, shape_batches  # noqa: E402
+
+
+def make_jpegs(root: Path, n: int, size: tuple[int, int]) -> list[WorkItem]:
+    """``n`` smooth-with-noise JPEGs (camera-like content, so decode cost is realistic)."""
+    rng = np.random.RandomState(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    items = []
+    for i in range(n):
+        base = (np.sin(xx / (20 + i % 7)) + np.cos(yy / (15 + i % 5))) * 60 + 128
+        img = np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 12, (h, w, 3))
+        p = root / f"ep{i // 50:03d}" / f"frame.{i % 50:03d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p, quality=90)
+        items.append(WorkItem(str(p.relative_to(root)), str(p)))
+    return items
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_only(items: list[WorkItem], mode: str, workers: int, batch: int) -> float:
+    """images/s of the build's decode stage alone (workers decode, main thread forms batches)."""
+    loader = make_loader(ImageDataset(items, mode), workers, False)
+    t = time.perf_counter()
+    n = sum(b.images.shape[0] for b in shape_batches(loader, batch, lambda d: None))
+    return n / (time.perf_counter() - t)
+
+
+def model_only(b: Build, items: list[WorkItem], mode: str, batch: int) -> float:
+    """images/s of the model alone on batches already preprocessed and resident on the device."""
+    loader = make_loader(ImageDataset(items, mode), 0, False)
+    batches = [x.images.to(b.device) for x in shape_batches(loader, batch, lambda d: None)]
+    b.extractor.run(batches[0])  # warm-up (kernels, compile)
+    sync(b.device)
+    t = time.perf_counter()
+    for x in batches:
+        b.extractor.run(x)
+    sync(b.device)
+    return sum(x.shape[0] for x in batches) / (time.perf_counter() - t)
+
+
+def end_to_end(opts: BuildOptions, items: list[WorkItem]) -> float:
+    """images/s of the real build loop (decode, infer, compress, write overlapped) into a fresh store."""
+    b = Build(opts)
+    b.load_model()
+    b.prepare_output()
+    b.extractor.run(torch.zeros(1, 3, 518, 518, device=b.device))  # same warm-up as model_only
+    sync(b.device)
+    t = time.perf_counter()
+    b.run_loop(items)
+    sync(b.device)
+    return b.stats.processed / (time.perf_counter() - t)
+
+
+def store_bytes(opts: BuildOptions, items: list[WorkItem]) -> float:
+    """Bytes per image of a finished store in ``opts.format`` (records only, not index or manifest)."""
+    b = Build(opts)
+    b.load_model()
+    b.prepare_output()
+    b.run_loop(items)
+    out = Path(opts.out)  # type: ignore[arg-type]
+    files = list(out.rglob("*.tar")) if opts.format == "shards" else list(out.rglob("*.vggt_cache.pt"))
+    return sum(f.stat().st_size for f in files) / max(1, b.stats.processed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=96, help="images")
+    ap.add_argument("--size", default="640x480", help="source image size WxH")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--preprocess", default="crop")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--sizes-n", type=int, default=16, help="images for the bytes-per-image table")
+    args = ap.parse_args()
+    w, h = (int(x) for x in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        items = make_jpegs(root, args.n, (w, h))
+
+        def opts(out: str, **kw) -> BuildOptions:
+            base = dict(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,
+                        batch_size=args.batch_size, num_workers=args.workers, preprocess=args.preprocess,
+                        dtype=args.dtype, compile=args.compile, progress=False, fsync=False)
+            base.update(kw)
+            return BuildOptions(**base)
+
+        b = Build(opts("probe"))
+        b.load_model()
+        dec = decode_only(items, args.preprocess, args.workers, args.batch_size)
+        mod = model_only(b, items, args.preprocess, args.batch_size)
+        e2e = end_to_end(opts("e2e"), items)
+        dev = b.device
+        card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        print(f"device {card} | model {args.model} | {args.n} images {args.size} -> {args.preprocess} | "
+              f"batch {args.batch_size} | workers {args.workers} | store dtype {b.store_dtype}")
+        print(f"decode-only   {dec:9.2f} img/s")
+        print(f"model-only    {mod:9.2f} img/s")
+        print(f"end-to-end    {e2e:9.2f} img/s")
+        print(f"ratio end-to-end / model-only  = {e2e / mod:.3f}   (GPU target >= 0.9)")
+        print(f"ratio end-to-end / decode-only = {e2e / dec:.3f}")
+        sub = items[: args.sizes_n]
+        print(f"bytes per image ({args.model}, {len(sub)} images):")
+        for fmt in ("shards", "per-image"):
+            for dt in ("float32", "bfloat16", "float16"):
+                bpi = store_bytes(opts(f"sz-{fmt}-{dt}", format=fmt, dtype=dt), sub)
+                print(f"  {fmt:9s} {dt:8s} {bpi / 1e6:8.3f} MB")
+
+
+if __name__ == "__main__":
+    main()
