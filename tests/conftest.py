@@ -33,10 +33,11 @@ def golden_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip @pytest.mark.slow tests unless FEATSTORE_RUN_SLOW=1 or `-m slow` was given."""
-    if os.environ.get("FEATSTORE_RUN_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+    """Skip @pytest.mark.slow tests unless FEATSTORE_RUN_SLOW=1, CI=true (CI runs them) or `-m slow`."""
+    if (os.environ.get("FEATSTORE_RUN_SLOW") == "1" or os.environ.get("CI", "").lower() == "true"
+            or "slow" in (config.getoption("-m") or "")):
         return
-    skip = pytest.mark.skip(reason="slow: set FEATSTORE_RUN_SLOW=1 (CI does) or run `pytest -m slow`")
+    skip = pytest.mark.skip(reason="slow: set FEATSTORE_RUN_SLOW=1 (CI=true does too) or run `pytest -m slow`")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
