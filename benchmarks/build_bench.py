@@ -76,10 +76,10 @@ def model_only(b: Build, items: list[WorkItem], mode: str, batch: int) -> float:
     return sum(x.shape[0] for x in batches) / (time.perf_counter() - t)
 
 
-def end_to_end(opts: BuildOptions, items: list[WorkItem]) -> float:
+def end_to_end(opts: BuildOptions, items: list[WorkItem], model: torch.nn.Module) -> float:
     """images/s of the real build loop (decode, infer, compress, write overlapped) into a fresh store."""
     b = Build(opts)
-    b.load_model()
+    b.load_model(model)
     b.prepare_output()
     b.extractor.run(torch.zeros(1, 3, 518, 518, device=b.device))  # same warm-up as model_only
     sync(b.device)
@@ -89,10 +89,10 @@ def end_to_end(opts: BuildOptions, items: list[WorkItem]) -> float:
     return b.stats.processed / (time.perf_counter() - t)
 
 
-def store_bytes(opts: BuildOptions, items: list[WorkItem]) -> float:
+def store_bytes(opts: BuildOptions, items: list[WorkItem], model: torch.nn.Module) -> float:
     """Bytes per image of a finished store in ``opts.format`` (records only, not index or manifest)."""
     b = Build(opts)
-    b.load_model()
+    b.load_model(model)
     b.prepare_output()
     b.run_loop(items)
     out = Path(opts.out)  # type: ignore[arg-type]
@@ -129,7 +129,7 @@ def main() -> None:
         b.load_model()
         dec = decode_only(items, args.preprocess, args.workers, args.batch_size)
         mod = model_only(b, items, args.preprocess, args.batch_size)
-        e2e = end_to_end(opts("e2e"), items)
+        e2e = end_to_end(opts("e2e"), items, b.model)
         dev = b.device
         card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         print(f"device {card} | model {args.model} | {args.n} images {args.size} -> {args.preprocess} | "
@@ -143,7 +143,7 @@ def main() -> None:
         print(f"bytes per image ({args.model}, {len(sub)} images):")
         for fmt in ("shards", "per-image"):
             for dt in ("float32", "bfloat16", "float16"):
-                bpi = store_bytes(opts(f"sz-{fmt}-{dt}", format=fmt, dtype=dt), sub)
+                bpi = store_bytes(opts(f"sz-{fmt}-{dt}", format=fmt, dtype=dt), sub, b.model)
                 print(f"  {fmt:9s} {dt:8s} {bpi / 1e6:8.3f} MB")
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from featstore.env import dist_env
 from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, LockError, StoreError
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
+from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
 from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, read_manifest, shape_key
 from featstore.formats.perimage import cache_path_for, read_pt
@@ -144,8 +145,8 @@ class Build:
             self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
 
     # --- setup -------------------------------------------------------------------------------------------
-    def load_model(self) -> None:
-        """Load the model on this rank's device and settle the storage dtype and layers."""
+    def load_model(self, model: torch.nn.Module | None = None) -> None:
+        """Load the model on this rank's device (or adopt an already loaded one); settle dtype and layers."""
         from featstore.model import load_vggt
 
         dev = pick_device(self.opts.device)
@@ -154,7 +155,7 @@ class Build:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         self.device = dev
-        self.model = load_vggt(self.opts.model, device=str(dev))
+        self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev))
         self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
         self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
         forward = torch.compile(self.model) if self.opts.compile else None
@@ -349,6 +350,7 @@ class Build:
                     log.warning("continuing with batch size %d after CUDA out of memory", worked)
                 host, event = to_host(feats)
                 writer.put((batch, host, event))
+                crash_point("batch-queued")
             writer.close()
         except BaseException:
             if isinstance(sink, ShardSink):
