@@ -134,6 +134,8 @@ class Build:
         self.missing_examples: list[str] = []
         self.bar: tqdm | None = None
         self.closed: list = []
+        self._settings: dict[str, Any] | None = None
+        self.device: torch.device | None = None
         self.data_root = Path(opts.data_root).resolve()
         if opts.format == "shards":
             self.out = Path(opts.out).resolve() if opts.out else self.data_root / DEFAULT_OUT_NAME
@@ -149,20 +151,54 @@ class Build:
         """Load the model on this rank's device (or adopt an already loaded one); settle dtype and layers."""
         from featstore.model import load_vggt
 
-        dev = pick_device(self.opts.device)
-        if dev.type == "cuda" and self.dist.world_size > 1:
-            dev = torch.device("cuda", self.dist.local_rank)
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        self.device = dev
+        dev = self.resolve_device()
         self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev))
         self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
         self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
         forward = torch.compile(self.model) if self.opts.compile else None
         self.extractor = Extractor(self.model, self.layers, self.store_dtype, self.opts.tokens, forward)
 
+    def resolve_device(self) -> torch.device:
+        """This rank's device: the requested one (cuda:LOCAL_RANK under torchrun), or cpu when CUDA is absent."""
+        if getattr(self, "device", None) is None:
+            dev = pick_device(self.opts.device)
+            if dev.type == "cuda" and self.dist.world_size > 1:
+                dev = torch.device("cuda", self.dist.local_rank)
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            self.device = dev
+        return self.device
+
+    def adopt_previous_settings(self) -> bool:
+        """When nothing is left to build, reuse the store's recorded settings instead of loading the model.
+
+        Only if the request matches them (same checkpoint path, preprocessing, tokens, dtype, layers), so a
+        re-run of a complete store is a no-op that ends in seconds; any difference loads the model and is
+        checked against the store's model fingerprint as usual.
+        """
+        prev = self._previous_settings()
+        if not prev or not prev.get("layers") or not (prev.get("model") or {}).get("config"):
+            return False
+        dtype = self.opts.dtype or dtype_name(default_store_dtype(self.resolve_device()))
+        try:
+            layers = resolve_layers(tuple(self.opts.layers), int(prev["model"]["config"]["depth"]))
+        except (ValueError, KeyError, TypeError):
+            return False
+        same = (prev.get("vggt_model_path") == str(self.opts.model) and prev.get("dtype") == dtype
+                and prev.get("tokens") == self.opts.tokens and list(layers) == list(prev["layers"])
+                and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess)
+        if same:
+            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "dtype", "tokens",
+                    "source_fingerprint")
+            self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
+                                  cache_root=str(self.cache_root) if self.cache_root else None)
+            self.store_dtype, self.layers = parse_dtype(dtype), layers
+        return same
+
     def settings(self) -> dict[str, Any]:
         """The settings every record of a store must share (checked on resume)."""
+        if self._settings is not None:
+            return self._settings
         names = self.extractor.names
         return {
             "model": {"fingerprint": self.model.fingerprint, "name": self.model.config.name,
@@ -226,8 +262,11 @@ class Build:
                 if is_temp_name(e.name) and mine in e.name:
                     log.info("removing unfinished shard %s left by an interrupted build", e.name)
                     os.unlink(e.path)
-            if self.is_leader or self.opts.num_parts > 1:
-                atomic_write_json(self.out / BUILD_CONFIG, self.settings())
+
+    def record_settings(self) -> None:
+        """Write the store's build settings (shard stores), which a later resume is checked against."""
+        if self.opts.format == "shards" and (self.is_leader or self.opts.num_parts > 1):
+            atomic_write_json(self.out / BUILD_CONFIG, self.settings())
 
     # --- planning ----------------------------------------------------------------------------------------
     def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
@@ -413,7 +452,7 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
     if not Path(opts.data_root).is_dir():
         log.error("DATA_ROOT is not a readable directory: %s", opts.data_root)
         return 2
-    b.load_model()
+    b.resolve_device()
     annotations = list(opts.annotations)
     if not annotations and opts.image_list is None:
         annotations = auto_annotations(b.data_root)
@@ -435,16 +474,22 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
                     ", ".join(found.missing[:3]))
     lock_name = f"build-{b.gid:05d}"
     with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
-        b.check_settings()
         b.prepare_output()
         todo = b.plan(items)
+        if todo or not b.adopt_previous_settings():
+            b.load_model()
+            b.check_settings()
+        else:
+            log.info("nothing left to build for this rank; the store's settings match (model not loaded)")
+        b.record_settings()
         _barrier(distributed)  # every rank has read the store state before anyone writes
         if b.gid == 0:
             log.info("Processing %d images... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
                      len(todo) if b.gworld == 1 else len(items), b.stats.skipped, b.gworld, b.device,
                      opts.batch_size, dtype_name(b.store_dtype))
         b.bar = None
-        b.run_loop(todo)
+        if todo:
+            b.run_loop(todo)
         if b.device.type == "cuda":
             torch.cuda.synchronize()
         finished = time.time()
@@ -483,7 +528,7 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
         log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f images/s, "
                  "%s written%s", s.processed, s.skipped, s.failed, s.missing, s.stale_rebuilt, secs,
                  s.processed / secs, _human(s.bytes_written),
-                 f" | batch size used {s.batch_size_used}" if s.batch_size_used < opts.batch_size else "")
+                 f" | batch size used {s.batch_size_used}" if 0 < s.batch_size_used < opts.batch_size else "")
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
             log.warning("%d images failed; see %s", s.failed, b.out / manifest["failures_ledger"])
     if s.failed > opts.allow_failures:

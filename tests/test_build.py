@@ -130,6 +130,10 @@ def test_resume_is_noop_and_rebuilds_missing(tmp_path):
     assert run_cli(*build_args(tmp_path / "d")).returncode == 0
     r = run_cli(*build_args(tmp_path / "d"))
     assert r.returncode == 0 and "skipped 6" in r.stderr and "processed 0" in r.stderr
+    assert "model not loaded" in r.stderr
+    # Other settings are refused rather than mixed into the store.
+    r = run_cli(*build_args(tmp_path / "d", "--dtype", "bfloat16"))
+    assert r.returncode == 2 and "built with other settings" in r.stderr and "dtype" in r.stderr, r.stderr
     out = tmp_path / "d" / "vggt_featstore"
     before = store_records(out)
     for s in list_shards(out / "shards"):
