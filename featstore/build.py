@@ -33,7 +33,7 @@ from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, read_ma
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
-from featstore.fsutil import atomic_write_json, is_temp_name
+from featstore.fsutil import atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
@@ -254,6 +254,11 @@ class Build:
             raise StoreError(f"cannot create output directory {self.out}: {e.strerror}; choose a writable --out") from None
         if not os.access(self.out, os.W_OK):
             raise StoreError(f"output directory {self.out} is not writable; choose a writable --out")
+        # Index, manifest, ledger and part files of a killed run leave temporary files; delete those whose
+        # writer is dead (a live job-array part may be writing its own right now).
+        for d in (self.out, self.state_dir):
+            for p in remove_dead_temps(d):
+                log.info("removing temporary file %s left by an interrupted build", p)
         if self.opts.format == "shards":
             shard_dir = self.out / SHARDS_DIR
             shard_dir.mkdir(exist_ok=True)

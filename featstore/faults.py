@@ -2,6 +2,11 @@
 
 ``FEATSTORE_KILL_AT=<point>[:<n>]`` makes the process SIGKILL itself the n-th time (default 1st) it
 reaches ``<point>``. Unset (always, outside tests) this is a dictionary lookup and nothing more.
+
+Points, in the order a shard build meets them: ``atomic-before-rename`` (every atomic file write),
+``shard-opened``, ``record-appended``, ``batch-queued``, ``shard-tar-closed``, ``shard-before-rename``,
+``shard-after-rename``, ``per-image-written``, ``part-index-written``, ``merge-before-index``,
+``merge-before-manifest``, ``merge-before-cleanup``. ``tools/crash_driver.py`` kills a build at 20 of them.
 """
 
 from __future__ import annotations

@@ -30,6 +30,40 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TMP_MARKER in name
 
 
+def temp_writer_is_dead(name: str) -> bool:
+    """True when ``name`` is a temporary file whose writer ran on this host and is no longer alive.
+
+    Only such files are safe to delete while other processes (job-array parts, readers) may be writing.
+    """
+    if not is_temp_name(name):
+        return False
+    parts = name.rsplit(TMP_MARKER, 1)[1].rsplit("-", 2)  # host-pid-uuid (the host may contain "-")
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_dead_temps(directory: Path) -> list[Path]:
+    """Delete the temporary files in ``directory`` left by dead writers on this host; returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for e in entries:
+        if e.is_file(follow_symlinks=False) and temp_writer_is_dead(e.name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+    return removed
+
+
 def fsync_dir(directory: Path) -> None:
     """Flush a directory entry so a completed rename survives a power loss."""
     with contextlib.suppress(OSError):
@@ -40,11 +74,27 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+_swept_dirs: set[str] = set()
+
+
+def sweep_dead_temps_once(directory: Path) -> None:
+    """Remove dead writers' temporary files from ``directory`` the first time this process writes there.
+
+    A write killed before its rename leaves a temporary file; re-running the command writes the same
+    folder again, so the leftover goes away without anyone listing a folder more than once per process.
+    """
+    key = str(directory)
+    if key not in _swept_dirs:
+        _swept_dirs.add(key)
+        remove_dead_temps(directory)
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path | str, mode: str = "wb", *, fsync: bool = True) -> Iterator[IO[Any]]:
     """Open a temporary file for writing that replaces ``path`` only when the block exits cleanly."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temps_once(path.parent)
     tmp = temp_name_for(path)
     f = open(tmp, mode)
     try:

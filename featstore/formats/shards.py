@@ -21,7 +21,7 @@ from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
 from featstore.faults import crash_point
-from featstore.fsutil import fsync_dir, temp_name_for
+from featstore.fsutil import fsync_dir, sweep_dead_temps_once, temp_name_for
 
 SHARDS_DIR = "shards"
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
@@ -119,11 +119,13 @@ class ShardWriter:
         final = self.dir / shard_name(self.prefix, self.rank, self.n)
         if final.exists():
             raise StoreError(f"refusing to overwrite existing shard {final}")
+        sweep_dead_temps_once(self.dir)  # a killed writer's unfinished shard
         self._tmp = temp_name_for(final)
         self._f = open(self._tmp, "wb")
         self._hw = _HashingWriter(self._f)
         self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.PAX_FORMAT)  # type: ignore[arg-type]
         self._entries = []
+        crash_point("shard-opened")
 
     def write(self, key: str, data: bytes) -> None:
         """Append one encoded record (rolls to a new shard first when the current one is full)."""
@@ -150,6 +152,7 @@ class ShardWriter:
             return None
         assert self._f is not None and self._tmp is not None
         self._tar.close()  # writes the two zero blocks and pads to the record size
+        crash_point("shard-tar-closed")
         self._f.flush()
         if self.fsync:
             os.fsync(self._f.fileno())
