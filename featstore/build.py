@@ -454,8 +454,8 @@ def run_build(opts: BuildOptions) -> int:
 def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discover_images: Any) -> int:
     from featstore.sources import auto_annotations
 
-    if not Path(opts.data_root).is_dir():
-        log.error("DATA_ROOT is not a readable directory: %s", opts.data_root)
+    if not Path(opts.data_root).is_dir() or not os.access(opts.data_root, os.R_OK | os.X_OK):
+        log.error("DATA_ROOT is not a readable directory: %s; check the path and its permissions", opts.data_root)
         return 2
     b.resolve_device()
     annotations = list(opts.annotations)

@@ -7,6 +7,7 @@ Temporary names start with ``.`` and contain ``.tmp-`` so readers and ``verify``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from featstore.errors import StoreError
 from featstore.faults import crash_point
 
 TMP_MARKER = ".tmp-"
@@ -74,6 +76,31 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def free_bytes(path: Path | str) -> int | None:
+    """Bytes available to this user on the filesystem holding ``path`` (None when unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+@contextlib.contextmanager
+def disk_full_is_store_error(path: Path | str, needed: int | None = None) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT while writing ``path`` into a StoreError naming the file and the space needed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = free_bytes(Path(path).parent)
+        want = f"needs {needed:,} more bytes" if needed is not None else "needs more space"
+        have = f", {free:,} bytes free there" if free is not None else ""
+        raise StoreError(f"disk full: writing {path} {want}{have} ({e.strerror}). Nothing torn was left "
+                         f"behind; free space (or choose another output) and re-run the same command to "
+                         f"resume") from None
+
+
 _swept_dirs: set[str] = set()
 
 
@@ -90,33 +117,38 @@ def sweep_dead_temps_once(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path | str, mode: str = "wb", *, fsync: bool = True) -> Iterator[IO[Any]]:
-    """Open a temporary file for writing that replaces ``path`` only when the block exits cleanly."""
+def atomic_open(path: Path | str, mode: str = "wb", *, fsync: bool = True, needed: int | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing that replaces ``path`` only when the block exits cleanly.
+
+    A full disk raises StoreError naming ``path`` (and ``needed`` bytes when the caller knows them).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_dead_temps_once(path.parent)
-    tmp = temp_name_for(path)
-    f = open(tmp, mode)
-    try:
-        yield f
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-        f.close()
-        crash_point("atomic-before-rename")
-        os.replace(tmp, path)
-        if fsync:
-            fsync_dir(path.parent)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with disk_full_is_store_error(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_dead_temps_once(path.parent)
+        tmp = temp_name_for(path)
+        f = open(tmp, mode)
+        try:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+            f.close()
+            crash_point("atomic-before-rename")
+            os.replace(tmp, path)
+            if fsync:
+                fsync_dir(path.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb", fsync=fsync) as f:
+    with atomic_open(path, "wb", fsync=fsync, needed=len(data)) as f:
         f.write(data)
 
 

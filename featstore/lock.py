@@ -59,13 +59,22 @@ class BuildLock:
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; raise LockError naming the live holder otherwise."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LockError(f"cannot create the output folder {self.path.parent} ({e.strerror}); choose a "
+                            f"writable output folder") from None
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": self.command}
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
+                fd = -1
+            except OSError as e:
+                raise LockError(f"cannot create the build lock {self.path} ({e.strerror}): the output folder is "
+                                f"not writable; choose a writable output folder or fix its permissions") from None
+            if fd < 0:
                 owner = read_lock(self.path)
                 if owner is None:
                     continue
@@ -76,9 +85,17 @@ class BuildLock:
                 aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
                 try:
                     os.rename(self.path, aside)
-                    os.unlink(aside)
                 except FileNotFoundError:
-                    pass
+                    continue
+                moved = read_lock(aside)
+                if moved is not None and moved != owner:
+                    # Another racer took the stale lock over between our read and our rename: give its
+                    # fresh lock back (link fails if yet another job holds the name now).
+                    try:
+                        os.link(aside, self.path)
+                    except OSError:
+                        pass
+                os.unlink(aside)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

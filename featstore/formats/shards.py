@@ -7,6 +7,7 @@ its final name only once it is complete and fsynced, so readers never see a torn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -21,7 +22,7 @@ from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
 from featstore.faults import crash_point
-from featstore.fsutil import fsync_dir, sweep_dead_temps_once, temp_name_for
+from featstore.fsutil import disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
 
 SHARDS_DIR = "shards"
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
@@ -132,11 +133,13 @@ class ShardWriter:
         if self._tar is not None and self._hw.pos + len(data) + 2 * BLOCK > self.max_bytes and self._entries:
             self.close_shard()
         if self._tar is None:
-            self._open()
-        assert self._tar is not None
+            with disk_full_is_store_error(self.dir / shard_name(self.prefix, self.rank, self.n), BLOCK):
+                self._open()
+        assert self._tar is not None and self._tmp is not None
         info = tarfile.TarInfo(member_name(key))
         info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-        self._tar.addfile(info, io.BytesIO(data))
+        with disk_full_is_store_error(self._tmp, len(data) + 3 * BLOCK):
+            self._tar.addfile(info, io.BytesIO(data))
         data_offset = self._hw.pos - (-(-len(data) // BLOCK) * BLOCK)
         self._entries.append(entry_from_record_bytes(key, data_offset, data))
         crash_point("record-appended")
@@ -151,12 +154,13 @@ class ShardWriter:
         if self._tar is None:
             return None
         assert self._f is not None and self._tmp is not None
-        self._tar.close()  # writes the two zero blocks and pads to the record size
-        crash_point("shard-tar-closed")
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
-        self._f.close()
+        with disk_full_is_store_error(self._tmp, 20 * BLOCK):
+            self._tar.close()  # writes the two zero blocks and pads to the record size
+            crash_point("shard-tar-closed")
+            self._f.flush()
+            if self.fsync:
+                os.fsync(self._f.fileno())
+            self._f.close()
         name = shard_name(self.prefix, self.rank, self.n)
         crash_point("shard-before-rename")
         os.replace(self._tmp, self.dir / name)
@@ -173,7 +177,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the open shard's temporary file (used on errors; a crash leaves it for cleanup)."""
         if self._f is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                self._f.close()
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
         self._tar = self._f = self._tmp = None
