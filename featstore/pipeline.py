@@ -29,7 +29,7 @@ from featstore.formats.perimage import cache_path_for, encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
-from featstore.preprocess import preprocess_image
+from featstore.preprocess import open_image, preprocess_image
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ImageDataset(torch.utils.data.Dataset):
             kwargs: dict[str, Any] = {"apply_exif": self.apply_exif}
             if self.max_pixels is not None:
                 kwargs["max_pixels"] = self.max_pixels
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(io.BytesIO(data)) as img:
                 img.filename = item.path  # type: ignore[attr-defined]  # for error messages
                 tensor = preprocess_image(img, self.mode, **kwargs)
             return Decoded(item, tensor, None, source_fingerprint(st, digest))

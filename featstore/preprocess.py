@@ -22,7 +22,7 @@ Where the official code has no sensible answer, featstore documents its own rule
 * EXIF orientation is ignored by default (as the official code does, so cached features equal the online
   path); ``apply_exif=True`` rotates the image first.
 * Images whose header announces more than ``max_pixels`` pixels are refused before any pixel is decoded.
-  A limit above Pillow's own bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) also needs that raised.
+  This is the one guard: Pillow's own fixed limit is lifted while the header is read (`open_image`).
 
 Every failure to read or preprocess an image raises `featstore.errors.ImageError` naming the image.
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
@@ -91,6 +91,20 @@ def _describe(source: ImageSource) -> str:
     return os.fspath(source)
 
 
+def open_image(fp: "str | os.PathLike[str] | BinaryIO") -> Image.Image:
+    """``Image.open`` (lazy: reads the header only) with Pillow's own bomb limit lifted.
+
+    featstore's ``max_pixels`` check, applied to the header size before any pixel is decoded, is the one
+    configurable guard; Pillow's fixed limit would otherwise refuse first with a message naming its limit.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        return Image.open(fp)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
     width, height = size
     if width <= 0 or height <= 0:
@@ -133,7 +147,7 @@ def _load_rgb(source: ImageSource, apply_exif: bool, max_pixels: int) -> Image.I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            with open_image(source) as img:
                 _check_pixels(img.size, max_pixels, name)
                 img.load()
                 return _to_rgb(img, apply_exif)
