@@ -1,0 +1,170 @@
+"""Scale benchmark: a synthetic store of N small records (default 1,000,000).
+
+Measures, each in a fresh process so peak memory (ru_maxrss) is the step's own:
+* index open time (target < 1 s) and random lookup latency p50/p99 from page cache (target p99 < 1 ms),
+  against the same store at N/10 (the ratio shows open time does not grow with N);
+* full ``featstore verify`` time and peak memory at N and at N/10 (flat memory: ratio close to 1);
+* source discovery (``discover_images``) over a tree of N empty ``.jpg`` files and N/10 (< 60 s, flat memory).
+
+    python benchmarks/scale_bench.py --n 1000000 --work /tmp/scale [--skip-verify] [--skip-discovery]
+
+Synthetic records are real featstore records (the one codec) with a [1, 4, 8] float16 features tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def make_store(out: Path, n: int) -> float:
+    """Write ``n`` synthetic records into shards + index + manifest at ``out``; returns seconds."""
+    import torch
+
+    from featstore.formats.index import INDEX_NAME, write_index
+    from featstore.formats.manifest import new_manifest, write_manifest
+    from featstore.formats.record import Record, encode_record
+    from featstore.formats.shards import ShardWriter, sha256_file
+
+    t0 = time.time()
+    w = ShardWriter(out / "shards", "vggt", 0, 0, 256 << 20, fsync=False)
+    feats = torch.arange(32, dtype=torch.float16).reshape(1, 4, 8)
+    meta = {"layers": {"features": 0}, "model": "synthetic", "preprocess": "crop", "tokens": "patch",
+            "source": {"size": 1, "mtime_ns": 1}}
+    for i in range(n):
+        key = f"ep{i // 1000:05d}/frame.{i % 1000:04d}.jpg"
+        w.write(key, encode_record(Record(key, key, {"features": feats}, meta)))
+    w.close_shard()
+    names = [info.name for info, _ in w.closed_shards]
+    write_index(out / INDEX_NAME, names, ((i, e) for i, (_, es) in enumerate(w.closed_shards) for e in es))
+    m = new_manifest(layout="shards", data_root="", model_path="synthetic", dtype="float16",
+                     tensors={"features": {"layer": 0, "dtype": "float16"}}, layers=[0])
+    m["model"]["fingerprint"] = "synthetic"
+    m["preprocess"]["mode"] = "crop"
+    m.update(total_images=n, processed_images=n, complete=True, feature_shapes={"[1, 4, 8]": n},
+             counts=dict(m["counts"], records=n, processed=n),
+             shards=[{"name": i.name, "records": i.records, "bytes": i.bytes, "sha256": i.sha256}
+                     for i, _ in w.closed_shards],
+             index={"name": INDEX_NAME, "records": n, "bytes": (out / INDEX_NAME).stat().st_size,
+                    "sha256": sha256_file(out / INDEX_NAME)})
+    write_manifest(out / "manifest.json", m)
+    return time.time() - t0
+
+
+LOOKUP = """
+import json, random, resource, sys, time
+t0 = time.perf_counter()
+from featstore.formats.index import Index
+t_import = time.perf_counter()
+ix = Index(sys.argv[1] + "/index.fsi")
+t_open = time.perf_counter() - t_import
+n = len(ix)
+rng = random.Random(0)
+keys = [f"ep{i // 1000:05d}/frame.{i % 1000:04d}.jpg" for i in (rng.randrange(n) for _ in range(20000))]
+for k in keys[:2000]:
+    ix.get(k)  # warm the page cache
+lat = []
+for k in keys:
+    t = time.perf_counter()
+    e = ix.get(k)
+    lat.append(time.perf_counter() - t)
+    assert e is not None
+lat.sort()
+print(json.dumps({"open_s": t_open, "lookup_p50_us": lat[len(lat) // 2] * 1e6,
+                  "lookup_p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+DISCOVER = """
+import json, resource, sys, time
+from featstore.sources import discover_images
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.time()
+d = discover_images(sys.argv[1])
+print(json.dumps({"seconds": time.time() - t, "items": len(d.items),
+                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+"""
+
+
+def py(code_or_args: list[str]) -> tuple[str, float, float]:
+    """Run python with args; returns (stdout, seconds, child peak RSS MB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.time()
+    r = subprocess.run([sys.executable, *code_or_args], capture_output=True, text=True, cwd=str(REPO),
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    secs = time.time() - t
+    if r.returncode not in (0, 1):
+        raise SystemExit(f"{code_or_args[:3]} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return r.stdout, secs, max(after, before) / 1024
+
+
+def verify_run(store: Path) -> dict:
+    code = ("import resource, subprocess, sys, time, json; t=time.time(); "
+            "r=subprocess.run([sys.executable,'-m','featstore','verify',sys.argv[1],'--no-progress'],"
+            "capture_output=True,text=True); "
+            "print(json.dumps({'rc': r.returncode, 'seconds': time.time()-t, "
+            "'maxrss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, 'tail': r.stdout[-300:]}))")
+    out, _, _ = py(["-c", code, str(store)])
+    return json.loads(out)
+
+
+def make_tree(root: Path, n: int) -> float:
+    t = time.time()
+    for i in range(0, n, 1000):
+        d = root / f"ep{i // 1000:05d}"
+        d.mkdir(parents=True)
+        for j in range(min(1000, n - i)):
+            (d / f"f{j:04d}.jpg").touch()
+    return time.time() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000, help="records (and files) at full scale")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/featstore-scale"), help="scratch folder (emptied)")
+    ap.add_argument("--skip-verify", action="store_true")
+    ap.add_argument("--skip-discovery", action="store_true")
+    args = ap.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    res: dict = {"n": args.n}
+    for label, n in (("small", max(1, args.n // 10)), ("full", args.n)):
+        store = args.work / f"store-{label}"
+        r: dict = {"n": n, "make_s": round(make_store(store, n), 1)}
+        out, _, _ = py(["-c", LOOKUP, str(store)])
+        r.update(json.loads(out))
+        if not args.skip_verify:
+            r["verify"] = verify_run(store)
+        if not args.skip_discovery:
+            tree = args.work / f"tree-{label}"
+            r["tree_make_s"] = round(make_tree(tree, n), 1)
+            out, _, _ = py(["-c", DISCOVER, str(tree)])
+            r["discovery"] = json.loads(out)
+            shutil.rmtree(tree)
+        res[label] = r
+        print(json.dumps({label: r}), flush=True)
+    f, s = res["full"], res["small"]
+    print(f"\nindex open {f['open_s'] * 1000:.1f} ms at N={f['n']:,} (x{f['open_s'] / max(s['open_s'], 1e-9):.2f} vs N/10); "
+          f"lookup p50 {f['lookup_p50_us']:.1f} us, p99 {f['lookup_p99_us']:.1f} us")
+    if "verify" in f:
+        print(f"verify {f['verify']['seconds']:.1f} s (rc {f['verify']['rc']}), peak RSS {f['verify']['maxrss_mb']:.0f} MB "
+              f"(x{f['verify']['maxrss_mb'] / s['verify']['maxrss_mb']:.2f} vs N/10)")
+    if "discovery" in f:
+        print(f"discovery {f['discovery']['seconds']:.1f} s over {f['discovery']['items']:,} files, peak RSS "
+              f"{f['discovery']['maxrss_mb']:.0f} MB (x{f['discovery']['maxrss_mb'] / s['discovery']['maxrss_mb']:.2f} vs N/10)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
