@@ -12,6 +12,7 @@ sha256, the tar walk and the record decoder. Exit status: 0 all good, 1 problems
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import hashlib
 import io
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from featstore.errors import FeatstoreError, StoreError
-from featstore.formats.index import INDEX_NAME, Index
+from featstore.formats.index import INDEX_NAME, Index, IndexEntry
 from featstore.formats.keys import key_from_member
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, find_manifest, read_manifest,
                                         shape_key)
@@ -348,19 +349,32 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _run_tasks(fn: Any, tasks: list[tuple], workers: int, progress: bool, desc: str) -> Iterator[dict[str, Any]]:
-    """Run ``fn(*task)`` for each task, in worker processes when there is more than one of each."""
-    bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
+def _run_tasks(fn: Any, tasks: Iterable[tuple], workers: int, progress: bool, desc: str,
+               total: int | None = None) -> Iterator[dict[str, Any]]:
+    """Run ``fn(*task)`` for each task, in worker processes when there is more than one of each.
+
+    Tasks are taken lazily and at most ``2 * workers`` are in flight, so memory stays bounded.
+    """
+    tasks = iter(tasks) if total is not None else list(tasks)
+    total = total if total is not None else len(tasks)  # type: ignore[arg-type]
+    bar = tqdm(total=total, desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
     try:
-        if workers <= 1 or len(tasks) <= 1:
+        if workers <= 1 or total <= 1:
             for t in tasks:
                 yield fn(*t)
                 bar.update(1)
             return
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker) as pool:
-            for res in pool.map(lambda_free(fn), tasks, chunksize=1):
-                yield res
+        call = lambda_free(fn)
+        with cf.ProcessPoolExecutor(min(workers, total), mp_context=ctx, initializer=_init_worker) as pool:
+            pending: collections.deque = collections.deque()
+            for t in tasks:
+                pending.append(pool.submit(call, t))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+                    bar.update(1)
+            while pending:
+                yield pending.popleft().result()
                 bar.update(1)
     finally:
         bar.close()
@@ -426,12 +440,17 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
             report.add("stray", str(root / leftover), "a build is running or was interrupted",
                        f"wait for the build, or re-run `{m['_rebuild_cmd']}` to finish it")
     try:
-        ix = Index(root / INDEX_NAME)
-        by_shard = ix.shard_entries()
+        ix: Index | None = Index(root / INDEX_NAME)
+        rows = ix.rows_by_shard()
     except StoreError as e:
         report.add("index", INDEX_NAME, str(e), f"run `featstore merge {root}`")
-        ix, by_shard = None, {}
-    indexed_keys = {e.key: e for es in by_shard.values() for e in es}
+        ix, rows = None, {}
+
+    def entries_of(shard: str) -> list[IndexEntry]:
+        # Entries are materialised one shard at a time, so memory does not grow with the store.
+        assert ix is not None
+        return [ix.entry(int(r)) for r in rows.get(shard, ())]
+
     on_disk = list_shards(shards_dir)
     listed = {s["name"]: s for s in m.get("shards") or []}
     for name in sorted(set(listed) - set(on_disk)):
@@ -439,9 +458,9 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
                    f"run `featstore merge {root}` then `{m['_rebuild_cmd']}` to rebuild its records")
     for name in sorted(set(on_disk) - set(listed)):
         report.add("shard", name, "on disk but not listed in the manifest", f"run `featstore merge {root}`")
-    for name, es in by_shard.items():
+    for name in rows:
         if name not in on_disk:
-            for e in es:
+            for e in entries_of(name):
                 report.add("shard", e.key, f"indexed in shard {name}, which is missing", f"run `{m['_rebuild_cmd']}`")
     for name in on_disk:
         size = (shards_dir / name).stat().st_size
@@ -449,26 +468,26 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
             report.add("shard", name, f"size {size} bytes, the manifest says {listed[name]['bytes']} (truncated "
                                       f"or rewritten)", f"delete it, run `featstore merge {root}`, then "
                                                         f"`{m['_rebuild_cmd']}`")
-    results: list[dict[str, Any]] = []
+    results: Iterable[dict[str, Any]]
     if sample is not None:
         rng = random.Random(seed)
-        pool = [e for es in by_shard.values() for e in es if e.shard in on_disk]
-        chosen = rng.sample(pool, min(sample, len(pool)))
+        live = [r for name in on_disk for r in rows.get(name, ())]
+        chosen = [ix.entry(int(r)) for r in rng.sample(live, min(sample, len(live)))] if ix is not None else []
         groups: dict[str, list[tuple[str, int, int, int]]] = {}
         for e in chosen:
             groups.setdefault(e.shard, []).append((e.key, e.offset, e.length, e.crc32))
         tasks = [(str(shards_dir / s), s, es, ex) for s, es in groups.items()]
-        report.notes.append(f"--sample {sample}: checked {len(chosen)} of {len(pool)} records; shard sha256 and tar "
+        report.notes.append(f"--sample {sample}: checked {len(chosen)} of {len(live)} records; shard sha256 and tar "
                             f"structure not checked")
-        results = list(_run_tasks(check_entries, tasks, workers, progress, "verify (sample)"))
+        results = _run_tasks(check_entries, tasks, workers, progress, "verify (sample)")
     else:
-        tasks = [(str(shards_dir / s), s, {e.key: (s, e.offset, e.length, e.crc32) for e in by_shard.get(s, [])}, ex,
-                  True) for s in on_disk]
-        results = list(_run_tasks(_scan_with_other_keys, tasks, workers, progress, "verify shards"))
+        tasks = ((str(shards_dir / s), s, {e.key: (s, e.offset, e.length, e.crc32) for e in entries_of(s)}, ex, True)
+                 for s in on_disk)
+        results = _run_tasks(_scan_with_other_keys, tasks, workers, progress, "verify shards", total=len(on_disk))
     for res in results:
         _absorb(report, res)
         for key, where in res.get("unindexed", []):
-            if key in indexed_keys:
+            if ix is not None and key in ix:
                 report.info["superseded records (a newer copy is indexed)"] += 1
             else:
                 report.add("index", key, f"record in shard {res['shard']} at offset {where} is not in the index",
@@ -476,7 +495,7 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
         if sample is None:
             seen = set(res["seen"])
             broken = any(p[0] == "shard" and p[1] == res["shard"] for p in res["problems"])
-            for e in by_shard.get(res["shard"], []):
+            for e in entries_of(res["shard"]) if ix is not None else []:
                 if e.key not in seen:
                     if broken:
                         report.add("shard", e.key, f"record lost: shard {e.shard} is truncated or unreadable",
@@ -501,11 +520,12 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
             report.add("count", "manifest.json", f"counts.records is {m['counts']['records']}, the index holds {n_index}",
                        f"run `featstore merge {root}`")
         for name, s in listed.items():
-            got = len(by_shard.get(name, []))
+            got = len(rows.get(name, ()))
             if s.get("records") is not None and s["records"] != got:
                 report.add("count", name, f"manifest says {s['records']} records, the index has {got}",
                            f"run `featstore merge {root}`")
-    _compare_listing(report, data_root, set(indexed_keys), m)
+    if data_root and ix is not None:  # the source listing is O(images) anyway; only then hold every key
+        _compare_listing(report, data_root, set(ix.keys()), m)
     return report
 
 

@@ -173,6 +173,13 @@ class Index:
         for row in range(self.count):
             yield self.entry(row)
 
+    def rows_by_shard(self) -> dict[str, np.ndarray]:
+        """Row numbers per shard name (8 bytes a record; no per-record Python objects)."""
+        shard_col = np.asarray(self.cols["shard"]) if self.count else np.empty(0, np.uint32)
+        order = np.argsort(shard_col, kind="stable")
+        bounds = np.searchsorted(shard_col[order], np.arange(len(self.shards) + 1))
+        return {name: order[bounds[i]:bounds[i + 1]] for i, name in enumerate(self.shards)}
+
     def shard_entries(self) -> dict[str, list[IndexEntry]]:
         """Entries grouped by shard name, each list sorted by offset."""
         out: dict[str, list[IndexEntry]] = {s: [] for s in self.shards}
