@@ -29,7 +29,9 @@ from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find
                                         read_manifest, shape_key, write_manifest)
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.record import Record, dtype_name, encode_record
-from featstore.formats.shards import DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, list_shards, sha256_file
+from featstore.formats.shards import (DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, list_shards, parse_shard_name,
+                                      sha256_file)
+from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image
 
 log = logging.getLogger("featstore")
@@ -142,19 +144,28 @@ def _per_image_root(data_root: Path) -> tuple[Path, Path, dict[str, Any] | None]
 
 def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SHARD_BYTES, prefix: str = "vggt",
                      fsync: bool = True) -> ExportResult:
-    """Pack every per-image cache under ``data_root`` (legacy ones included) into a new shard store at ``out``."""
+    """Pack every per-image cache under ``data_root`` (legacy ones included) into a shard store at ``out``.
+
+    Resumable: records already in ``out``'s complete shards (from an interrupted export of the same data
+    root) are kept and skipped; only the rest is written, then index and manifest are rebuilt atomically.
+    """
     droot, croot, pm = _per_image_root(Path(data_root).resolve())
     out = Path(out).resolve()
-    if list_shards(out / SHARDS_DIR) or (out / SHARD_MANIFEST).exists():
-        raise StoreError(f"{out} already holds a shard store; export into an empty folder (or delete it first)")
+    old = read_manifest(out / SHARD_MANIFEST) if (out / SHARD_MANIFEST).is_file() else None
+    if old is not None and Path(str(old.get("data_root") or "")).resolve() != droot:
+        raise StoreError(f"{out} already holds a shard store of {old.get('data_root')}; export {droot} into an "
+                         f"empty folder (or delete {out} first)")
+    _, known = collect_entries(out)  # complete shards only; an interrupted writer's temp file is ignored
+    done = {e.key for es in known.values() for e in es}
+    first_n = max((p[2] for p in map(parse_shard_name, known) if p), default=-1) + 1
     res = ExportResult(out=out)
-    writer = ShardWriter(out / SHARDS_DIR, prefix, 0, 0, shard_size, fsync=fsync)
-    shapes: Counter = Counter()
-    dtypes: Counter = Counter()
+    writer = ShardWriter(out / SHARDS_DIR, prefix, 0, first_n, shard_size, fsync=fsync)
     legacy = 0
-    names: list[str] = []
     try:
         for key in scan_per_image(croot):
+            if key in done:
+                res.unchanged += 1
+                continue
             try:
                 rec = read_pt(croot / (key + ".vggt_cache.pt"), key=key)
             except (FeatstoreError, OSError) as err:
@@ -163,17 +174,22 @@ def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SH
                 continue
             rec.key = key  # the file's location is the truth (older scripts stored absolute paths)
             legacy += bool(rec.meta.get("legacy"))
-            shapes[shape_key(rec.features.shape)] += 1
-            dtypes[dtype_name(rec.features.dtype)] += 1
             writer.write(key, encode_record(rec))
             res.written += 1
         writer.close_shard()
     except BaseException:
         writer.abort()
         raise
-    closed = writer.closed_shards
-    names = [info.name for info, _ in closed]
-    n = write_index(out / INDEX_NAME, names, ((i, e) for i, (_, es) in enumerate(closed) for e in es))
+    for info, es in writer.closed_shards:
+        known[info.name] = es
+    shards = sorted(known, key=shard_order)
+    n = write_index(out / INDEX_NAME, shards, ((i, e) for i, s in enumerate(shards) for e in known[s]))
+    ix = Index(out / INDEX_NAME)  # fail loudly now rather than in training if the index is unreadable
+    specs = Counter(int(x) for x in ix.cols["spec"]) if n else Counter()
+    shapes = Counter({shape_key(ix.specs[i][0][2]): c for i, c in specs.items()})
+    dtypes = {ix.specs[i][0][1] for i in specs}
+    sha = {i.name: i.sha256 for i, _ in writer.closed_shards}
+    sha.update({s["name"]: s["sha256"] for s in (old or {}).get("shards", []) if s.get("sha256")})
     base = pm or {}
     m = new_manifest(layout="shards", data_root=str(droot), model_path=str(base.get("vggt_model_path", "unknown")),
                      **{k: base[k] for k in COPIED_FIELDS if k in base and k != "vggt_model_path"})
@@ -182,12 +198,13 @@ def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SH
     if not m["tensors"] and len(dtypes) == 1:
         m["tensors"] = {"features": {"layer": None, "dtype": next(iter(dtypes))}}
     unknown = list(base.get("provenance_unknown") or [])
-    if legacy:
+    if legacy or (old and old.get("provenance_unknown")):
         unknown += [u for u in LEGACY_UNKNOWN if u not in unknown]
     total = max(int(base.get("total_images") or 0), n)
     m.update(total_images=total, processed_images=n, feature_shapes=dict(shapes), provenance_unknown=unknown,
              counts=dict(m["counts"], records=n, failed=len(res.failed)), complete=res.ok and n >= total,
-             shards=[{"name": i.name, "records": i.records, "bytes": i.bytes, "sha256": i.sha256} for i, _ in closed],
+             shards=[{"name": s, "records": len(known[s]), "bytes": (out / SHARDS_DIR / s).stat().st_size,
+                      "sha256": sha.get(s) or sha256_file(out / SHARDS_DIR / s)} for s in shards],
              index={"name": INDEX_NAME, "records": n, "bytes": (out / INDEX_NAME).stat().st_size,
                     "sha256": sha256_file(out / INDEX_NAME)},
              times={"started": None, "finished": time.time(), "seconds": None})
@@ -195,7 +212,6 @@ def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SH
         log.warning("%d of %d caches have no featstore metadata (older scripts); the manifest lists what is "
                     "unknown about their provenance", legacy, n)
     write_manifest(out / SHARD_MANIFEST, m)
-    Index(out / INDEX_NAME)  # fail loudly now rather than in training if the index is unreadable
     return res
 
 

@@ -95,7 +95,7 @@ def collect_entries(out_dir: Path) -> tuple[list[str], dict[str, list[ShardEntry
     return shards, known
 
 
-def _shard_order(name: str) -> tuple[int, int]:
+def shard_order(name: str) -> tuple[int, int]:
     # Later shards of a rank supersede earlier ones; across ranks a key has one owner per world size.
     from featstore.formats.shards import parse_shard_name
 
@@ -129,7 +129,7 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
     old = read_manifest(out_dir / SHARD_MANIFEST) if (out_dir / SHARD_MANIFEST).is_file() else None
     base = parts[0] if parts else (old or {})
     shards, known = collect_entries(out_dir)
-    shards.sort(key=_shard_order)
+    shards.sort(key=shard_order)
     # Drop shards whose every record is superseded by a later shard (a rebuild): their data lives on elsewhere.
     latest: dict[str, str] = {}
     for name in shards:

@@ -62,7 +62,16 @@ def test_shards_to_per_image_and_back_bit_exact(shard_store, tmp_path):
     assert_same_store(open_store(store), open_store(back))
     rc, rep = run_verify(back, tmp_path)
     assert rc == 0, rep["problems"]
-    assert main(["export", str(out), "--format", "shards", "--out", str(back)]) == 2  # refuses to overwrite
+    # Re-running is idempotent (resumes; nothing is rewritten) ...
+    shard_files = {p: p.stat().st_mtime_ns for p in (back / "shards").iterdir()}
+    assert main(["export", str(out), "--format", "shards", "--out", str(back)]) == 0
+    assert shard_files == {p: p.stat().st_mtime_ns for p in (back / "shards").iterdir()}
+    assert_same_store(open_store(store), open_store(back))
+    # ... but a store of another data root is never mixed in.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "vggt_cache_manifest.json").write_text(json.dumps(dict(m, data_root=str(other), cache_root=None)))
+    assert main(["export", str(other), "--format", "shards", "--out", str(back)]) == 2
 
 
 def test_export_beside_images(shard_store, tmp_path):
