@@ -46,7 +46,18 @@ def parse_layers(text: str) -> tuple[int, ...]:
     return layers
 
 
-def _bool_env_flag(p: argparse.ArgumentParser, name: str, default: bool, help_on: str, help_off: str) -> None:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where it informs: not for on/off flags, None, or helps that say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.default is None
+                or "default" in text):
+            return text
+        return super()._get_help_string(action)
+
+
+def _bool_env_flag(p: argparse._ActionsContainer, name: str, default: bool, help_on: str, help_off: str) -> None:
     dest = name.replace("-", "_")
     p.add_argument(f"--{name}", dest=dest, action="store_true", default=default, help=help_on)
     p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
@@ -57,7 +68,7 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     env = build_defaults()
     p = sub.add_parser(
         "build", help="precompute features for a data set into a store",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Discover images, run batched VGGT inference in a pipelined loop, and write per-image "
                     ".vggt_cache.pt files or zstd tar shards with an index. Resumable: re-running skips finished "
                     "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`.")
@@ -112,7 +123,7 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="DataLoader processes decoding images (0: decode in the main process)")
     g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
     g = p.add_argument_group("resume and incremental builds")
-    _bool_env_flag(p, "skip-existing", env.skip_existing,
+    _bool_env_flag(g, "skip-existing", env.skip_existing,
                    "skip images whose features are already stored (default: $SKIP_EXISTING or true)",
                    "rebuild every image")
     g.add_argument("--rebuild-stale", action="store_true",

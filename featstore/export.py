@@ -217,11 +217,11 @@ def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SH
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     """Define ``featstore export``."""
-    from featstore.cli import parse_size
+    from featstore.cli import HelpFormatter, parse_size
 
     p = sub.add_parser(
         "export", help="convert a store between shards and per-image caches",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="featstore export STORE --format per-image [--out DIR]: write <image>.vggt_cache.pt files "
                     "beside the images (or mirrored under --out) from a shard store, bit for bit. "
                     "featstore export DATA_ROOT --format shards --out DIR: pack per-image caches (including "

@@ -683,9 +683,10 @@ def verify(path: Path, *, data_root: str | None = None, sample: int | None = Non
 
 def add_verify_parser(sub: argparse._SubParsersAction) -> None:
     """Define ``featstore verify``."""
+    from featstore.cli import HelpFormatter
     p = sub.add_parser(
         "verify", help="check that a store is complete and right",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Check a shard store or a data root with per-image caches: counts, every record (decode, "
                     "checksum, dtype/shape, finite values, provenance, stale sources), shard sha256/size/tar "
                     "structure, stray temporary files and the index. Exit 0: everything holds; 1: problems "
