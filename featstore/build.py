@@ -208,7 +208,10 @@ class Build:
             "cache_root": str(self.cache_root) if self.cache_root else None,
             "layers": list(self.layers),
             "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype)} for n, i in zip(names, self.layers)},
-            "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif},
+            "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif,
+                           # crop/pad: longest (pad) or width (crop) side 518, other side a multiple of 14;
+                           # janusvln: then each side down to a multiple of 28 (518 -> 504)
+                           "target_size": 518, "multiple": 28 if self.opts.preprocess == "janusvln" else 14},
             "dtype": dtype_name(self.store_dtype),
             "tokens": self.opts.tokens,
             "source_fingerprint": "sha256" if self.opts.hash_inputs else "stat",

@@ -214,6 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
 def setup_logging(verbose: bool = False) -> None:
     """``[INFO] message`` lines on stderr, plus a SUCCESS level, as users' scripts print."""
     logging.addLevelName(SUCCESS, "SUCCESS")
+    logging.addLevelName(logging.WARNING, "WARN")  # users' scripts and docs grep for "[WARN] No images found!"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
     log = logging.getLogger("featstore")

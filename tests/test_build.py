@@ -190,7 +190,7 @@ def test_missing_model_and_no_images(tmp_path):
     assert f"[ERROR] VGGT_MODEL_PATH not found: {tmp_path / 'nope'}" in r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli(*build_args(tmp_path / "empty"))
-    assert r.returncode == 1 and "[WARNING] No images found!" in r.stderr and str(tmp_path / "empty") in r.stderr
+    assert r.returncode == 1 and "[WARN] No images found!" in r.stderr and str(tmp_path / "empty") in r.stderr
 
 
 def test_environment_defaults(tmp_path):
