@@ -164,6 +164,8 @@ class Build:
             dev = pick_device(self.opts.device)
             if dev.type == "cuda" and self.dist.world_size > 1:
                 dev = torch.device("cuda", self.dist.local_rank)
+            elif dev.type == "cuda" and dev.index is None:
+                dev = torch.device("cuda", 0)  # set_device and per-rank logic need an explicit index
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             self.device = dev
