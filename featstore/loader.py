@@ -141,7 +141,9 @@ class ShardStore:
     def read_bytes(self, e: IndexEntry) -> bytes:
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError)."""
         self._check_pid()
-        data = os.pread(self._file(e.shard).fileno(), e.length, e.offset)
+        f = self._file(e.shard)  # keep this reference until pread returns: an LRU eviction may drop the dict's
+        data = os.pread(f.fileno(), e.length, e.offset)
+        del f
         if len(data) != e.length:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
                               f"{e.offset}, got {len(data)}; run `featstore verify {self.root}`")
