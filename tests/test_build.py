@@ -219,7 +219,7 @@ def test_torchrun_two_ranks(tmp_path):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "featstore", *build_args(tmp_path / "d")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(REPO),
                        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
