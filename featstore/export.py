@@ -28,9 +28,8 @@ from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find_manifest, new_manifest,
                                         read_manifest, shape_key, write_manifest)
 from featstore.formats.perimage import read_pt, write_pt
-from featstore.formats.record import Record, dtype_name, encode_record
-from featstore.formats.shards import (DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, list_shards, parse_shard_name,
-                                      sha256_file)
+from featstore.formats.record import Record, encode_record
+from featstore.formats.shards import DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, parse_shard_name, sha256_file
 from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image
 

@@ -31,7 +31,7 @@ import webdataset as wds
 from featstore.env import dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
 from featstore.formats.index import INDEX_NAME, Index, IndexEntry
-from featstore.formats.keys import RECORD_EXT, encode_key
+from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path
 from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import FEATURES, Record, decode_record
@@ -43,23 +43,7 @@ DEFAULT_MAX_OPEN = 64
 DEFAULT_SHUFFLE_BUFFER = 1000
 
 
-# --- keys ------------------------------------------------------------------------------------------------
-def key_for_path(image_path: str | os.PathLike[str], data_root: str | Path | None) -> str:
-    """The store key of an image path: relative to the data root when inside it, else the absolute posix path."""
-    p = os.fspath(image_path)
-    if not os.path.isabs(p):
-        return Path(p).as_posix().removeprefix("./")
-    if data_root:
-        root = os.path.abspath(os.fspath(data_root))
-        ap = os.path.abspath(p)
-        if ap == root or ap.startswith(root.rstrip(os.sep) + os.sep):
-            return Path(os.path.relpath(ap, root)).as_posix()
-        real_root, real = os.path.realpath(root), os.path.realpath(ap)
-        if real.startswith(real_root.rstrip(os.sep) + os.sep):
-            return Path(os.path.relpath(real, real_root)).as_posix()
-    return Path(os.path.abspath(p)).as_posix()
-
-
+# --- samples ---------------------------------------------------------------------------------------------
 def record_to_sample(rec: Record) -> dict[str, Any]:
     """The training sample of a record: ``key``, ``path``, ``features`` and any other stored tensors."""
     sample: dict[str, Any] = {"key": rec.key, "path": rec.path}

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
 
-from featstore.errors import AnnotationError, FeatstoreError
+from featstore.errors import AnnotationError
+from featstore.formats.keys import key_under, root_prefixes
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
 OUTPUT_DIR_NAME = "vggt_featstore"
@@ -166,7 +167,7 @@ class _Collector:
     def __init__(self, data_root: str):
         self.root = os.path.abspath(data_root)
         self.real_root = os.path.realpath(self.root)
-        self._prefixes = tuple(dict.fromkeys(r.rstrip(os.sep) + os.sep for r in (self.root, self.real_root)))
+        self._prefixes = root_prefixes(self.root)
         self.by_real: dict[str, tuple[str, str]] = {}  # real path -> (key, path as found)
         self.missing: dict[str, None] = {}
         self.looked_in: dict[str, None] = {self.root: None}
@@ -175,11 +176,7 @@ class _Collector:
 
     def key_for(self, path: str) -> str:
         """Posix path relative to the data root, or the absolute posix path outside it (`path` is normalised)."""
-        for prefix in self._prefixes:
-            if path.startswith(prefix):
-                rel = path[len(prefix):]
-                return rel if os.sep == "/" else Path(rel).as_posix()
-        return path if os.sep == "/" else Path(path).as_posix()
+        return key_under(path, self._prefixes)
 
     def add_file(self, path: str, real: str) -> None:
         key = self.key_for(path)

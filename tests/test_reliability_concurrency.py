@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from featstore.errors import LockError
+from featstore.formats.index import Index
 from featstore.lock import LOCK_NAME, BuildLock, read_lock
 from tests.buildutil import REPO, build_args, make_images, run_cli
 
@@ -81,6 +82,7 @@ def test_stale_lock_of_a_killed_build_is_taken_over(tmp_path):
     assert not (out / LOCK_NAME).exists()
     rc, text = verify_rc(out)
     assert rc == 0, text
+    assert sorted(Index(out / "index.fsi").keys()) == keys
 
 
 def _race(directory: str, q) -> None:

@@ -7,6 +7,8 @@ no dots or slashes; the original key is also stored inside the record.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 RECORD_EXT = "fsr"  # featstore record: one tar member per image, "<encoded key>.fsr"
@@ -42,3 +44,34 @@ def is_safe_relative_key(key: str) -> bool:
         return False
     parts = key.split("/")
     return all(p not in ("", ".", "..") for p in parts)
+
+
+def root_prefixes(data_root: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The data root as path prefixes (as given and with links resolved), each ending in a separator."""
+    root = os.path.abspath(os.fspath(data_root))
+    return tuple(dict.fromkeys(r.rstrip(os.sep) + os.sep for r in (root, os.path.realpath(root))))
+
+
+def key_under(path: str, prefixes: tuple[str, ...]) -> str:
+    """The key of an absolute, normalised path: posix path relative to the first matching root prefix,
+    else the absolute posix path (an image outside the data root)."""
+    for prefix in prefixes:
+        if path.startswith(prefix):
+            rel = path[len(prefix):]
+            return rel if os.sep == "/" else Path(rel).as_posix()
+    return path if os.sep == "/" else Path(path).as_posix()
+
+
+def key_for_path(image_path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None) -> str:
+    """The store key of an image path: relative to the data root when inside it (also through links),
+    else the absolute posix path; a relative path is taken as a key already."""
+    p = os.fspath(image_path)
+    if not os.path.isabs(p):
+        return Path(p).as_posix().removeprefix("./")
+    ap = os.path.abspath(p)
+    if data_root:
+        prefixes = root_prefixes(data_root)
+        for candidate in (ap, os.path.realpath(ap)):
+            if candidate.startswith(prefixes):
+                return key_under(candidate, prefixes)
+    return Path(ap).as_posix()
