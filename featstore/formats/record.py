@@ -234,7 +234,12 @@ def _decode_tensor(spec: TensorSpec, z: memoryview, verify: bool) -> torch.Tenso
 
 
 def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[str, ...] | None = None) -> Record:
-    """Parse shard record bytes back into a :class:`Record` (checksums verified unless ``verify=False``)."""
+    """Parse shard record bytes back into a :class:`Record`.
+
+    Every zstd frame carries its own xxh64 content checksum, which is always checked, so a corrupt payload
+    never decodes. ``verify=True`` also checks the crc32 of the decoded bytes against the header (what
+    ``featstore verify`` does); the loader's hot path skips that second, redundant pass.
+    """
     header, specs, pos = decode_header(buf)
     mv = memoryview(buf)
     tensors: dict[str, torch.Tensor] = {}
