@@ -70,7 +70,7 @@ class BuildOptions:
     rebuild_stale: bool = False
     hash_inputs: bool = False
     allow_failures: int = 0
-    num_workers: int = 4
+    num_workers: int = min(8, os.cpu_count() or 1)
     writer_threads: int = 4
     zstd_level: int = 1
     compile: bool = False
