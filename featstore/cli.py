@@ -171,14 +171,25 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from featstore.formats.manifest import PER_IMAGE_MANIFEST
-    from featstore.merge import PER_IMAGE_STATE_DIR, merge_per_image_store, merge_shard_store
+    from featstore.errors import StoreError
+    from featstore.formats.manifest import PER_IMAGE_MANIFEST, SHARD_MANIFEST
+    from featstore.formats.shards import SHARDS_DIR
+    from featstore.merge import PARTS_DIR, PER_IMAGE_STATE_DIR, merge_per_image_store, merge_shard_store
 
     log = logging.getLogger("featstore")
-    if (args.store / PER_IMAGE_STATE_DIR).is_dir():
-        m = merge_per_image_store(args.store, args.store / PER_IMAGE_MANIFEST)
-    else:
-        m = merge_shard_store(args.store)
+    store: Path = args.store
+    if not any((store / p).exists() for p in (SHARDS_DIR, PARTS_DIR, SHARD_MANIFEST, PER_IMAGE_STATE_DIR)):
+        log.error("%s is not a featstore store: expected %s/, %s/ or %s there (the --out of `featstore build`, "
+                  "or the per-image root)", store, SHARDS_DIR, PARTS_DIR, SHARD_MANIFEST)
+        return 2
+    try:
+        if (store / PER_IMAGE_STATE_DIR).is_dir():
+            m = merge_per_image_store(store, store / PER_IMAGE_MANIFEST)
+        else:
+            m = merge_shard_store(store)
+    except StoreError as e:
+        log.error("%s", e)
+        return 2
     log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])
     return 0
 
