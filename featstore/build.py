@@ -360,7 +360,7 @@ class Build:
                        "image_size": list(batch.images.shape[-2:])}
         recs = []
         for i, (item, src) in enumerate(zip(batch.items, batch.sources)):
-            tensors = {n: t[i].clone() for n, t in host.items()}  # [1, P, C] each
+            tensors = {n: t[i] for n, t in host.items()}  # [1, P, C] views; the .pt codec copies what it must
             recs.append(Record(item.key, item.path, tensors, dict(meta_common, source=src)))
         return recs
 

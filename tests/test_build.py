@@ -116,6 +116,8 @@ def test_build_sample_set_both_formats(tmp_path):
     obj = torch.load(caches[0], weights_only=True)
     assert obj["features"].shape[0] == 1 and obj["features"].shape[-1] == 128 and isinstance(obj["path"], str)
     assert read_pt(caches[0]).features.equal(obj["features"])
+    # Each file holds its own image's tensor only, not the batch it was computed in.
+    assert caches[0].stat().st_size < obj["features"].nbytes + 64 * 1024
     r = run_cli(*build_args(data))
     assert r.returncode == 0, r.stderr
     shards = store_records(data / "vggt_featstore")
@@ -240,6 +242,8 @@ def test_job_array_parts_then_merge(tmp_path):
         assert r.returncode == 0, r.stderr
     r = run_cli("merge", str(tmp_path / "d" / "vggt_featstore"))
     assert r.returncode == 0, r.stderr
+    r = run_cli("merge", str(tmp_path / "not-a-store"))
+    assert r.returncode == 2 and "is not a featstore store" in r.stderr and not (tmp_path / "not-a-store").exists()
     assert sorted(store_records(tmp_path / "d" / "vggt_featstore")) == keys
 
 

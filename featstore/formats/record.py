@@ -256,9 +256,15 @@ def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[s
     return Record(header["key"], header["path"], tensors, header.get("meta") or {})
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    # torch.save writes a view's whole storage: a row of a batch would drag the whole batch into the file.
+    t = t.detach().to("cpu").contiguous()
+    return t if t.untyped_storage().nbytes() == t.nbytes and t.storage_offset() == 0 else t.clone()
+
+
 def record_to_pt(rec: Record) -> dict[str, Any]:
     """The per-image ``.pt`` dict for a record: ``features`` and ``path`` first, then metadata and other tensors."""
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in rec.tensors.items()}
+    tensors = {n: _own_storage(t) for n, t in rec.tensors.items()}
     checks = {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "crc32": crc32_of(tensor_bytes(t))}
               for n, t in tensors.items()}
     d: dict[str, Any] = {FEATURES: tensors[FEATURES], "path": rec.path}
