@@ -42,6 +42,7 @@ from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
                                 PerImageSink, SampleItem, ShardSink, StepDataset, WorkItem, make_loader,
                                 preprocessed_size_of, sample_fingerprint, shape_batches)
+from featstore.preprocess import to_unit_float
 from featstore.samples import kept_index
 from featstore.schedule import Step, plan_steps
 
@@ -544,7 +545,7 @@ class Build:
         t0 = time.perf_counter()
         run.frame_sources.update(decoded.sources)
         bad = run.mark_failed(step, decoded.errors)
-        images = decoded.images.to(self.device, non_blocking=True)
+        images = to_unit_float(decoded.images.to(self.device, non_blocking=True))
         done = []
         for sample, feats in run.executor.run_step(step, images):
             if sample.key in bad:

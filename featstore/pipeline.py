@@ -29,7 +29,7 @@ from featstore.formats.perimage import cache_path_for, encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
-from featstore.preprocess import open_image, preprocess_image, preprocessed_size
+from featstore.preprocess import UINT8_MODES, open_image, preprocess_image, preprocess_image_u8, preprocessed_size
 from featstore.samples import Sample, kept_index
 
 
@@ -107,7 +107,11 @@ class DecodeOptions:
 
 
 def decode_image(path: str, opts: DecodeOptions) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read, optionally hash, decode and preprocess one image; returns ``[3,H,W]`` and its source fingerprint."""
+    """Read, optionally hash, decode and preprocess one image; returns ``[3,H,W]`` and its source fingerprint.
+
+    ``crop`` and ``pad`` images come as uint8 (a quarter of the bytes to move between processes and to the
+    device); :func:`featstore.preprocess.to_unit_float` turns them into the model's exact float input.
+    """
     st = os.stat(path)
     with open(path, "rb") as f:
         data = f.read()
@@ -117,7 +121,8 @@ def decode_image(path: str, opts: DecodeOptions) -> tuple[torch.Tensor, dict[str
         kwargs["max_pixels"] = opts.max_pixels
     with open_image(io.BytesIO(data)) as img:
         img.filename = path  # type: ignore[attr-defined]  # for error messages
-        tensor = preprocess_image(img, opts.mode, **kwargs)
+        preprocess = preprocess_image_u8 if opts.mode in UINT8_MODES else preprocess_image
+        tensor = preprocess(img, opts.mode, **kwargs)
     return tensor, source_fingerprint(st, digest)
 
 
@@ -150,7 +155,7 @@ class DecodedStep:
     """The distinct frames of one context step, decoded (a failed frame is a zero image and an error)."""
 
     index: int
-    images: torch.Tensor  # [distinct frames, 3, H, W]
+    images: torch.Tensor  # [distinct frames, 3, H, W], uint8 for crop/pad (see decode_image)
     errors: dict[str, str]  # frame key -> why it could not be used
     sources: dict[str, dict[str, Any]]  # frame key -> source fingerprint
 
@@ -171,7 +176,8 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> DecodedStep:
         keys, size = self.frames[i]
-        images = torch.zeros((len(keys), 3, *size), dtype=torch.float32)
+        dtype = torch.uint8 if self.opts.mode in UINT8_MODES else torch.float32
+        images = torch.zeros((len(keys), 3, *size), dtype=dtype)
         errors, sources = {}, {}
         for j, key in enumerate(keys):
             tensor, source, error = decode_or_error(self.paths[key], self.opts)

@@ -45,6 +45,9 @@ def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any)
         "layers": [],
         "tensors": {},  # name -> {"layer": int, "dtype": str}
         "preprocess": {"mode": None, "apply_exif": False},
+        # "image": a record per image; "sample": a record per training sample (its frames streamed as causal
+        # context, one frame's tokens kept), with {"reference_frame", "history"}
+        "context": {"mode": "image"},
         "dtype": None,
         "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
         "feature_shapes": {},  # "[1, P, C]" -> count
