@@ -86,6 +86,9 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--image-list", type=Path, help="text file with one image path per line (relative to the data root)")
     g.add_argument("--data-path", help="sub-folder of the data root that relative annotation paths resolve against "
                                        "first (as in JanusVLN data configs)")
+    g.add_argument("--strict-annotations", action="store_true",
+                   help="stop with an error at a malformed annotation line (default: report it with file and "
+                        "line, skip it, and count it in the manifest, as the original scripts skip it)")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("shards", "per-image"), default="shards",
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
@@ -151,6 +154,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         data_root=args.data_root, model=str(args.model), out=args.out, format=args.format,
         annotations=list(args.annotations), image_list=args.image_list, data_path=args.data_path,
+        strict_annotations=args.strict_annotations,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, layers=args.layers,
         preprocess=args.preprocess, apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size,
         shard_prefix=args.shard_prefix, skip_existing=args.skip_existing, rebuild_stale=args.rebuild_stale,

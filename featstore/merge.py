@@ -20,8 +20,8 @@ from typing import Any, Iterable
 
 from featstore.errors import StoreError
 from featstore.formats.index import INDEX_NAME, Index, write_index
-from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST, new_manifest,
-                                        read_manifest, shape_key, write_manifest)
+from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST,
+                                        new_manifest, read_manifest, shape_key, write_manifest)
 from featstore.formats.shards import SHARDS_DIR, ShardEntry, ShardInfo, list_shards, scan_shard, sha256_file
 from featstore.faults import crash_point
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name
@@ -29,7 +29,7 @@ from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name
 log = logging.getLogger("featstore")
 PARTS_DIR = "parts"
 PER_IMAGE_STATE_DIR = ".featstore"
-PER_IMAGE_FAILURES = "vggt_cache_failures.jsonl"
+PER_IMAGE_FAILURES = PER_IMAGE_FAILURES_LEDGER
 
 
 def part_stem(gid: int) -> str:
@@ -103,6 +103,9 @@ def shard_order(name: str) -> tuple[int, int]:
     return (p[2], p[1]) if p else (0, 0)
 
 
+COUNTED = ("processed", "skipped", "failed", "missing", "stale_rebuilt", "malformed_annotation_lines")
+
+
 def _merge_summaries(parts: list[dict[str, Any]], old: dict[str, Any] | None) -> dict[str, Any]:
     counts: Counter = Counter()
     shapes: Counter = Counter()
@@ -146,8 +149,7 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
         spec = ix.specs[int(ix.cols["spec"][row])]
         feat_shapes[shape_key(spec[0][2])] += 1
     m = _base_manifest("shards", base, old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in ("processed", "skipped", "failed",
-                                                                            "missing", "stale_rebuilt")})
+    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     counts["records"] = n
     ledger = out_dir / FAILURES_LEDGER
     if parts:
@@ -189,7 +191,8 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
 
 def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "dtype", "tokens", "source_fingerprint", "cache_root")
+    fields = ("model", "layers", "tensors", "preprocess", "dtype", "tokens", "source_fingerprint", "cache_root",
+              "sources", "missing_ledger")
     src = base if parts else (old or {})
     m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),
                      model_path=str(src.get("vggt_model_path", src.get("model_path", ""))),
@@ -227,8 +230,7 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
         return old
     merged = _merge_summaries(parts, old)
     m = _base_manifest("per-image", parts[0], old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in ("processed", "skipped", "failed",
-                                                                            "missing", "stale_rebuilt")})
+    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     done = sum(p.get("done_images", 0) for p in parts)
     counts["records"] = done
     ledger = root / PER_IMAGE_FAILURES
