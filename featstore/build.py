@@ -37,6 +37,7 @@ from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
+from featstore.staleness import is_checkable, shard_record_source, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, ImageDataset, PerImageSink, ShardSink, WorkItem,
@@ -325,19 +326,19 @@ class Build:
             path.unlink()
 
     # --- planning ----------------------------------------------------------------------------------------
-    def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
-        """For the keys of this rank, what is already stored: key -> source (size, mtime_ns)."""
+    def done_sources(self, keys: list[str]) -> dict[str, tuple[str, int]]:
+        """For the keys of this rank, where the stored record is: key -> (shard, offset), or (cache file, 0)."""
         if self.opts.format == "shards":
             _, known = collect_entries(self.out)
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
-            return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
+            return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
         self._remove_temp_caches(keys)
         done = {}
         for k in keys:
             p = cache_path_for(k, self.data_root, self.cache_root)
             if p.is_file():
-                done[k] = (-1, -1)
+                done[k] = (str(p), 0)
         return done
 
     def _remove_temp_caches(self, keys: list[str]) -> None:
@@ -354,20 +355,28 @@ class Build:
                     log.info("removing unfinished cache file %s left by an interrupted build", e.path)
                     os.unlink(e.path)
 
-    def is_stale(self, item: WorkItem, stored: tuple[int, int]) -> bool:
-        """True when the image changed since its record was built (size or mtime differ)."""
+    def recorded_source(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
+        """The source note of a stored record (per-image file, or the record header in its shard)."""
         if self.opts.format == "per-image":
-            try:
-                rec = read_pt(cache_path_for(item.key, self.data_root, self.cache_root), verify=False)
-                src = rec.meta.get("source") or {}
-                stored = (int(src.get("size", -1)), int(src.get("mtime_ns", -1)))
-            except (FeatstoreError, OSError):
-                return True
+            return dict(read_pt(Path(where[0]), verify=False).meta.get("source") or {})
+        f = shard_files.get(where[0])
+        if f is None:
+            f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
+        return shard_record_source(f.fileno(), where[1])
+
+    def is_stale(self, item: WorkItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
+        """True when the image changed since its record was built (featstore.staleness: content for records
+        built with --hash-inputs, else size and mtime); unreadable or unfingerprinted records are rebuilt."""
         try:
-            st = os.stat(item.path)
+            recorded = self.recorded_source(where, shard_files)
+        except (FeatstoreError, OSError, ValueError):
+            return True
+        if not is_checkable(recorded):
+            return True
+        try:
+            return source_changed(item.path, recorded)
         except OSError:
-            return False
-        return stored != (st.st_size, st.st_mtime_ns)
+            return False  # the image is gone: nothing to rebuild from
 
     def plan(self, items: list[WorkItem]) -> list[WorkItem]:
         """This rank's items still to build."""
@@ -376,14 +385,19 @@ class Build:
             return mine
         done = self.done_sources([it.key for it in mine])
         todo = []
-        for it in mine:
-            if it.key not in done:
-                todo.append(it)
-            elif self.opts.rebuild_stale and self.is_stale(it, done[it.key]):
-                self.stats.stale_rebuilt += 1
-                todo.append(it)
-            else:
-                self.stats.skipped += 1
+        shard_files: dict[str, Any] = {}
+        try:
+            for it in mine:
+                if it.key not in done:
+                    todo.append(it)
+                elif self.opts.rebuild_stale and self.is_stale(it, done[it.key], shard_files):
+                    self.stats.stale_rebuilt += 1
+                    todo.append(it)
+                else:
+                    self.stats.skipped += 1
+        finally:
+            for f in shard_files.values():
+                f.close()
         self.done_before = self.stats.skipped
         return todo
 

@@ -130,9 +130,12 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    "skip images whose features are already stored (default: $SKIP_EXISTING or true)",
                    "rebuild every image")
     g.add_argument("--rebuild-stale", action="store_true",
-                   help="rebuild records whose source image changed since it was built (size or mtime; content "
-                        "with --hash-inputs)")
-    g.add_argument("--hash-inputs", action="store_true", help="record a sha256 of each source image in its record")
+                   help="rebuild records whose source image changed since they were built: for records built "
+                        "with --hash-inputs the content (sha256) decides, for the others size and mtime; "
+                        "featstore verify reports stale records by the same rule")
+    g.add_argument("--hash-inputs", action="store_true",
+                   help="record a sha256 of each source image in its record, so that staleness (--rebuild-stale, "
+                        "verify) is judged by content, not by size and mtime")
     g.add_argument("--allow-failures", type=int, default=0,
                    help="exit 0 even if up to N images fail to decode (they are listed in the failures ledger)")
     g = p.add_argument_group("scale-out")

@@ -141,7 +141,7 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
     live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
     crash_point("merge-before-index")
     n = write_index(out_dir / INDEX_NAME, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
-    shard_meta = _shard_records(out_dir, live, known, old, parts)
+    shard_meta = _shard_records(out_dir, live, known, old, parts, latest)
     merged = _merge_summaries(parts, old)
     ix = Index(out_dir / INDEX_NAME)
     feat_shapes = Counter()
@@ -172,8 +172,9 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
 
 
 def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEntry]], old: dict[str, Any] | None,
-                   parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The manifest's shard list; sha256 reused from earlier manifests and part files, computed otherwise."""
+                   parts: list[dict[str, Any]], latest: dict[str, str]) -> list[dict[str, Any]]:
+    """The manifest's shard list (``records``: the shard's records the index points to, superseded copies not
+    counted); sha256 reused from earlier manifests and part files, computed otherwise."""
     cached: dict[str, dict[str, Any]] = {}
     for s in (old or {}).get("shards", []):
         cached[s["name"]] = s
@@ -185,7 +186,8 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
         size = (out_dir / SHARDS_DIR / name).stat().st_size
         c = cached.get(name)
         sha = c["sha256"] if c and c.get("bytes") == size else sha256_file(out_dir / SHARDS_DIR / name)
-        out.append({"name": name, "records": len(known[name]), "bytes": size, "sha256": sha})
+        records = sum(1 for e in known[name] if latest[e.key] == name)
+        out.append({"name": name, "records": records, "bytes": size, "sha256": sha})
     return out
 
 

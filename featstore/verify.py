@@ -40,6 +40,7 @@ from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, crc32_of, decode_record, dtype_name
 from featstore.formats.shards import SHARDS_DIR, list_shards
 from featstore.fsutil import is_temp_name
+from featstore.staleness import is_checkable, source_changed
 
 log = logging.getLogger("featstore")
 SHOW_PER_KIND = 5
@@ -196,16 +197,18 @@ def check_record(rec: Record, ex: dict[str, Any]) -> tuple[list[tuple[str, str, 
                         "restore the image, or rebuild the store from the current image list"))
             return out, info
         src = meta.get("source") or {}
-        if "size" in src and "mtime_ns" in src:
-            if (int(src["size"]), int(src["mtime_ns"])) != (st.st_size, st.st_mtime_ns):
-                stale = True
-                if src.get("sha256"):
-                    with open(img, "rb") as f:
-                        stale = hashlib.sha256(f.read()).hexdigest() != src["sha256"]
-                if stale:
-                    out.append(("stale", f"source image changed after the build (recorded size {src['size']}, "
-                                         f"mtime_ns {src['mtime_ns']}; now {st.st_size}, {st.st_mtime_ns})",
-                                f"re-run `{ex['rebuild']} --rebuild-stale`"))
+        if is_checkable(src):
+            try:
+                stale = source_changed(img, src)
+            except OSError as e:
+                out.append(("orphan", f"source image {img} cannot be read ({e.strerror})",
+                            "restore the image or its permissions"))
+                return out, info
+            if stale:
+                what = "content (sha256)" if src.get("sha256") else "size or mtime"
+                out.append(("stale", f"source image changed after the build: its {what} differs (recorded size "
+                                     f"{src.get('size')}, mtime_ns {src.get('mtime_ns')}; now {st.st_size}, "
+                                     f"{st.st_mtime_ns})", f"re-run `{ex['rebuild']} --rebuild-stale`"))
         else:
             info["records without a source fingerprint (staleness not checkable)"] += 1
     return out, info
