@@ -11,6 +11,7 @@ Order of work for one process (a torchrun rank or a ``--part`` of a job array):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,12 +31,14 @@ from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, L
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
-from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, read_manifest, shape_key
+from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_SUFFIX, SHARD_MANIFEST,
+                                        read_manifest, shape_key)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
-from featstore.fsutil import atomic_write_json, is_temp_name, remove_dead_temps
+from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
+from featstore.staleness import is_checkable, shard_record_source, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
@@ -63,6 +66,7 @@ class BuildOptions:
     annotations: list[Path] = field(default_factory=list)
     image_list: Path | None = None
     data_path: str | None = None
+    strict_annotations: bool = False
     batch_size: int = 16
     device: str = "cuda:0"
     dtype: str | None = None
@@ -101,6 +105,7 @@ class RunStats:
     skipped: int = 0
     failed: int = 0
     missing: int = 0
+    malformed: int = 0
     stale_rebuilt: int = 0
     bytes_written: int = 0
     batch_size_used: int = 0
@@ -162,6 +167,8 @@ class Build:
         self.stats = RunStats()
         self.done_before = 0
         self.missing_examples: list[str] = []
+        self.discovery_record: dict[str, Any] | None = None
+        self.missing_ledger: str | None = None
         self.bar: tqdm | None = None
         self.closed: list = []
         self._settings: dict[str, Any] | None = None
@@ -326,20 +333,60 @@ class Build:
         if self.opts.format == "shards" and (self.is_leader or self.opts.num_parts > 1):
             atomic_write_json(self.out / BUILD_CONFIG, self.settings())
 
+    # --- sources -----------------------------------------------------------------------------------------
+    def output_dirs(self) -> list[Path]:
+        """Folders this build writes, which discovery never reads."""
+        if self.opts.format == "shards":
+            return [self.out]
+        return [self.cache_root] if self.cache_root else []
+
+    def discover(self) -> Any:
+        """The images to build (annotations, image list, annotation files found under the data root, or a scan)."""
+        from featstore.sources import discover_images
+
+        found = discover_images(self.data_root, annotations=tuple(self.opts.annotations),
+                                image_list=self.opts.image_list, data_path=self.opts.data_path,
+                                find_annotations=True, exclude=self.output_dirs(),
+                                strict=self.opts.strict_annotations)
+        self.discovery_record = found.to_record(self.data_root)
+        self.missing_examples = list(found.missing[:20])
+        if self.gid == 0:
+            self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
+            _log_discovery(found, self.data_root, self.missing_ledger_path())
+        return found
+
+    def missing_ledger_path(self) -> Path:
+        """Where the list of annotated images that do not exist goes (beside the manifest)."""
+        if self.opts.format == "shards":
+            return self.out / MISSING_LEDGER
+        return per_image_manifest_path(self.data_root, self.cache_root).parent / PER_IMAGE_MISSING_LEDGER
+
+    def write_missing_ledger(self, found: Any) -> None:
+        """(rank 0) List each annotated image that does not exist, with the file and line naming it."""
+        if self.gid != 0:
+            return
+        path = self.missing_ledger_path()
+        if found.missing_refs:
+            text = "".join(json.dumps(m.to_json(), ensure_ascii=False) + "\n" for m in found.missing_refs)
+            atomic_write_bytes(path, text.encode("utf-8"), fsync=self.opts.fsync)
+            self.missing_ledger = path.name
+        elif path.is_file():
+            path.unlink()
+
     # --- planning ----------------------------------------------------------------------------------------
-    def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
-        """For the keys of this rank, what is already stored: key -> source (size, mtime_ns)."""
+    def done_sources(self, keys: list[str]) -> dict[str, tuple[str, int]]:
+        """For the keys of this rank, where the stored record is: key -> (shard, offset), or (cache file, 0)."""
         if self.opts.format == "shards":
             _, known = collect_entries(self.out)
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
-            return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
+            return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
         self._remove_temp_caches(keys)
         done = {}
         for k in keys:
             p = cache_path_for(k, self.data_root, self.cache_root)
             if p.is_file():
-                done[k] = (-1, -1)
+                done[k] = (str(p), 0)
         return done
 
     def _remove_temp_caches(self, keys: list[str]) -> None:
@@ -356,20 +403,28 @@ class Build:
                     log.info("removing unfinished cache file %s left by an interrupted build", e.path)
                     os.unlink(e.path)
 
-    def is_stale(self, item: WorkItem, stored: tuple[int, int]) -> bool:
-        """True when the image changed since its record was built (size or mtime differ)."""
+    def recorded_source(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
+        """The source note of a stored record (per-image file, or the record header in its shard)."""
         if self.opts.format == "per-image":
-            try:
-                rec = read_pt(cache_path_for(item.key, self.data_root, self.cache_root), verify=False)
-                src = rec.meta.get("source") or {}
-                stored = (int(src.get("size", -1)), int(src.get("mtime_ns", -1)))
-            except (FeatstoreError, OSError):
-                return True
+            return dict(read_pt(Path(where[0]), verify=False).meta.get("source") or {})
+        f = shard_files.get(where[0])
+        if f is None:
+            f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
+        return shard_record_source(f.fileno(), where[1])
+
+    def is_stale(self, item: WorkItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
+        """True when the image changed since its record was built (featstore.staleness: content for records
+        built with --hash-inputs, else size and mtime); unreadable or unfingerprinted records are rebuilt."""
         try:
-            st = os.stat(item.path)
+            recorded = self.recorded_source(where, shard_files)
+        except (FeatstoreError, OSError, ValueError):
+            return True
+        if not is_checkable(recorded):
+            return True
+        try:
+            return source_changed(item.path, recorded)
         except OSError:
-            return False
-        return stored != (st.st_size, st.st_mtime_ns)
+            return False  # the image is gone: nothing to rebuild from
 
     def plan(self, items: list[WorkItem]) -> list[WorkItem]:
         """This rank's items still to build."""
@@ -378,14 +433,19 @@ class Build:
             return mine
         done = self.done_sources([it.key for it in mine])
         todo = []
-        for it in mine:
-            if it.key not in done:
-                todo.append(it)
-            elif self.opts.rebuild_stale and self.is_stale(it, done[it.key]):
-                self.stats.stale_rebuilt += 1
-                todo.append(it)
-            else:
-                self.stats.skipped += 1
+        shard_files: dict[str, Any] = {}
+        try:
+            for it in mine:
+                if it.key not in done:
+                    todo.append(it)
+                elif self.opts.rebuild_stale and self.is_stale(it, done[it.key], shard_files):
+                    self.stats.stale_rebuilt += 1
+                    todo.append(it)
+                else:
+                    self.stats.skipped += 1
+        finally:
+            for f in shard_files.values():
+                f.close()
         self.done_before = self.stats.skipped
         return todo
 
@@ -578,7 +638,9 @@ class Build:
         return dict(self.settings(), gid=self.gid, world_size=self.gworld, layout=self.opts.format,
                     total_images=s.total_images, done_images=self.done_before + s.processed,
                     counts={"processed": s.processed, "skipped": s.skipped, "failed": s.failed,
-                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt},
+                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt,
+                            "malformed_annotation_lines": s.malformed},
+                    sources=self.discovery_record, missing_ledger=self.missing_ledger,
                     feature_shapes=dict(s.shapes), failures=s.failures, missing_examples=self.missing_examples,
                     bytes_written=s.bytes_written, times={"started": started, "finished": finished})
 
@@ -644,8 +706,6 @@ def _barrier(distributed: bool) -> None:
 
 def run_build(opts: BuildOptions) -> int:
     """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run)."""
-    from featstore.sources import discover_images
-
     started = time.time()
     problem = _model_path_problem(opts.model)
     if problem is not None:
@@ -660,7 +720,7 @@ def run_build(opts: BuildOptions) -> int:
         return 2
     distributed = _setup_distributed(b.dist.world_size)
     try:
-        return _run(b, opts, started, distributed, discover_images)
+        return _run(b, opts, started, distributed)
     except (CheckpointError, LockError, StoreError, AnnotationError) as e:
         log.error("%s", e)
         return 2
@@ -669,35 +729,21 @@ def run_build(opts: BuildOptions) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discover_images: Any) -> int:
-    from featstore.sources import auto_annotations
-
+def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int:
     if not Path(opts.data_root).is_dir() or not os.access(opts.data_root, os.R_OK | os.X_OK):
         log.error("DATA_ROOT is not a readable directory: %s; check the path and its permissions", opts.data_root)
         return 2
     b.resolve_device()
-    annotations = list(opts.annotations)
-    if not annotations and opts.image_list is None:
-        annotations = auto_annotations(b.data_root)
-        if annotations:
-            log.info("using annotation files at the data root: %s", ", ".join(p.name for p in annotations))
-    found = discover_images(b.data_root, annotations=tuple(annotations), image_list=opts.image_list,
-                            data_path=opts.data_path)
+    found = b.discover()
     items = [WorkItem(i.key, str(i.path)) for i in found.items]
-    b.missing_examples = list(found.missing[:20])
-    b.stats.missing = len(found.missing) if b.gid == 0 else 0
     b.stats.total_images = len(items) + len(found.missing)
     if not items:
         log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
-        if found.missing:
-            log.warning("%d referenced images are missing, e.g. %s", len(found.missing), found.missing[:3])
         return 1
-    if found.missing and b.gid == 0:
-        log.warning("%d images referenced by annotations do not exist (first: %s)", len(found.missing),
-                    ", ".join(found.missing[:3]))
     lock_name = f"build-{b.gid:05d}"
     with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
         b.prepare_output()
+        b.write_missing_ledger(found)
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
             b.load_model()
@@ -724,6 +770,36 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
                 wait_for_parts(b.state_dir, b.gworld)
             manifest = _merge(b)
     return _report(b, opts, started, manifest)
+
+
+SHOW_SOURCES = 20
+
+
+def _log_discovery(found: Any, data_root: Path, ledger: Path) -> None:
+    """Say which sources were used, how many images each named, and what was missing or malformed."""
+    def rel(p: str) -> str:
+        return os.path.relpath(p, data_root) if p.startswith(str(data_root) + os.sep) else p
+
+    if found.scanned:
+        log.info("no annotation files (*.jsonl, annotations.json) under %s: scanning it for images", data_root)
+    elif found.source_stats:
+        how = "found under the data root" if found.auto else "given"
+        log.info("using %d source file(s) %s:", len(found.source_stats), how)
+        for s in found.source_stats[:SHOW_SOURCES]:
+            extra = f", {s.missing} missing" if s.missing else ""
+            extra += f", {s.malformed_lines} malformed line(s) skipped" if s.malformed_lines else ""
+            log.info("  %s: %d records, %d images%s", rel(s.file), s.records, s.images, extra)
+        if len(found.source_stats) > SHOW_SOURCES:
+            log.info("  ... and %d more (all listed in the manifest's sources)", len(found.source_stats) - SHOW_SOURCES)
+    for bad in found.malformed[:5]:
+        log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
+    if len(found.malformed) > 5:
+        log.warning("%d malformed annotation lines skipped in all", len(found.malformed))
+    if found.missing_refs:
+        first = found.missing_refs[0]
+        log.warning("%d images named by the sources do not exist (first: %s, named at %s:%d); each is listed with "
+                    "the file and line naming it in %s", len(found.missing_refs), first.path, rel(first.file),
+                    first.line, ledger)
 
 
 class _RankLock(BuildLock):

@@ -86,6 +86,9 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--image-list", type=Path, help="text file with one image path per line (relative to the data root)")
     g.add_argument("--data-path", help="sub-folder of the data root that relative annotation paths resolve against "
                                        "first (as in JanusVLN data configs)")
+    g.add_argument("--strict-annotations", action="store_true",
+                   help="stop with an error at a malformed annotation line (default: report it with file and "
+                        "line, skip it, and count it in the manifest, as the original scripts skip it)")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("shards", "per-image"), default="shards",
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
@@ -127,9 +130,12 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    "skip images whose features are already stored (default: $SKIP_EXISTING or true)",
                    "rebuild every image")
     g.add_argument("--rebuild-stale", action="store_true",
-                   help="rebuild records whose source image changed since it was built (size or mtime; content "
-                        "with --hash-inputs)")
-    g.add_argument("--hash-inputs", action="store_true", help="record a sha256 of each source image in its record")
+                   help="rebuild records whose source image changed since they were built: for records built "
+                        "with --hash-inputs the content (sha256) decides, for the others size and mtime; "
+                        "featstore verify reports stale records by the same rule")
+    g.add_argument("--hash-inputs", action="store_true",
+                   help="record a sha256 of each source image in its record, so that staleness (--rebuild-stale, "
+                        "verify) is judged by content, not by size and mtime")
     g.add_argument("--allow-failures", type=int, default=0,
                    help="exit 0 even if up to N images fail to decode (they are listed in the failures ledger)")
     g = p.add_argument_group("scale-out")
@@ -151,6 +157,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         data_root=args.data_root, model=str(args.model), out=args.out, format=args.format,
         annotations=list(args.annotations), image_list=args.image_list, data_path=args.data_path,
+        strict_annotations=args.strict_annotations,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, layers=args.layers,
         preprocess=args.preprocess, apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size,
         shard_prefix=args.shard_prefix, skip_existing=args.skip_existing, rebuild_stale=args.rebuild_stale,

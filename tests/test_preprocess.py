@@ -292,8 +292,10 @@ def test_undecodable_inputs_raise_image_error_naming_the_path(tmp_path, case):
     assert reason in str(e.value)
 
 
-def test_shipped_sample_frames_preprocess():
-    sample = Path(__file__).resolve().parents[1] / "examples" / "sample" / "episodes"
+def test_shipped_sample_frames_preprocess(tmp_path):
+    from tests.featstore_helpers import copy_images
+
+    sample = copy_images(tmp_path / "sample")
     frames = sorted(p for p in sample.rglob("*") if p.is_file())
     assert len(frames) == 12
     for path in frames:
