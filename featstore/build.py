@@ -38,15 +38,15 @@ from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
-from featstore.staleness import is_checkable, shard_record_source, source_changed
+from featstore.staleness import frames_changed, is_checkable, shard_record_meta, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
-                                PerImageSink, SampleItem, ShardSink, StepDataset, WorkItem, make_loader,
+                                PerImageSink, ShardSink, StepDataset, WorkItem, make_loader,
                                 preprocessed_size_of, sample_fingerprint, shape_batches)
 from featstore.preprocess import to_unit_float
-from featstore.samples import kept_index
+from featstore.samples import SampleItem, kept_index, stream_order
 from featstore.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
@@ -132,6 +132,12 @@ class PendingRecords:
     event: Any = None
 
 
+def _owner_key(item: WorkItem | SampleItem) -> str:
+    """What decides an item's rank: its key; for a sample, the first frame it streams, so that the samples
+    sharing a prefix tree are built by one rank and share its computation."""
+    return stream_order(item.sample)[0] if isinstance(item, SampleItem) else item.key
+
+
 def owner_of(key: str, world: int) -> int:
     """The rank that builds ``key``: deterministic, disjoint, balanced, stable as the data set grows."""
     return zlib.crc32(key.encode("utf-8", "surrogateescape")) % world
@@ -164,6 +170,13 @@ class Build:
         self.gid = opts.part * d.world_size + d.rank
         self.gworld = opts.num_parts * d.world_size
         self.is_leader = self.gid == 0 and opts.num_parts == 1
+        if opts.context not in ("image", "sample"):
+            raise ValueError(f"--context {opts.context!r}: expected image or sample")
+        if opts.context == "sample" and opts.format != "shards":
+            raise ValueError("--context sample writes shard stores only: a per-image cache file beside an image "
+                             "cannot hold a sample's features, which depend on every frame of the sample; drop "
+                             "--format per-image")
+        self.unit = opts.context  # "image" or "sample": what one record is
         self.stats = RunStats()
         self.done_before = 0
         self.missing_examples: list[str] = []
@@ -355,6 +368,21 @@ class Build:
             _log_discovery(found, self.data_root, self.missing_ledger_path())
         return found
 
+    def discover_samples(self) -> Any:
+        """The training samples to build (--context sample): annotation records, or episode folders (--history)."""
+        from featstore.sources import discover_samples
+
+        o = self.opts
+        found = discover_samples(self.data_root, annotations=tuple(o.annotations), data_path=o.data_path,
+                                 exclude=self.output_dirs(), strict=o.strict_annotations,
+                                 reference_frame=o.reference_frame, history=o.history, history_pad=o.history_pad)
+        self.discovery_record = found.record
+        self.missing_examples = [m["key"] for m in found.missing[:20]]
+        if self.gid == 0:
+            self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
+            _log_sample_discovery(found, self.missing_ledger_path())
+        return found
+
     def missing_ledger_path(self) -> Path:
         """Where the list of annotated images that do not exist goes (beside the manifest)."""
         if self.opts.format == "shards":
@@ -366,8 +394,9 @@ class Build:
         if self.gid != 0:
             return
         path = self.missing_ledger_path()
-        if found.missing_refs:
-            text = "".join(json.dumps(m.to_json(), ensure_ascii=False) + "\n" for m in found.missing_refs)
+        missing = [m.to_json() for m in found.missing_refs] if hasattr(found, "missing_refs") else found.missing
+        if missing:
+            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
             atomic_write_bytes(path, text.encode("utf-8"), fsync=self.opts.fsync)
             self.missing_ledger = path.name
         elif path.is_file():
@@ -403,32 +432,34 @@ class Build:
                     log.info("removing unfinished cache file %s left by an interrupted build", e.path)
                     os.unlink(e.path)
 
-    def recorded_source(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
-        """The source note of a stored record (per-image file, or the record header in its shard)."""
+    def recorded_meta(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
+        """The metadata of a stored record (per-image file, or the record header in its shard)."""
         if self.opts.format == "per-image":
-            return dict(read_pt(Path(where[0]), verify=False).meta.get("source") or {})
+            return dict(read_pt(Path(where[0]), verify=False).meta)
         f = shard_files.get(where[0])
         if f is None:
             f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
-        return shard_record_source(f.fileno(), where[1])
+        return shard_record_meta(f.fileno(), where[1])
 
-    def is_stale(self, item: WorkItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
-        """True when the image changed since its record was built (featstore.staleness: content for records
-        built with --hash-inputs, else size and mtime); unreadable or unfingerprinted records are rebuilt."""
+    def is_stale(self, item: WorkItem | SampleItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
+        """True when the image (any frame of a sample) changed since its record was built (featstore.staleness:
+        content for records built with --hash-inputs, else size and mtime); unreadable or unfingerprinted
+        records are rebuilt."""
         try:
-            recorded = self.recorded_source(where, shard_files)
+            meta = self.recorded_meta(where, shard_files)
         except (FeatstoreError, OSError, ValueError):
             return True
-        if not is_checkable(recorded):
-            return True
         try:
-            return source_changed(item.path, recorded)
+            if isinstance(item, SampleItem):
+                return frames_changed(item.paths, meta.get("frame_sources") or [])
+            recorded = meta.get("source") or {}
+            return not is_checkable(recorded) or source_changed(item.path, recorded)
         except OSError:
             return False  # the image is gone: nothing to rebuild from
 
-    def plan(self, items: list[WorkItem]) -> list[WorkItem]:
+    def plan(self, items: list[Any]) -> list[Any]:
         """This rank's items still to build."""
-        mine = [it for it in items if owner_of(it.key, self.gworld) == self.gid]
+        mine = [it for it in items if owner_of(_owner_key(it), self.gworld) == self.gid]
         if not self.opts.skip_existing:
             return mine
         done = self.done_sources([it.key for it in mine])
@@ -570,7 +601,7 @@ class Build:
     def run_sample_loop(self, todo: list[SampleItem]) -> None:
         """Stream every sample through the model, each shared frame prefix once, and write one record each."""
         cuda = self.device.type == "cuda"
-        self.bar = tqdm(total=len(todo), unit="sample", desc="featstore build", dynamic_ncols=True,
+        self.bar = tqdm(total=len(todo), unit=self.unit, desc="featstore build", dynamic_ncols=True,
                         disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
         todo, sizes = self.frame_sizes(todo)
         steps = plan_steps([it.sample for it in todo], self.opts.batch_size, sizes.__getitem__)
@@ -734,12 +765,19 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
         log.error("DATA_ROOT is not a readable directory: %s; check the path and its permissions", opts.data_root)
         return 2
     b.resolve_device()
-    found = b.discover()
-    items = [WorkItem(i.key, str(i.path)) for i in found.items]
+    if opts.context == "sample":
+        found = b.discover_samples()
+        items: list[Any] = found.items
+        if not items:
+            log.warning("No samples found! %s", json.dumps(found.record))
+            return 1
+    else:
+        found = b.discover()
+        items = [WorkItem(i.key, str(i.path)) for i in found.items]
+        if not items:
+            log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
+            return 1
     b.stats.total_images = len(items) + len(found.missing)
-    if not items:
-        log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
-        return 1
     lock_name = f"build-{b.gid:05d}"
     with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
         b.prepare_output()
@@ -753,12 +791,12 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
         b.record_settings()
         _barrier(distributed)  # every rank has read the store state before anyone writes
         if b.gid == 0:
-            log.info("Processing %d images... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
-                     len(todo) if b.gworld == 1 else len(items), b.stats.skipped, b.gworld, b.device,
+            log.info("Processing %d %s... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
+                     len(todo) if b.gworld == 1 else len(items), b.unit + "s", b.stats.skipped, b.gworld, b.device,
                      opts.batch_size, dtype_name(b.store_dtype))
         b.bar = None
         if todo:
-            b.run_loop(todo)
+            b.run_sample_loop(todo) if opts.context == "sample" else b.run_loop(todo)
         if b.device.type == "cuda":
             torch.cuda.synchronize()
         finished = time.time()
@@ -802,6 +840,25 @@ def _log_discovery(found: Any, data_root: Path, ledger: Path) -> None:
                     first.line, ledger)
 
 
+def _log_sample_discovery(found: Any, ledger: Path) -> None:
+    """Say where the samples came from and which could not be built for want of a frame."""
+    rec = found.record
+    if rec.get("method") == "episodes":
+        log.info("%d samples from %d episode folders (%d frames; JanusVLN history rule, %d frames%s)", rec["samples"],
+                 rec["episodes"], rec["frames"], rec["history"]["frames"], ", front-padded" if rec["history"]["pad"] else "")
+    else:
+        log.info("using %d annotation file(s):", len(rec["annotations"]))
+        for a in rec["annotations"][:SHOW_SOURCES]:
+            log.info("  %s: %d records, %d samples%s", a["file"], a["records"], a["samples"],
+                     f", {a['missing']} with a missing frame" if a["missing"] else "")
+    for bad in found.malformed[:5]:
+        log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
+    if found.missing:
+        first = found.missing[0]
+        log.warning("%d samples name a frame that does not exist (first: %s, named at %s:%d); each is listed with "
+                    "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
+
+
 class _RankLock(BuildLock):
     """The lock of a non-zero rank (same mechanism, one file per rank)."""
 
@@ -820,22 +877,22 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
     s = b.stats
     secs = max(time.time() - started, 1e-9)
     if b.gid == 0:
-        log.log(25, "Processed %d images", s.processed)
+        log.log(25, "Processed %d %ss", s.processed, b.unit)
         where = (f"{b.out}/{SHARDS_DIR}/*.tar (index {b.out / INDEX_NAME})" if opts.format == "shards"
                  else "<image_path>.vggt_cache.pt" + (f" under {b.cache_root}" if b.cache_root else ""))
         log.info("Cache files stored as: %s", where)
-        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f images/s, "
+        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f %ss/s, "
                  "%s written%s", s.processed, s.skipped, s.failed, s.missing, s.stale_rebuilt, secs,
-                 s.processed / secs, _human(s.bytes_written),
+                 s.processed / secs, b.unit, _human(s.bytes_written),
                  f" | batch size used {s.batch_size_used}" if 0 < s.batch_size_used < opts.batch_size else "")
         if s.stage_seconds:
             log.info("Pipeline seconds (main thread waiting for decode / model launch / waiting for the writer; "
                      "writer thread): %s", ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.stage_seconds.items())))
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
-            log.warning("%d images failed; see %s", s.failed, b.out / manifest["failures_ledger"])
+            log.warning("%d %ss failed; see %s", s.failed, b.unit, b.out / manifest["failures_ledger"])
     if s.failed > opts.allow_failures:
-        log.error("%d images failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
-                  "--allow-failures N", s.failed, opts.allow_failures)
+        log.error("%d %ss failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
+                  "--allow-failures N", s.failed, b.unit, opts.allow_failures)
         return 1
     return 0
 

@@ -30,7 +30,6 @@ from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
 from featstore.preprocess import UINT8_MODES, open_image, preprocess_image, preprocess_image_u8, preprocessed_size
-from featstore.samples import Sample, kept_index
 
 
 @dataclass(frozen=True)
@@ -39,24 +38,6 @@ class WorkItem:
 
     key: str
     path: str
-
-
-@dataclass(frozen=True)
-class SampleItem:
-    """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
-
-    sample: Sample
-    paths: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        """The record key."""
-        return self.sample.key
-
-    @property
-    def kept_path(self) -> str:
-        """Path of the frame whose tokens the record keeps."""
-        return self.paths[kept_index(self.sample)]
 
 
 @dataclass
