@@ -243,6 +243,28 @@ def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[s
     return rec
 
 
+def with_lossy_provenance(rec: Record) -> Record:
+    """``rec`` with the error bounds it was decoded with folded into ``meta["lossy"]`` (per tensor: codec,
+    relative L2 and max abs error, summed over every lossy encoding on its way), so a lossless copy of a
+    dequantized record (a per-image cache, a zstd re-export) still says it is not the model's exact output.
+    """
+    if not rec.bounds:
+        return rec
+    lossy = {n: dict(b) for n, b in (rec.meta.get("lossy") or {}).items()}
+    for name, b in rec.bounds.items():
+        old = lossy.get(name, {})
+        lossy[name] = {"codec": b["codec"], "rel_l2": old.get("rel_l2", 0.0) + b["rel_l2"],
+                       "max_abs": old.get("max_abs", 0.0) + b["max_abs"]}
+    return Record(rec.key, rec.path, rec.tensors, dict(rec.meta, lossy=lossy))
+
+
+def lossy_max_abs(rec: Record, name: str) -> float:
+    """The max abs error ``rec``'s tensor ``name`` may have against the model's output: its own codec's bound
+    plus what earlier lossy encodings recorded in ``meta["lossy"]`` (0 for an exact tensor)."""
+    own = float((rec.bounds.get(name) or {}).get("max_abs", 0.0))
+    return own + float(((rec.meta.get("lossy") or {}).get(name) or {}).get("max_abs", 0.0))
+
+
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
     # torch.save writes a view's whole storage: a row of a batch would drag the whole batch into the file.
     t = t.detach().to("cpu").contiguous()
