@@ -88,6 +88,7 @@ class BuildOptions:
     num_workers: int = min(8, os.cpu_count() or 1)
     writer_threads: int = 4
     zstd_level: int = 1
+    codec: str = "zstd"  # shard codec of every tensor (featstore.formats.codecs)
     compile: bool = False
     num_parts: int = 1
     part: int = 0
@@ -242,7 +243,7 @@ class Build:
                 and (prev.get("preprocess") or {}).get("target_size", 518) == self.opts.image_size
                 and (prev.get("context") or {"mode": "image"}) == self.context_settings())
         if same:
-            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "tokens",
+            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens",
                     "source_fingerprint")
             self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
                                   cache_root=str(self.cache_root) if self.cache_root else None)
@@ -261,7 +262,9 @@ class Build:
             "data_root": str(self.data_root),
             "cache_root": str(self.cache_root) if self.cache_root else None,
             "layers": list(self.layers),
-            "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype)} for n, i in zip(names, self.layers)},
+            "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype), "codec": self.opts.codec}
+                        for n, i in zip(names, self.layers)},
+            "codec": self.opts.codec,
             "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif,
                            # crop/pad: longest (pad) or width (crop) side image_size, other side a multiple of
                            # 14; janusvln: then each side down to a multiple of 28 (518 -> 504)
@@ -492,7 +495,7 @@ class Build:
             first_n = max((p[2] for p in existing if p), default=-1) + 1
             writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
                                  self.opts.shard_size, fsync=self.opts.fsync)
-            return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level)
+            return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
         return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
 
     def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:

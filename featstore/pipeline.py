@@ -224,8 +224,8 @@ def shape_batches(decoded: Iterable[Decoded], batch_size: int, on_failure: Calla
 class ShardSink:
     """Encodes records with a thread pool and appends them, in order, to this rank's shards."""
 
-    def __init__(self, writer: ShardWriter, threads: int, zstd_level: int):
-        self.writer, self.level = writer, zstd_level
+    def __init__(self, writer: ShardWriter, threads: int, zstd_level: int, codec: str = "zstd"):
+        self.writer, self.level, self.codec = writer, zstd_level, codec
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-encode")
         self.bytes_written = 0
         self.seconds: Counter = Counter()  # "append": waiting for encodes + tar append + rollover fsync
@@ -233,7 +233,8 @@ class ShardSink:
     def write(self, records: list[Record]) -> None:
         """Encode and append a batch of records."""
         t0 = time.perf_counter()
-        for rec, data in zip(records, self.pool.map(lambda r: encode_record(r, self.level), records)):
+        encoded = self.pool.map(lambda r: encode_record(r, self.level, self.codec), records)
+        for rec, data in zip(records, encoded):
             self.writer.write(rec.key, data)
             self.bytes_written += len(data)
         self.seconds["append"] += time.perf_counter() - t0
