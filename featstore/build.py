@@ -35,10 +35,10 @@ from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER
                                         read_manifest, shape_key)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
+from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name, read_record_meta
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
-from featstore.staleness import frames_changed, is_checkable, shard_record_meta, source_changed
+from featstore.staleness import frames_changed, is_checkable, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
@@ -442,7 +442,7 @@ class Build:
         f = shard_files.get(where[0])
         if f is None:
             f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
-        return shard_record_meta(f.fileno(), where[1])
+        return read_record_meta(f.fileno(), where[1])
 
     def is_stale(self, item: WorkItem | SampleItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
         """True when the image (any frame of a sample) changed since its record was built (featstore.staleness:

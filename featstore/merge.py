@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
+from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, write_index
 from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST,
                                         new_manifest, read_manifest, shape_key, write_manifest)
@@ -141,6 +142,8 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
     live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
     crash_point("merge-before-index")
     n = write_index(out_dir / INDEX_NAME, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
+    if ((base.get("context") or {}).get("mode")) == "sample":
+        write_alias_index(out_dir, live, known)
     shard_meta = _shard_records(out_dir, live, known, old, parts, latest)
     merged = _merge_summaries(parts, old)
     ix = Index(out_dir / INDEX_NAME)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from typing import Any, Mapping, Sequence
 
-from featstore.formats.record import decode_header
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -52,11 +50,3 @@ def frames_changed(paths: Sequence[str], recorded: Sequence[Mapping[str, Any]]) 
     if len(recorded) != len(paths) or not all(is_checkable(r) for r in recorded):
         return True
     return any(source_changed(p, r) for p, r in zip(paths, recorded))
-
-
-def shard_record_meta(fd: int, offset: int) -> dict[str, Any]:
-    """The metadata of the record stored at ``offset`` of an open shard (reads its header only)."""
-    head = os.pread(fd, 8, offset)
-    (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
-    header, _, _ = decode_header(head + os.pread(fd, hlen, offset + 8))
-    return dict(header.get("meta") or {})
