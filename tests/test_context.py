@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from featstore.context import CachePool, PlanExecutor, run_plan
-from featstore.model import StreamCache, load_vggt
+from featstore.context import CachePool, PlanExecutor, kv_bytes_per_frame, run_plan
+from featstore.model import StreamCache, get_config, load_vggt
 from featstore.samples import episode_samples, make_sample, stream_order
 from featstore.schedule import STRATEGIES, Step, cache_bound_frames, peak_cache_frames, plan_steps
 
@@ -213,6 +213,8 @@ def test_step_images_per_node_or_per_distinct_frame_and_iterables(tiny_model):
     bad = [torch.stack([table["a"]] * 4)] + per_node[1:]
     with pytest.raises(ValueError, match="got 4 images"):
         list(run_plan(tiny_model, steps, bad, layers=(0,)))
+    with pytest.raises(ValueError, match="ran out at step 1"):
+        list(run_plan(tiny_model, steps, per_node[:1], layers=(0,)))
     sized = plan_steps(samples, 4, strategy="none", image_size_of=lambda f: (28, 42))
     with pytest.raises(ValueError, match="the plan says 28x42"):
         list(run_plan(tiny_model, sized, per_node, layers=(0,)))
@@ -264,3 +266,12 @@ def test_cache_pool_compacts_half_used_batches_and_stacks_rows():
     assert copied == 0 and whole.kv[0][0] is pool.where[30].cache.kv[0][0] and whole.kv is not pool.where[30].cache.kv
     part, copied = pool.gather([31, 32])
     assert copied == 0 and part.kv[0][0].data_ptr() == pool.where[31].cache.kv[0][0][1].data_ptr()
+
+
+def test_kv_bytes_per_frame_matches_a_real_cache(tiny_model):
+    with torch.no_grad():
+        _, cache = tiny_model.stream_step(torch.rand(2, 1, 3, 28, 42), None, layers=(0,))
+        _, cache = tiny_model.stream_step(torch.rand(2, 1, 3, 28, 42), cache, layers=(0,))
+    assert cache.memory_bytes() == 2 * 2 * kv_bytes_per_frame(tiny_model.config, (28, 42), 0, torch.float32)
+    # VGGT-1B at JanusVLN's 490x644 for layer -2 (22): 1615 tokens x 23 layers x K,V x 1024 x bf16.
+    assert kv_bytes_per_frame(get_config("vggt-1b"), (490, 644), 22, torch.bfloat16) == 1615 * 23 * 2 * 1024 * 2

@@ -111,6 +111,9 @@ def test_fill_order_fills_batches_and_deepest_order_bound_is_tight_enough():
     deep = plan_steps(samples, 8, strategy="tree", order="deepest")
     assert sum(s.size for s in fill) == sum(s.size for s in deep)
     assert len(fill) < 0.7 * len(deep)  # fuller steps
+    many = _episodes([100] * 20)
+    nodes = build_forest(many, "tree").num_nodes
+    assert len(plan_steps(many, 8)) <= 1.01 * -(-nodes // 8)  # within 1% of the fewest possible steps
     assert peak_cache_frames(deep) <= cache_bound_frames(8, 9, "deepest")
     # B = 1 is a plain depth-first walk: at most the path's caches plus the new one.
     assert peak_cache_frames(plan_steps(samples, 1, strategy="tree", order="deepest")) <= 9 * 10 // 2
