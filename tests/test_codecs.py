@@ -23,8 +23,8 @@ LOSSLESS = ("zstd", "raw")
 def golden_features(golden_dir, which: str) -> torch.Tensor:
     """Real model outputs from the golden data: the tiny model's, or the full-size model's layer 22."""
     if which == "tiny":
-        return load_file(str(golden_dir / "tiny" / "b1s1.safetensors"))["output.1"][0, :, 5:]
-    return load_file(str(golden_dir / "full" / "expected.safetensors"))["layer22_patch_tokens"][0]
+        return load_file(str(golden_dir / "tiny" / "b1s1.safetensors"))["output.1"][0, 0, 5:]
+    return load_file(str(golden_dir / "full" / "expected.safetensors"))["layer22_patch_tokens"][0, 0]
 
 
 def with_outliers(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
