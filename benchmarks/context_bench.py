@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--model", default="tiny", help="tiny | vggt-1b-random | a checkpoint path")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model weights and activations (bfloat16 on a GPU, as a build runs there)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model's ops are small)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per configuration (best is kept)")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -122,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = load_vggt(args.model, device=args.device)
-    print(f"model {args.model} on {device}, frames {args.height}x{args.width}, B={args.batch_size}, "
+    model = load_vggt(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    print(f"model {args.model} ({args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, frames {args.height}x{args.width}, B={args.batch_size}, "
           f"{args.episodes} episode(s) per length, {torch.get_num_threads()} CPU thread(s)")
     print(f"KV cache per frame per sample, VGGT-1B at 644 (490x644, 1615 tokens, 23 layers, bf16): "
           f"{JANUSVLN_FRAME_BYTES / 2 ** 20:.1f} MiB")
