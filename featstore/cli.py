@@ -54,8 +54,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction,
-                                argparse._HelpAction)) or "default" in text or not action.option_strings):
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                                argparse._VersionAction, argparse._HelpAction)) or "default" in text or not action.option_strings):
             return text
         if action.default is None:
             return text + " (default: none)"
@@ -89,11 +89,11 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("inputs")
     g.add_argument("--data-root", type=Path,
                    help="root folder of the training images; relative image paths resolve against it "
-                        "(required; the environment variable DATA_ROOT can stand in for it, default: $DATA_ROOT)")
+                        "(required, default: $DATA_ROOT: the environment variable stands in for the flag)")
     g.add_argument("--model",
                    help="VGGT checkpoint: a folder or a model.safetensors / model.pt / sharded index file; "
-                        "'tiny' for the built-in test model (required; the environment variable VGGT_MODEL_PATH "
-                        "can stand in for it, default: $VGGT_MODEL_PATH)")
+                        "'tiny' for the built-in test model (required, default: $VGGT_MODEL_PATH: the environment "
+                        "variable stands in for the flag)")
     g.add_argument("--annotations", type=Path, action="append", default=[],
                    help="a .jsonl or .json annotation file (or a folder of them) listing images; repeatable "
                         "(default: every *.jsonl and annotations.json found under the data root, featstore's own "
@@ -133,8 +133,8 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--apply-exif", action="store_true",
                    help="rotate images by their EXIF orientation (the official code ignores it; only use this if "
                         "your training code does the same)")
-    g.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (decompression bombs; "
-                                                  "default: none, the preprocessing's own limit applies)")
+    g.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (decompression-bomb "
+                                                  "guard; default: 178956970, Pillow's own limit)")
     g.add_argument("--device",
                    help="torch device: cpu, cuda or cuda:N; falls back to cpu with a warning when CUDA is absent; "
                         "under torchrun each rank uses cuda:LOCAL_RANK (default: cuda:0, or $DEVICE)")
