@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from featstore.errors import FeatstoreError, StoreError
+from featstore.errors import AnnotationError, FeatstoreError, StoreError
 from featstore.formats.index import INDEX_NAME, Index, IndexEntry
 from featstore.formats.keys import key_from_member
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, find_manifest, read_manifest,
@@ -498,7 +498,6 @@ def check_sample_record(rec: Record, ex: dict[str, Any]) -> list[tuple[str, str,
 def source_listing(m: dict[str, Any], data_root: str | None) -> tuple[Any, str | None]:
     """The images the store should hold: its recorded sources repeated under the data root (``--data-root``, else
     the manifest's), or a scan of an explicit ``--data-root`` for stores that recorded none; (None, why) otherwise."""
-    from featstore.errors import AnnotationError
     from featstore.sources import discover_images, discover_recorded
 
     root = data_root or m.get("data_root")
