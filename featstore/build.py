@@ -51,6 +51,7 @@ from featstore.samples import SampleItem, kept_index, stream_order
 from featstore.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
+DECODE_CHUNK = 4  # images a decode worker sends at once
 NAMED_MODELS = ("tiny", "vggt-1b-random")
 BUILD_CONFIG = "build.json"
 DEFAULT_OUT_NAME = "vggt_featstore"
@@ -539,8 +540,9 @@ class Build:
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
         cuda = self.device.type == "cuda"
-        dataset = ImageDataset(todo, self.decode_options())
-        loader = make_loader(dataset, self.opts.num_workers if len(todo) > 1 else 0)
+        workers = self.opts.num_workers if len(todo) > 1 else 0
+        dataset = ImageDataset(todo, self.decode_options(), chunk=DECODE_CHUNK if workers else 1)
+        loader = make_loader(dataset, workers)
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
         self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
