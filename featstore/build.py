@@ -35,7 +35,8 @@ from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER
                                         read_manifest, shape_key)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name, read_record_meta
+from featstore.formats.shards import (SHARDS_DIR, ShardWriter, list_shards, parse_shard_name, read_record_meta,
+                                      salvage_shard)
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
 from featstore.options import check_build_options, check_output_writable, shown
@@ -344,13 +345,20 @@ class Build:
             for p in remove_dead_temps(d):
                 log.info("removing temporary file %s left by an interrupted build", p)
         if self.opts.format == "shards":
-            shard_dir = self.out / SHARDS_DIR
-            shard_dir.mkdir(exist_ok=True)
-            mine = f"-{self.gid:05d}-"
-            for e in os.scandir(shard_dir):
-                if is_temp_name(e.name) and mine in e.name:
-                    log.info("removing unfinished shard %s left by an interrupted build", e.name)
-                    os.unlink(e.path)
+            (self.out / SHARDS_DIR).mkdir(exist_ok=True)
+
+    def salvage_unfinished_shards(self) -> None:
+        """Keep the complete records of this rank's shard that a crash left unfinished (before planning, so
+        they count as done): a crash loses only the records still on their way to the disk."""
+        shard_dir = self.out / SHARDS_DIR
+        if self.opts.format != "shards" or not shard_dir.is_dir():
+            return
+        mine = f"-{self.gid:05d}-"
+        for e in os.scandir(shard_dir):
+            if is_temp_name(e.name) and mine in e.name:
+                kept = salvage_shard(Path(e.path), fsync=self.opts.fsync)
+                log.info("unfinished shard %s left by an interrupted build: %s", e.name,
+                         f"kept its {kept[1]} complete records as {kept[0]}" if kept else "nothing to keep, removed")
 
     def record_settings(self) -> None:
         """Write the store's build settings (shard stores), which a later resume is checked against."""
@@ -817,6 +825,7 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
     b.stats.total_images = len(items) + len(found.missing)
     lock_name = f"build-{b.gid:05d}"
     with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
+        b.salvage_unfinished_shards()
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
             b.load_model()

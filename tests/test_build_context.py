@@ -290,3 +290,27 @@ def test_export_of_sample_store(tmp_path):
     got = q.get_sample(paths)
     assert q.context["mode"] == "sample" and got is not None
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 0.01
+
+
+def test_crash_keeps_the_records_already_on_disk(tmp_path):
+    """A SIGKILL mid-shard loses only the records still on their way to the disk: the unfinished shard's
+    complete records are kept on resume and not computed again."""
+    root = copy_sample(tmp_path / "d", patterns=("*.jpg", "*.png"))
+    args = context_args(root, "--history", "2", "--batch-size", "2")
+    r = run_cli(*args, env={"FEATSTORE_KILL_AT": "record-appended:5"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    shards = root / "vggt_featstore" / "shards"
+    assert not list_shards(shards) and [p for p in shards.iterdir() if p.name.startswith(".")]
+    r = run_inproc(*args)
+    assert r.returncode == 0, r.stderr
+    assert "kept its 5 complete records" in r.stderr and "5 already stored" in r.stderr, r.stderr
+    store = featstore.open_store(root / "vggt_featstore")
+    assert len(store) == 12 and len(list_shards(shards)) == 2
+    members = []
+    for s in list_shards(shards):
+        import tarfile
+        with tarfile.open(shards / s) as t:
+            members += [m.name for m in t]
+    assert len(members) == len(set(members)) == 12  # every sample once, in two valid tar files
+    r = run_inproc("verify", str(root / "vggt_featstore"))
+    assert r.returncode == 0, r.stdout + r.stderr

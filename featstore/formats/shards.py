@@ -22,7 +22,7 @@ from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
 from featstore.faults import crash_point
-from featstore.fsutil import disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
+from featstore.fsutil import TMP_MARKER, disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
 
 SHARDS_DIR = "shards"
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
@@ -194,6 +194,49 @@ class ShardWriter:
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
         self._tar = self._f = self._tmp = None
+
+
+def _complete_prefix(path: Path) -> tuple[int, int]:
+    """(bytes, records) of the leading members of an unfinished shard that are whole and decode."""
+    from featstore.formats.record import decode_record
+
+    size, end, count = path.stat().st_size, 0, 0
+    try:
+        with tarfile.open(path, mode="r:") as tar, open(path, "rb") as f:
+            for m in tar:
+                stop = m.offset_data + m.size
+                if not m.isfile() or stop > size:
+                    break
+                f.seek(m.offset_data)
+                rec = decode_record(f.read(m.size), verify=True)
+                if key_from_member(m.name) != rec.key:
+                    break
+                end, count = stop + (-m.size % BLOCK), count + 1
+    except (tarfile.TarError, EOFError, OSError, RecordError):
+        pass
+    return end, count
+
+
+def salvage_shard(tmp: Path, fsync: bool = True) -> tuple[str, int] | None:
+    """Keep the whole records of a dead writer's unfinished shard ``tmp``: cut it after the last complete record,
+    end the archive and publish it under the name it was being written for. Returns (name, records), or None
+    when nothing could be kept (the file is then removed)."""
+    final = tmp.with_name(tmp.name[1:].rsplit(TMP_MARKER, 1)[0])
+    end, count = _complete_prefix(tmp) if parse_shard_name(final.name) and not final.exists() else (0, 0)
+    if not count:
+        tmp.unlink()
+        return None
+    with open(tmp, "r+b") as f:
+        f.truncate(end)
+        f.seek(end)
+        tail = 2 * BLOCK + (-(end + 2 * BLOCK) % RECORD_SIZE)
+        f.write(bytes(tail))
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    if fsync:
+        fsync_dir(tmp.parent)
+    return final.name, count
 
 
 def iter_shard_members(path: Path) -> Iterator[tuple[str, int, int]]:
