@@ -35,7 +35,7 @@ from featstore.loader import ShardStore, open_store, scan_per_image
 
 log = logging.getLogger("featstore")
 COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "dtype", "tokens",
-                 "source_fingerprint", "total_images")
+                 "source_fingerprint", "total_images", "sources")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
 
 

@@ -46,7 +46,7 @@ def direct_features(path: Path, mode: str = "crop") -> torch.Tensor:
 
 def test_build_scan_shards_matches_direct_model_call(tmp_path):
     keys = make_images(tmp_path / "data", 10)
-    r = run_cli(*build_args(tmp_path / "data"))
+    r = run_inproc(*build_args(tmp_path / "data"))
     assert r.returncode == 0, r.stderr
     assert "[INFO] Processing 10 images..." in r.stderr
     assert "[SUCCESS] Processed 10 images" in r.stderr
