@@ -77,6 +77,21 @@ def _skip_existing_flags(p: argparse._ActionsContainer) -> None:
                    help="rebuild every image")
 
 
+#: Option values a preset stands for; options the user passes explicitly win over them.
+PRESETS = {"janusvln": {"context": "sample", "image_size": 644, "preprocess": "crop", "layers": (-2,),
+                        "reference_frame": "first"}}
+PRESET_FIELDS = {"context": "image", "image_size": 518, "preprocess": "crop", "layers": (-2,),
+                 "reference_frame": "first"}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options left unset from the chosen preset, then from the plain defaults."""
+    preset = PRESETS.get(args.preset or "", {})
+    for name, default in PRESET_FIELDS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, default))
+
+
 def add_build_parser(sub: argparse._SubParsersAction) -> None:
     """Define ``featstore build`` and its options."""
     p = sub.add_parser(
@@ -115,10 +130,10 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="storage dtype (default, machine-dependent: bfloat16 on GPUs with bf16, float16 on older "
                         "GPUs, float32 on CPU)")
-    g.add_argument("--layers", type=parse_layers, default="-2",
+    g.add_argument("--layers", type=parse_layers, default=None,
                    help="comma-separated aggregator layers to store, written --layers=-2,-1 when the first is "
                         "negative; the first is stored as 'features', others as 'layer_<i>'; -2 is the layer "
-                        "JanusVLN uses")
+                        "JanusVLN uses (default: -2)")
     g.add_argument("--tokens", choices=("patch", "all"), default="patch",
                    help="patch: patch tokens only [1, P, 2C] (JanusVLN); all: camera + register + patch tokens")
     g.add_argument("--shard-size", type=parse_size, default="1GB",
@@ -126,10 +141,18 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--shard-prefix", default="vggt", help="shard file name prefix: <prefix>-<rank>-<n>.tar")
     g.add_argument("--zstd-level", type=int, default=1, help="zstd level, 1-22 (1 is fastest and, with byte "
                                                               "shuffling, compresses bf16 features best)")
+    g.add_argument("--codec", choices=("zstd", "raw", "int8"), default="zstd",
+                   help="shard codec per tensor: zstd (lossless, byte-shuffled), raw (uncompressed, fastest "
+                        "reads), int8 (lossy: about 0.8%% relative L2 error, stored in each record; 2.6 MB per "
+                        "518x518 image). Readers need no flag; see docs/building.md"),
     g = p.add_argument_group("model and preprocessing")
-    g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default="crop",
-                   help="crop/pad: the official VGGT load_and_preprocess_images; janusvln: pad then resize to "
-                        "multiples of 28 (504x504), what JanusVLN's training code feeds VGGT")
+    g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default=None,
+                   help="crop/pad: the official VGGT load_and_preprocess_images at --image-size (JanusVLN feeds "
+                        "VGGT 644-pixel crop images, NewJanusVLN 644-pixel pad images); janusvln: pad then resize "
+                        "each side down to a multiple of 28, kept for stores built with it (default: crop)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="target size N, a multiple of 14: crop makes images N wide, pad N x N (default: 518, the "
+                        "official model; JanusVLN uses 644)")
     g.add_argument("--apply-exif", action="store_true",
                    help="rotate images by their EXIF orientation (the official code ignores it; only use this if "
                         "your training code does the same)")
@@ -147,6 +170,23 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                         "30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6 (default, machine-dependent: "
                         "the number of CPUs, at most 8)")
     g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
+    g = p.add_argument_group("training samples (records with causal context, as JanusVLN computes them)")
+    g.add_argument("--context", choices=("image", "sample"), default=None,
+                   help="image: one record per image, no context; sample: one record per training sample, its "
+                        "frames streamed through VGGT with a KV cache as JanusVLN's training does, the last fed "
+                        "frame's tokens kept; samples come from annotation records (images, history_images + "
+                        "current_image, image) or episode folders with --history (default: image)")
+    g.add_argument("--reference-frame", choices=("first", "last"), default=None,
+                   help="JanusVLN's reference_frame: first streams the frames oldest first and keeps the current "
+                        "frame's tokens; last streams them newest first and keeps the oldest frame's (default: first)")
+    g.add_argument("--history", type=int, default=None, metavar="N",
+                   help="make samples from episode folders (frames sorted by name) instead of annotations: one per "
+                        "frame i, frames range(i+1) while i <= N, else linspace(0, i, N+1) (JanusVLN: 8)")
+    g.add_argument("--history-pad", action="store_true",
+                   help="with --history: repeat frame 0 in front until a sample has N+1 frames (NewJanusVLN)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="janusvln = --context sample --image-size 644 --preprocess crop --layers=-2 "
+                        "--reference-frame first; flags given explicitly win")
     g = p.add_argument_group("resume and incremental builds")
     _skip_existing_flags(g)
     g.add_argument("--rebuild-stale", action="store_true",
@@ -181,16 +221,19 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 2
     if args.skip_existing is False:
         origins["skip_existing"] = "--no-skip-existing"
+    apply_preset(args)
     opts = BuildOptions(
         data_root=Path(env["data_root"]) if env["data_root"] else None, model=env["model"], out=args.out,
         format=args.format, annotations=list(args.annotations), image_list=args.image_list,
         data_path=args.data_path, strict_annotations=args.strict_annotations, batch_size=env["batch_size"],
         device=env["device"], dtype=args.dtype, layers=args.layers, preprocess=args.preprocess,
+        image_size=args.image_size, context=args.context, reference_frame=args.reference_frame,
+        history=args.history, history_pad=args.history_pad,
         apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size, shard_prefix=args.shard_prefix,
         skip_existing=env["skip_existing"], rebuild_stale=args.rebuild_stale, hash_inputs=args.hash_inputs,
         allow_failures=args.allow_failures, num_workers=args.num_workers, writer_threads=args.writer_threads,
-        zstd_level=args.zstd_level, compile=args.compile, num_parts=args.num_parts, part=args.part,
-        max_pixels=args.max_pixels, fsync=args.fsync, progress=args.progress, origins=origins)
+        zstd_level=args.zstd_level, codec=args.codec, compile=args.compile, num_parts=args.num_parts,
+        part=args.part, max_pixels=args.max_pixels, fsync=args.fsync, progress=args.progress, origins=origins)
     return run_build(opts)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
+from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, write_index
 from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST,
                                         new_manifest, read_manifest, shape_key, write_manifest)
@@ -141,6 +142,8 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
     live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
     crash_point("merge-before-index")
     n = write_index(out_dir / INDEX_NAME, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
+    if ((base.get("context") or {}).get("mode")) == "sample":
+        write_alias_index(out_dir, live, known)
     shard_meta = _shard_records(out_dir, live, known, old, parts, latest)
     merged = _merge_summaries(parts, old)
     ix = Index(out_dir / INDEX_NAME)
@@ -193,8 +196,8 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
 
 def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "dtype", "tokens", "source_fingerprint", "cache_root",
-              "sources", "missing_ledger")
+    fields = ("model", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens", "source_fingerprint",
+              "cache_root", "sources", "missing_ledger")
     src = base if parts else (old or {})
     m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),
                      model_path=str(src.get("vggt_model_path", src.get("model_path", ""))),

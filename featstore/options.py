@@ -91,3 +91,25 @@ def check_build_options(opts: Any) -> None:
                           f"(--num-parts {opts.num_parts})")
     check_layers(opts)
     check_device(opts)
+    check_context(opts)
+
+
+def check_context(opts: Any) -> None:
+    """Image size, codec and the training-sample options (--context sample, --history) fit together."""
+    size = opts.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 14:
+        raise OptionError(f"{shown(opts, 'image_size')}: expected a positive multiple of 14 (the patch size): use "
+                          f"518 (official VGGT) or 644 (JanusVLN)")
+    if opts.context not in ("image", "sample"):
+        raise OptionError(f"{shown(opts, 'context')}: expected image or sample")
+    _at_least(opts, "history", 0, "a number of history frames, e.g. 8")
+    if (opts.history is not None or opts.history_pad) and opts.context != "sample":
+        raise OptionError("--history and --history-pad make training samples: add --context sample (or "
+                          "--preset janusvln)")
+    if opts.context == "sample" and opts.format != "shards":
+        raise OptionError("--context sample writes shard stores only: a per-image cache file beside an image cannot "
+                          "hold a sample's features, which depend on every frame of the sample; drop --format "
+                          "per-image")
+    if getattr(opts, "codec", "zstd") != "zstd" and opts.format != "shards":
+        raise OptionError(f"{shown(opts, 'codec')} needs --format shards (per-image caches are torch.save files); "
+                          f"drop --codec or write shards")

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 from featstore.errors import AnnotationError
+from featstore.samples import SampleItem, episode_samples, frames_of_record, make_sample
 from featstore.formats.keys import key_under, root_prefixes
 from featstore.formats.manifest import PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, PER_IMAGE_MISSING_LEDGER
 
@@ -647,3 +649,118 @@ def discover_recorded(data_root: StrPath, record: dict[str, Any]) -> Discovery:
     listed = record.get("image_list")
     return discover_images(root, annotations=files, image_list=where(listed["file"]) if listed else None,
                            data_path=record.get("data_path"))
+
+
+# ---------------------------------------------------------------- training samples (--context sample)
+
+@dataclass
+class SampleDiscovery:
+    """Samples found for a context build, the samples that cannot be built (a frame missing), and the record
+    of how they were found (``to_record`` is the manifest's ``sources`` entry)."""
+
+    items: list[SampleItem]
+    missing: list[dict[str, Any]] = field(default_factory=list)  # {"key", "frame", "path", "annotation", "line"}
+    malformed: list[MalformedLine] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _sample_from_record(rec: AnnotationRecord, resolver: ImageResolver
+                        ) -> tuple[str | None, list[ResolvedImage | str]] | None:
+    """(id, resolved frames or the missing reference) of one annotation record; None when it names no frames."""
+    try:
+        refs = frames_of_record(rec.record)
+    except ValueError:
+        return None
+    if not refs:
+        return None
+    bases = resolver.bases(record_data_path(rec.record), os.path.dirname(os.path.abspath(rec.file)))
+    frames: list[ResolvedImage | str] = [resolver.resolve_in(r, bases) or r for r in refs]
+    raw_id = rec.record.get("id")
+    return (None if raw_id is None or isinstance(raw_id, (dict, list)) else str(raw_id)), frames
+
+
+def _unique_ids(found: list[tuple[AnnotationRecord, str | None, list]]) -> set[str]:
+    """Ids that name one frame list only (an id reused for other frames falls back to the frame digest)."""
+    frames_of: dict[str, set[tuple]] = {}
+    for _, sid, frames in found:
+        if sid is not None:
+            frames_of.setdefault(sid, set()).add(tuple(f.key if isinstance(f, ResolvedImage) else f for f in frames))
+    return {sid for sid, lists in frames_of.items() if len(lists) == 1}
+
+
+def samples_from_annotations(data_root: StrPath, files: list[str], reference_frame: str = "first",
+                             data_path: str | None = None, strict: bool = False) -> SampleDiscovery:
+    """One sample per annotation record (``images``, ``history_images`` + ``current_image``, or ``image``),
+    keyed by its ``id`` when unique across the files, else by the digest of its frames."""
+    resolver = ImageResolver(data_root, data_path)
+    malformed: list[MalformedLine] = []
+    found, per_file = [], {f: {"file": f, "records": 0, "samples": 0, "missing": 0} for f in files}
+    for rec in iter_annotation_records(files, strict, malformed):
+        per_file[os.fspath(rec.file)]["records"] += 1
+        got = _sample_from_record(rec, resolver)
+        if got is not None:
+            found.append((rec, *got))
+    unique = _unique_ids(found)
+    items: dict[str, SampleItem] = {}
+    missing: dict[str, dict[str, Any]] = {}
+    for rec, sid, frames in found:
+        stats = per_file[os.fspath(rec.file)]
+        keys = [f.key if isinstance(f, ResolvedImage) else resolver.key_for(f) for f in frames]
+        sample = make_sample(keys, reference_frame, sid if sid in unique else None)
+        lost = next((f for f in frames if not isinstance(f, ResolvedImage)), None)
+        if lost is not None:
+            stats["missing"] += sample.key not in missing
+            missing.setdefault(sample.key, {"key": sample.key, "frame": resolver.key_for(lost), "path": lost,
+                                            "annotation": os.fspath(rec.file), "line": rec.line})
+        elif sample.key not in items:
+            stats["samples"] += 1
+            items[sample.key] = SampleItem(sample, tuple(str(f.path) for f in frames))  # type: ignore[union-attr]
+    root = os.path.abspath(os.fspath(data_root))
+    record = {"method": "annotations", "annotations": [dict(s, file=_relative_to(s["file"], root))
+                                                       for s in per_file.values()],
+              "data_path": data_path, "samples": len(items), "missing": len(missing),
+              "malformed_lines": len(malformed)}
+    return SampleDiscovery(sorted(items.values(), key=lambda i: i.key), sorted(missing.values(), key=lambda m: m["key"]),
+                           malformed, record)
+
+
+def samples_from_episodes(data_root: StrPath, history: int, pad: bool = False, reference_frame: str = "first",
+                          exclude: Iterable[StrPath] = ()) -> SampleDiscovery:
+    """JanusVLN's samples from episode folders: every folder holding images is an episode, its frames sorted
+    by name, one sample per frame (frames chosen by the history rule)."""
+    found = discover_images(data_root, exclude=exclude)
+    episodes: dict[str, list[ImageItem]] = {}
+    for item in found.items:
+        episodes.setdefault(posixpath.dirname(item.key), []).append(item)
+    items = []
+    for folder in sorted(episodes):
+        frames = sorted(episodes[folder], key=lambda i: posixpath.basename(i.key))
+        path_of = {i.key: str(i.path) for i in frames}
+        for sample in episode_samples([i.key for i in frames], history, pad, reference_frame):
+            items.append(SampleItem(sample, tuple(path_of[k] for k in sample.frames)))
+    record = {"method": "episodes", "scan": True, "episodes": len(episodes), "frames": len(found.items),
+              "history": {"frames": history, "pad": pad, "rule": "janusvln"}, "samples": len(items), "missing": 0}
+    return SampleDiscovery(items, record=record)
+
+
+def discover_samples(data_root: StrPath, *, annotations: StrPath | Sequence[StrPath] = (), data_path: str | None = None,
+                     exclude: Iterable[StrPath] = (), strict: bool = False, reference_frame: str = "first",
+                     history: int | None = None, history_pad: bool = False) -> SampleDiscovery:
+    """The training samples of a context build: with ``history``, JanusVLN's samples of every episode folder;
+    else one per record of the given annotation files, or of those ``find_annotation_files`` finds."""
+    root = os.fspath(data_root)
+    if not os.path.isdir(root):
+        raise AnnotationError(f"data root is not a directory: {root}; pass the folder that holds the images")
+    if history is not None:
+        if _as_list(annotations):
+            raise AnnotationError("--history builds samples from episode folders and --annotations from annotation "
+                                  "records: pass one of them")
+        return samples_from_episodes(root, history, history_pad, reference_frame, exclude)
+    files = _expand_annotation_sources(_as_list(annotations))
+    if not files and not _as_list(annotations):
+        files = [str(p) for p in find_annotation_files(root, [os.path.abspath(os.fspath(e)) for e in exclude])]
+    if not files:
+        raise AnnotationError(f"--context sample needs samples: no annotation files (*.jsonl, annotations.json) under "
+                              f"{root}; pass --annotations FILE, or --history 8 to make JanusVLN's samples from "
+                              "episode folders")
+    return samples_from_annotations(root, files, reference_frame, data_path, strict)

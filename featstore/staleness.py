@@ -4,17 +4,16 @@ share.
 A record notes its source image when it is built: size and mtime, plus the sha256 of the content when the
 build ran with ``--hash-inputs``. A record with a sha256 is stale when the image's content differs (a size
 change proves it without reading the image; otherwise the image is hashed), whatever its mtime says. A record
-without one is stale when the image's size or mtime differ from the recorded ones.
+without one is stale when the image's size or mtime differ from the recorded ones. A sample record (a
+record per training sample) notes every frame and is stale when any frame is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import struct
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from featstore.formats.record import decode_header
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -45,9 +44,9 @@ def source_changed(path: str | os.PathLike[str], recorded: Mapping[str, Any]) ->
     return (int(recorded.get("size", -1)), int(recorded.get("mtime_ns", -1))) != (st.st_size, st.st_mtime_ns)
 
 
-def shard_record_source(fd: int, offset: int) -> dict[str, Any]:
-    """The source note of the record stored at ``offset`` of an open shard (reads its header only)."""
-    head = os.pread(fd, 8, offset)
-    (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
-    header, _, _ = decode_header(head + os.pread(fd, hlen, offset + 8))
-    return dict((header.get("meta") or {}).get("source") or {})
+def frames_changed(paths: Sequence[str], recorded: Sequence[Mapping[str, Any]]) -> bool:
+    """True when any frame of a sample record differs from the one it was built from (``recorded``: the
+    record's ``frame_sources``, one note per frame); a sample without per-frame notes counts as stale."""
+    if len(recorded) != len(paths) or not all(is_checkable(r) for r in recorded):
+        return True
+    return any(source_changed(p, r) for p, r in zip(paths, recorded))

@@ -48,7 +48,12 @@ def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any)
         "layers": [],
         "tensors": {},  # name -> {"layer": int, "dtype": str}
         "preprocess": {"mode": None, "apply_exif": False},
+        # "image": a record per image; "sample": a record per training sample (its frames streamed as causal
+        # context, one frame's tokens kept), with {"reference_frame", "history"}
+        "context": {"mode": "image"},
         "dtype": None,
+        "codec": None,  # shard codec the build or export wrote with (zstd, raw, int8); None: zstd (older stores)
+        "lossy": None,  # {tensor: {"codec", "rel_l2", "max_abs"}}: worst bounds of records decoded from a lossy codec
         "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
         "feature_shapes": {},  # "[1, P, C]" -> count
         "counts": {"records": 0, "processed": 0, "skipped": 0, "failed": 0, "missing": 0, "stale_rebuilt": 0,

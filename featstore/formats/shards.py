@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import struct
 import tarfile
 import time
 from dataclasses import dataclass
@@ -216,6 +217,14 @@ def read_member(f: BinaryIO, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise RecordError(f"shard is truncated: wanted {length} bytes at offset {offset}, got {len(data)}")
     return data
+
+
+def read_record_meta(fd: int, offset: int) -> dict:
+    """The metadata of the record stored at ``offset`` of an open shard (reads its header only)."""
+    head = os.pread(fd, 8, offset)
+    (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
+    header, _, _ = decode_header(head + os.pread(fd, hlen, offset + 8))
+    return dict(header.get("meta") or {})
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
