@@ -4,7 +4,7 @@ Public API (imported lazily so ``import featstore`` stays cheap):
 
 * :func:`load_vggt` - the VGGT aggregator from an official checkpoint (or ``"tiny"``)
 * :func:`preprocess_image` - the model's own preprocessing (``crop``, ``pad``, ``janusvln``)
-* :func:`open_store` - random access to a store, by key or image path
+* :func:`open_store` - random access to a store, by key or image path (``data_root=`` when the images moved)
 * :func:`stream` - a DDP- and worker-safe webdataset IterableDataset over a shard store
 * :func:`load_cached_vggt_features` - drop-in replacement for per-image cache loading in training code
 * :func:`load_sample_features` - a training sample's features (its frames as causal context) from a sample store
@@ -29,6 +29,10 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+
+def __dir__() -> list[str]:
+    return sorted({n for n in globals() if n.startswith("__")} | set(__all__))
 
 
 def __getattr__(name: str) -> Any:

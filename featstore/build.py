@@ -211,7 +211,7 @@ class Build:
     def resolve_device(self) -> torch.device:
         """This rank's device: the requested one (cuda:LOCAL_RANK under torchrun), or cpu when CUDA is absent."""
         if getattr(self, "device", None) is None:
-            dev = pick_device(self.opts.device)
+            dev = pick_device(self.opts.device, shown(self.opts, "device"))
             if dev.type == "cuda" and self.dist.world_size > 1:
                 dev = torch.device("cuda", self.dist.local_rank)
             elif dev.type == "cuda" and dev.index is None:

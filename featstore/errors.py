@@ -37,14 +37,13 @@ class OptionError(FeatstoreError):
 
 def describe_load_error(e: BaseException) -> str:
     """One line saying why ``torch.load(weights_only=True)`` refused a file: objects that could run code,
-    a corrupt or truncated file, or an OS error."""
+    an OS error, or (anything else the unpickler trips over) a corrupt or truncated file."""
     text = str(e)
     if isinstance(e, OSError) and not isinstance(e, EOFError):
         return f"it cannot be read ({e.strerror or type(e).__name__})"
     if "Unsupported global" in text or "is not an allowed global" in text or "GLOBAL" in text:
         return ("it contains objects other than tensors and plain data, which featstore refuses to unpickle "
-                "(it could run code)")
-    if (isinstance(e, EOFError) or "Weights only load failed" in text or "PytorchStreamReader" in text
-            or "invalid load key" in text or "zip archive" in text):
-        return "the file is corrupt or truncated (not a complete torch.save file)"
-    return (text.splitlines() or [type(e).__name__])[0]
+                "(torch.load(weights_only=True): they could run code)")
+    detail = next((ln.strip() for ln in text.splitlines() if ln.strip() and "Weights only load failed" not in ln
+                   and "weights_only" not in ln and "Please file an issue" not in ln), type(e).__name__)
+    return f"the file is corrupt or truncated, not a complete torch.save file ({detail.split('. ')[0][:120]})"

@@ -97,10 +97,12 @@ def default_store_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def pick_device(requested: str) -> torch.device:
-    """The requested device, falling back to CPU with a warning when CUDA is asked for but absent."""
+def pick_device(requested: str, shown: str | None = None) -> torch.device:
+    """The requested device, falling back to CPU with a warning when CUDA is asked for but absent (``shown``
+    is how the user set it, e.g. ``--device cuda:0`` or ``DEVICE=cuda:0``)."""
     dev = torch.device(requested)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        log.warning("DEVICE=%s requested but no CUDA GPU is available: falling back to cpu (slow)", requested)
+        log.warning("%s requested but no CUDA GPU is available: falling back to cpu (slow)",
+                    shown or f"device {requested}")
         return torch.device("cpu")
     return dev

@@ -33,11 +33,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from featstore.env import dist_env, store_path, use_vggt_cache
+from featstore.env import data_root_override, dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
 from featstore.formats.aliases import ALIAS_INDEX
 from featstore.formats.index import INDEX_NAME, Index, IndexEntry
-from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path
+from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path, key_under, root_prefixes
 from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.codecs import dequantize_int8, empty_tensor
@@ -112,6 +112,79 @@ def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
     return view
 
 
+class _Lookup:
+    """What ``store[x]``, ``x in store`` and ``store.get(x)`` accept: a key, an absolute image path, or a path
+    relative to the current directory, resolved under the data root (and under the manifest's original data
+    root when the store was opened with another ``data_root``)."""
+
+    data_root: str | None
+    manifest: dict[str, Any]
+
+    def _has_key(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def _root_prefixes(self) -> list[tuple[str, ...]]:
+        cached = self.__dict__.get("_prefixes")
+        if cached is None:
+            roots = dict.fromkeys(str(r) for r in (self.data_root, self.manifest.get("data_root")) if r)
+            cached = self.__dict__["_prefixes"] = [root_prefixes(r) for r in roots]
+        return cached
+
+    def _keys_of_path(self, absolute: str) -> list[str]:
+        """Keys of an absolute path under each data root (through links only when the plain path is under none)."""
+        keys = [key_under(absolute, pre) for pre in self._root_prefixes() if absolute.startswith(pre)]
+        if not keys:
+            real = os.path.realpath(absolute)
+            keys = [key_under(real, pre) for pre in self._root_prefixes() if real.startswith(pre)]
+        return keys + [Path(absolute).as_posix()]
+
+    def _candidates(self, image: str | os.PathLike[str]) -> list[str]:
+        p = os.fspath(image)
+        if not isinstance(p, str):
+            raise TypeError(f"expected a key or a path, not {type(image).__name__}")
+        keys = [] if os.path.isabs(p) else [Path(p).as_posix().removeprefix("./")]
+        return keys + self._keys_of_path(os.path.abspath(p))
+
+    def lookup(self, image: Any) -> str | None:
+        """The stored key ``image`` (a key or an image path) stands for, or None when the store lacks it."""
+        try:
+            candidates = self._candidates(image)
+        except TypeError:
+            return None
+        return next((k for k in candidates if self._has_key(k)), None)
+
+    def key_for(self, image_path: str | os.PathLike[str]) -> str:
+        """The key of an image (a key, an absolute path, or a path relative to the current directory): the stored
+        key it stands for, else its posix path relative to the data root (absolute outside it)."""
+        found = self.lookup(image_path)
+        if found is not None:
+            return found
+        p = os.fspath(image_path)
+        return key_for_path(os.path.abspath(p), self.data_root) if os.path.isabs(p) or os.path.exists(p) \
+            else key_for_path(p, self.data_root)
+
+    def __contains__(self, image: object) -> bool:
+        return self.lookup(image) is not None
+
+    def _key_or_error(self, image: Any) -> str:
+        key = self.lookup(image)
+        if key is None:
+            raise KeyError(image)
+        return key
+
+    def get(self, image: str | os.PathLike[str], default: Any = None) -> torch.Tensor | Any:
+        """The features of an image (key or path, see the class docs), or ``default`` when the store lacks it."""
+        key = self.lookup(image)
+        return self.features_of(key) if key is not None else default
+
+    def __getitem__(self, image: str | os.PathLike[str]) -> torch.Tensor:
+        return self.features_of(self._key_or_error(image))
+
+    def features_of(self, key: str) -> torch.Tensor:
+        """The ``features`` tensor stored under exactly ``key``."""
+        raise NotImplementedError
+
+
 class SampleLookup:
     """Sample-store lookups (``featstore build --context sample``): a record per training sample, found by the
     sample's ordered frames (as the training dataset holds them) or by its annotation ``id``."""
@@ -151,15 +224,16 @@ class SampleLookup:
         return default if entry is None else self.features_at(entry)  # type: ignore[attr-defined]
 
 
-class ShardStore(SampleLookup):
+class ShardStore(SampleLookup, _Lookup):
     """Random access to a shard store: index lookup, then one ``pread`` of the record's bytes."""
 
     layout = "shards"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN):
+    def __init__(self, root: Path, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN,
+                 data_root: str | os.PathLike[str] | None = None):
         self.root = Path(root)
         self.manifest = manifest
-        self.data_root = manifest.get("data_root") or None
+        self.data_root = os.path.abspath(data_root) if data_root else (manifest.get("data_root") or None)
         self.max_open = max(1, int(max_open))
         self._lock = threading.Lock()
         self._pid = -1
@@ -234,14 +308,15 @@ class ShardStore(SampleLookup):
         return e
 
     def record(self, key: str, dequantize: bool = True) -> Record:
-        """Every tensor and the metadata of ``key``'s record.
+        """Every tensor and the metadata of ``key``'s record (a key or an image path, like ``store[x]``).
 
         Lossy (int8) tensors decode to the stored dtype; with ``dequantize=False`` they stay int8 beside their
         scales (see :func:`record_to_sample` and :func:`dequantize`).
         """
-        return decode_record(self.read_bytes(self.entry(key)), verify=False, dequantize=dequantize)
+        return decode_record(self.read_bytes(self.entry(self._key_or_error(key))), verify=False, dequantize=dequantize)
 
-    def __getitem__(self, key: str) -> torch.Tensor:
+    def features_of(self, key: str) -> torch.Tensor:
+        """The ``features`` tensor stored under exactly ``key``."""
         return self.features_at(self.entry(key))
 
     def features_at(self, e: IndexEntry) -> torch.Tensor:
@@ -256,7 +331,7 @@ class ShardStore(SampleLookup):
             self._aliases = Index(path) if path.is_file() else False
         return self._aliases.get(key) if self._aliases else None
 
-    def __contains__(self, key: object) -> bool:
+    def _has_key(self, key: str) -> bool:
         return key in self.index
 
     def __len__(self) -> int:
@@ -266,15 +341,6 @@ class ShardStore(SampleLookup):
         """All keys, sorted."""
         return self.index.keys()
 
-    def key_for(self, image_path: str | os.PathLike[str]) -> str:
-        """The key of an image path (absolute paths resolve against the manifest's data root)."""
-        return key_for_path(image_path, self.data_root)
-
-    def get(self, image_path: str | os.PathLike[str], default: Any = None) -> torch.Tensor | Any:
-        """The features of an image by path or key, or ``default`` when the store does not hold it."""
-        key = self.key_for(image_path)
-        return self[key] if key in self else default
-
     def close(self) -> None:
         """Close open shard files (the store reopens them on next use)."""
         with self._lock:
@@ -283,15 +349,19 @@ class ShardStore(SampleLookup):
             self._files.clear()
 
 
-class PerImageStore(SampleLookup):
+class PerImageStore(SampleLookup, _Lookup):
     """Random access to per-image ``<image>.vggt_cache.pt`` caches (featstore-written or legacy)."""
 
     layout = "per-image"
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
+    def __init__(self, root: Path, manifest: dict[str, Any], data_root: str | os.PathLike[str] | None = None):
         self.manifest = manifest
-        self.data_root = manifest.get("data_root") or str(root)
-        self.cache_root = Path(manifest["cache_root"]) if manifest.get("cache_root") else None
+        # The manifest lies in the cache root (mirrored caches) or the data root (caches beside the images):
+        # where it is now wins over the paths it recorded, so a copied store still works.
+        mirrored = bool(manifest.get("cache_root"))
+        self.cache_root = Path(root) if mirrored else None
+        self.data_root = os.path.abspath(data_root) if data_root else (
+            manifest.get("data_root") or str(root) if mirrored else str(root))
         self.root = self.cache_root or Path(self.data_root)
         self._keys: list[str] | None = None
 
@@ -300,22 +370,23 @@ class PerImageStore(SampleLookup):
         return cache_path_for(key, Path(self.data_root), self.cache_root)
 
     def record(self, key: str) -> Record:
-        """Every tensor and the metadata of ``key``'s cache file."""
+        """Every tensor and the metadata of ``key``'s cache file (a key or an image path, like ``store[x]``)."""
+        key = self._key_or_error(key)
         try:
-            p = self.path_for(key)
-        except RecordError:
-            raise KeyError(key) from None
-        try:
-            return read_pt(p, key=key)
+            return read_pt(self.path_for(key), key=key)
         except FileNotFoundError:
             raise KeyError(key) from None
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.record(key).features
+    def features_of(self, key: str) -> torch.Tensor:
+        """The ``features`` tensor stored under exactly ``key``."""
+        try:
+            return read_pt(self.path_for(key), key=key).features
+        except (FileNotFoundError, RecordError) as e:
+            if isinstance(e, RecordError) and self._has_key(key):
+                raise
+            raise KeyError(key) from None
 
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
+    def _has_key(self, key: str) -> bool:
         try:
             return self.path_for(key).is_file()
         except RecordError:
@@ -329,18 +400,6 @@ class PerImageStore(SampleLookup):
 
     def __len__(self) -> int:
         return len(self.keys())
-
-    def key_for(self, image_path: str | os.PathLike[str]) -> str:
-        """The key of an image path (absolute paths resolve against the manifest's data root)."""
-        return key_for_path(image_path, self.data_root)
-
-    def get(self, image_path: str | os.PathLike[str], default: Any = None) -> torch.Tensor | Any:
-        """The features of an image by path or key, or ``default`` when there is no cache for it."""
-        key = self.key_for(image_path)
-        try:
-            return self[key]
-        except KeyError:
-            return default
 
     def close(self) -> None:
         """Nothing to close (files are opened per read)."""
@@ -360,31 +419,34 @@ def scan_per_image(root: Path) -> Iterator[str]:
                 yield rel[: -len(PER_IMAGE_SUFFIX)]
 
 
-def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN) -> Store:
+def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN,
+               data_root: str | os.PathLike[str] | None = None) -> Store:
     """Open a shard store or a per-image cache root (found from its manifest) for random access.
 
-    A data root with legacy caches and no manifest opens as a per-image store rooted there.
+    ``data_root``: where the images are now, when the data moved (another machine, another mount): image paths
+    under it are looked up as the keys they had under the manifest's data root. A data root with legacy caches
+    and no manifest opens as a per-image store rooted there.
     """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"store {path} does not exist; pass a shard store folder or a data root with caches")
+    if data_root is not None and not Path(data_root).is_dir():
+        raise StoreError(f"data_root {data_root} is not a directory; pass the folder that holds the images now")
     try:
         mpath = find_manifest(path)
     except StoreError:
         if path.is_dir() and next(scan_per_image(path), None) is not None:
             m = new_manifest(layout="per-image", data_root=str(path.resolve()), model_path="")
-            return PerImageStore(path, m)
+            return PerImageStore(path, m, data_root=data_root)
         raise
     m = read_manifest(mpath)
     if m.get("layout") == "per-image":
-        if not m.get("data_root"):
-            m["data_root"] = str(mpath.parent)
-        return PerImageStore(mpath.parent, m)
-    return ShardStore(mpath.parent, m, max_open=max_open)
+        return PerImageStore(mpath.parent, m, data_root=data_root)
+    return ShardStore(mpath.parent, m, max_open=max_open, data_root=data_root)
 
 
 # --- drop-in loader --------------------------------------------------------------------------------------
-_default_stores: dict[str, Store] = {}
+_default_stores: dict[tuple[str, str | None], Store] = {}
 _announced = False
 _announce_lock = threading.Lock()
 
@@ -402,15 +464,16 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store |
     """The cached features of one image, or None: a drop-in for per-image ``torch.load`` cache loading.
 
     ``store`` is an open store or a store path; by default ``$FEATSTORE_STORE``, else the per-image cache
-    file beside the image (``<image>.vggt_cache.pt``).
+    file beside the image (``<image>.vggt_cache.pt``). A store given by path opens with ``$FEATSTORE_DATA_ROOT``
+    as its data root when set (the images moved, see :func:`open_store`).
     """
     if store is None:
         store = store_path()
     if store is not None and not isinstance(store, (ShardStore, PerImageStore)):
-        key = os.fspath(store)
-        if key not in _default_stores:
-            _default_stores[key] = open_store(key)
-        store = _default_stores[key]
+        where = (os.fspath(store), data_root_override())
+        if where not in _default_stores:
+            _default_stores[where] = open_store(where[0], data_root=where[1])
+        store = _default_stores[where]
     if store is not None:
         _announce(f"{store.layout} store {store.root}")
         return store.get(image_path)

@@ -429,7 +429,7 @@ class _Collector:
         self.other_keys: dict[str, set[str]] = {}  # real path -> further keys naming it
         self.missing: dict[str, MissingImage] = {}
         self.looked_in: dict[str, None] = {self.root: None}
-        self._memo: dict[tuple[tuple[str, ...], str], str | None] = {}  # -> real path, None when missing
+        self._memo: dict[tuple[tuple[str, ...], str], tuple[str, bool]] = {}  # -> (real path, True) | (key, False)
 
     def add_file(self, key: str, path: str, real: str) -> None:
         old = self.by_real.get(real)
@@ -440,28 +440,31 @@ class _Collector:
             if key < old[0]:
                 self.by_real[real] = (key, path)
 
-    def add_ref(self, ref: str, bases: tuple[str, ...], where: tuple[str, int], seen: set[str]) -> None:
-        """Resolve one reference and add it, or note it missing (first naming file and line kept)."""
+    def add_ref(self, ref: str, bases: tuple[str, ...], where: tuple[str, int], seen: set[tuple[str, bool]]) -> None:
+        """Resolve one reference and add it, or note it missing (the first file and line naming it are kept);
+        ``seen`` collects (real path, True) or (missing key, False) per source, for its counts."""
         memo = (bases, ref)
-        if memo not in self._memo:
-            for b in bases:
-                self.looked_in.setdefault(b, None)
-            hit = self.resolver.resolve_in(ref, bases)
-            if hit is None:
-                path = self.resolver.candidates(ref, bases)[0]
-                key = self.resolver.key_for(path)
-                self._memo[memo] = "\0" + key
-                old = self.missing.get(key)
-                self.missing[key] = (MissingImage(key, path, where[0], where[1]) if old is None
-                                     else MissingImage(old.key, old.path, old.file, old.line, old.references + 1))
-            else:
-                self.add_file(hit.key, str(hit.path), hit.real)
-                self._memo[memo] = hit.real
-        elif self._memo[memo].startswith("\0"):
-            key = self._memo[memo][1:]
-            old = self.missing[key]
-            self.missing[key] = MissingImage(old.key, old.path, old.file, old.line, old.references + 1)
-        seen.add(self._memo[memo])
+        outcome = self._memo.get(memo)
+        if outcome is None:
+            outcome = self._memo[memo] = self._resolve(ref, bases, where)
+        elif not outcome[1]:
+            old = self.missing[outcome[0]]
+            self.missing[outcome[0]] = MissingImage(old.key, old.path, old.file, old.line, old.references + 1)
+        seen.add(outcome)
+
+    def _resolve(self, ref: str, bases: tuple[str, ...], where: tuple[str, int]) -> tuple[str, bool]:
+        for b in bases:
+            self.looked_in.setdefault(b, None)
+        hit = self.resolver.resolve_in(ref, bases)
+        if hit is not None:
+            self.add_file(hit.key, str(hit.path), hit.real)
+            return hit.real, True
+        path = self.resolver.candidates(ref, bases)[0]
+        key = self.resolver.key_for(path)
+        old = self.missing.get(key)
+        self.missing[key] = (MissingImage(key, path, where[0], where[1]) if old is None
+                             else MissingImage(old.key, old.path, old.file, old.line, old.references + 1))
+        return key, False
 
     def result(self, sources: list[str], **fields: Any) -> Discovery:
         pairs = sorted(self.by_real.values())
@@ -471,8 +474,8 @@ class _Collector:
                          missing_refs=[self.missing[k] for k in sorted(self.missing)], aliases=aliases, **fields)
 
 
-def _count(stats: SourceStats, seen: set[str]) -> None:
-    stats.images = sum(1 for s in seen if not s.startswith("\0"))
+def _count(stats: SourceStats, seen: set[tuple[str, bool]]) -> None:
+    stats.images = sum(1 for _, found in seen if found)
     stats.missing = len(seen) - stats.images
 
 
@@ -570,7 +573,7 @@ def _add_annotations(collector: _Collector, files: list[str], strict: bool,
     stats = []
     for path in files:
         s = SourceStats(path, "annotations")
-        seen: set[str] = set()
+        seen: set[tuple[str, bool]] = set()
         before = len(malformed)
         folder = os.path.dirname(path)
         for rec in iter_annotation_records(path, strict, malformed):
@@ -588,7 +591,7 @@ def _add_annotations(collector: _Collector, files: list[str], strict: bool,
 
 def _add_image_list(collector: _Collector, list_path: str) -> SourceStats:
     s = SourceStats(list_path, "image-list")
-    seen: set[str] = set()
+    seen: set[tuple[str, bool]] = set()
     bases = collector.resolver.bases(None, os.path.dirname(list_path))
     for number, ref in _read_image_list(list_path):
         s.records += 1

@@ -724,8 +724,9 @@ def verify_per_image(mpath: Path | None, root: Path, m: dict[str, Any], *, data_
     """Check per-image caches (featstore-written or legacy) under the cache root."""
     from featstore.loader import scan_per_image
 
-    droot = data_root or m.get("data_root") or str(root)
-    croot = Path(m["cache_root"]) if m.get("cache_root") else root
+    # caches beside the images: the manifest lies in the data root, wherever that is now
+    droot = data_root or (m.get("data_root") if m.get("cache_root") else None) or str(root)
+    croot = root  # the manifest's folder: the cache root (mirrored caches) or the data root, wherever it is now
     report = Report(str(croot), "per-image")
     m["_rebuild_cmd"] = _rebuild_cmd(dict(m, data_root=droot), None, True)
     ex = expectations(m, droot)
@@ -772,9 +773,9 @@ def recompute(report: Report, store_path: Path, model_path: str, n: int, seed: i
     from featstore.loader import open_store
     from featstore.model import load_vggt
 
-    store = open_store(store_path)
+    store = open_store(store_path, data_root=data_root)
     m = store.manifest
-    droot = data_root or m.get("data_root")
+    droot = store.data_root
     names = [k for k, v in (m.get("tensors") or {}).items() if isinstance(v, dict) and v.get("layer") is not None]
     if not names:
         report.notes.append("recompute skipped: the manifest does not say which layers were stored")

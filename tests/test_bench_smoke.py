@@ -20,6 +20,7 @@ def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.Complet
     return proc
 
 
+@pytest.mark.slow  # a benchmark process (about 7 s)
 def test_loader_bench_quick(tmp_path):
     out = tmp_path / "loader.json"
     run_bench("loader_bench.py", "--json", str(out))
@@ -31,6 +32,7 @@ def test_loader_bench_quick(tmp_path):
     assert res["bytes_per_record"]["int8"] < res["bytes_per_record"]["zstd"] < res["bytes_per_record"]["raw"]
 
 
+@pytest.mark.slow  # a benchmark process (about 5 s)
 def test_codec_bench_quick(tmp_path, golden_dir):
     out = tmp_path / "codec.json"
     run_bench("codec_bench.py", "--golden", str(golden_dir), "--json", str(out))

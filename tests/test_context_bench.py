@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from featstore.samples import episode_samples
 from featstore.schedule import frame_passes_per_sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a benchmark process (about 6 s)
 def test_context_bench_quick(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "context_bench.py"), "--quick",

@@ -13,6 +13,8 @@ import pytest
 from featstore.loader import open_store
 from tests.featstore_helpers import REPO_ROOT, build, copy_images
 
+pytestmark = pytest.mark.slow  # real torchrun processes with DataLoader workers (about 35 s)
+
 
 def run_ranks(store: Path, out: Path, seed: int, epoch: int) -> list[list[str]]:
     out.mkdir(parents=True)

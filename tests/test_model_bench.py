@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a benchmark process with torch.compile (about 10 s)
 def test_gpu_model_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_model_bench.py"), "--smoke",

@@ -162,6 +162,7 @@ def test_bfloat16_load(tiny_model, images):
     assert (out.float() - ref).abs().max().item() < 0.15
 
 
+@pytest.mark.slow  # torch.compile tracing (about 5 s)
 def test_torch_compile_fullgraph(tiny_model, images):
     """No graph breaks (fullgraph); eager backend keeps this quick on CPU."""
     torch._dynamo.reset()

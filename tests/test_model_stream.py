@@ -46,6 +46,7 @@ def test_causal_forward_matches_janusvln_noncache(tiny_model, stream_data):
     assert (bidir[1][:, 0] - out[1][:, 0]).abs().max().item() > 1e-4
 
 
+@pytest.mark.slow  # three streams step by step (about 10 s on 2 cores)
 def test_stream_batch_of_two_equals_each_stream_alone(tiny_model, stream_data):
     images, stream_ref, _ = stream_data
     other = images.flip(1)  # a different stream: the same frames in reverse order

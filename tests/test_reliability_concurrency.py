@@ -22,6 +22,7 @@ from featstore.lock import LOCK_NAME, BuildLock, read_lock
 from tests.buildutil import REPO, build_args, make_images, run_cli
 
 IS_ROOT = os.geteuid() == 0
+pytestmark = pytest.mark.slow  # several real build processes each (about 80 s together)
 
 
 def popen_build(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -2,7 +2,8 @@
 
 The work is done by ``tools/crash_driver.py`` (real processes, real SIGKILL); these tests run it and check
 its findings. The full schedule (20 kills over a shard build, 8 over a per-image build, 6 over exports)
-runs with FEATSTORE_RUN_SLOW=1; the default run uses a shorter schedule that still covers every phase.
+runs with FEATSTORE_RUN_SLOW=1; the shorter schedules cover every phase. All of them are chaos tests with real
+processes (about 80 s together), so they are marked slow: CI (CI=true) runs them, the default run does not.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import pytest
 
 from tests.buildutil import REPO
+
+pytestmark = pytest.mark.slow
 
 
 def run_driver(tmp_path, *args: str) -> list[dict]:

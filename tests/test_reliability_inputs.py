@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.buildutil import REPO, build_args, make_images
@@ -69,6 +70,7 @@ def hostile_tree(d: Path) -> dict[str, str]:
             **{k: "ok" for k in good}}
 
 
+@pytest.mark.slow  # a real build process without DAC capabilities (about 10 s)
 def test_every_hostile_input_in_one_build(tmp_path):
     d = tmp_path / "d"
     expected = hostile_tree(d)
@@ -93,6 +95,7 @@ def test_every_hostile_input_in_one_build(tmp_path):
     assert m["counts"]["failed"] == len(fails) and m["processed_images"] == len(keys)
 
 
+@pytest.mark.slow  # a separate process, to measure its peak memory (about 5 s)
 def test_decompression_bomb_refused_with_bounded_memory(tmp_path):
     png_bomb(tmp_path / "bomb.png")
     assert (tmp_path / "bomb.png").stat().st_size < 1_000_000

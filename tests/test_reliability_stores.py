@@ -20,15 +20,15 @@ from featstore.errors import RecordError
 from featstore.formats.index import Index, write_index
 from featstore.formats.record import MAGIC, Record, encode_record
 from featstore.formats.shards import ShardEntry, ShardWriter, sha256_file
-from tests.buildutil import REPO, build_args, make_images, run_cli
+from tests.buildutil import REPO, build_args, make_images, run_inproc
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("built")
     make_images(base / "d", 4)
-    assert run_cli(*build_args(base / "d", "--out", str(base / "store"))).returncode == 0
-    assert run_cli(*build_args(base / "d", "--format", "per-image", "--out", str(base / "pi"))).returncode == 0
+    assert run_inproc(*build_args(base / "d", "--out", str(base / "store"))).returncode == 0
+    assert run_inproc(*build_args(base / "d", "--format", "per-image", "--out", str(base / "pi"))).returncode == 0
     return base
 
 
@@ -38,7 +38,7 @@ def copy_of(built: Path, name: str, tmp_path: Path) -> Path:
 
 
 def verify(path: Path) -> tuple[int, str]:
-    r = run_cli("verify", str(path), "--no-progress", "--workers", "1")
+    r = run_inproc("verify", str(path), "--no-progress", "--workers", "1")
     return r.returncode, r.stdout + r.stderr
 
 
@@ -70,7 +70,7 @@ def test_pickle_that_would_run_code_is_refused(built, tmp_path):
         store[key]
     rc, text = verify(pi)
     assert rc == 1 and key in text, text
-    r = run_cli("export", str(pi), "--format", "shards", "--out", str(tmp_path / "sh"))
+    r = run_inproc("export", str(pi), "--format", "shards", "--out", str(tmp_path / "sh"))
     assert r.returncode == 1 and "refuses to unpickle" in r.stderr, r.stderr
     assert not marker.exists(), "unpickling ran code"
 
@@ -120,7 +120,7 @@ def test_export_refuses_keys_escaping_the_output(built, tmp_path):
     evil = {k: encode_record(Record(k, k, rec.tensors, rec.meta)) for k in ("../escape.png", "/abs/escape.png", "ok.png")}
     store = craft_store(built, tmp_path / "evil", evil)
     out = tmp_path / "exported"
-    r = run_cli("export", str(store), "--format", "per-image", "--out", str(out))
+    r = run_inproc("export", str(store), "--format", "per-image", "--out", str(out))
     assert r.returncode == 1 and "refused 2 keys" in r.stderr, r.stderr
     assert (out / "ok.png.vggt_cache.pt").is_file()
     assert not (tmp_path / "escape.png.vggt_cache.pt").exists() and not Path("/abs/escape.png.vggt_cache.pt").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ import pytest
 from featstore.formats.manifest import read_manifest
 from tests.buildutil import build_args, make_images, run_inproc, write_jsonl
 from tests.featstore_helpers import problem_keys, run_verify
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> Path:
+    """A shard store of 3 scanned images (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("small")
+    make_images(root / "d", 3)
+    assert run_inproc(*build_args(root / "d", "--out", str(root / "store"))).returncode == 0
+    return root / "store"
 
 
 def annotated_root(root: Path) -> list[str]:
@@ -42,11 +52,9 @@ def test_verify_compares_with_the_recorded_sources(tmp_path):
     assert rc == 1 and problem_keys(rep, "missing") == {wanted[4]}, rep["problems"]
 
 
-def test_checks_that_did_not_run_are_skipped_not_ok(tmp_path):
-    data = tmp_path / "d"
-    make_images(data, 3)
+def test_checks_that_did_not_run_are_skipped_not_ok(small_store, tmp_path):
     store = tmp_path / "store"
-    assert run_inproc(*build_args(data, "--out", str(store))).returncode == 0
+    shutil.copytree(small_store, store)
     m = json.loads((store / "manifest.json").read_text())
     m["sources"] = None  # a store from before sources were recorded
     (store / "manifest.json").write_text(json.dumps(m))
@@ -57,7 +65,7 @@ def test_checks_that_did_not_run_are_skipped_not_ok(tmp_path):
     assert lines["missing"] == "skipped" and lines["recompute"] == "skipped" and lines["corrupt"] == "ok", r.stdout
     rc, rep = run_verify(store, tmp_path)
     assert set(rep["skipped"]) == {"missing", "recompute"} and "--data-root" in rep["skipped"]["missing"]
-    rc, rep = run_verify(store, tmp_path, "--data-root", str(data), "--recompute", "1")
+    rc, rep = run_verify(store, tmp_path, "--data-root", m["data_root"], "--recompute", "1")
     assert rc == 0 and rep["skipped"] == {} and rep["counts"]["listed_images"] == 3, rep
 
 
@@ -100,15 +108,12 @@ def test_undecodable_images_are_reported_as_such(tmp_path):
         assert "cannot be decoded" in p["message"] and p["fix"].startswith("replace the image")
 
 
-def test_json_to_stdout_and_bare_json_is_an_error(tmp_path):
-    data = tmp_path / "d"
-    make_images(data, 2)
-    assert run_inproc(*build_args(data)).returncode == 0
-    store = data / "vggt_featstore"
+def test_json_to_stdout_and_bare_json_is_an_error(small_store, tmp_path):
+    store = small_store
     r = run_inproc("verify", str(store), "--json", "-", "--no-progress")
     assert r.returncode == 0
     doc = json.loads(r.stdout)
-    assert doc["ok"] and doc["records_checked"] == 2 and "OK: every check passed" in r.stderr
+    assert doc["ok"] and doc["records_checked"] == 3 and "OK: every check passed" in r.stderr
     r = run_inproc("verify", str(store), "--no-progress", "--json")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == ("[ERROR] --json needs a value: give a file path for the report, or - to write it "
@@ -117,11 +122,9 @@ def test_json_to_stdout_and_bare_json_is_an_error(tmp_path):
     assert r.returncode == 2 and json.loads(r.stdout)["exit_code"] == 2
 
 
-def test_recompute_uses_the_manifests_model(tmp_path):
-    data = tmp_path / "d"
-    make_images(data, 3)
-    assert run_inproc(*build_args(data)).returncode == 0
-    store = data / "vggt_featstore"
+def test_recompute_uses_the_manifests_model(small_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(small_store, store)
     rc, rep = run_verify(store, tmp_path, "--recompute", "2")
     assert rc == 0 and rep["recompute"]["checked"] == 2, rep
     assert any("manifest's model tiny" in n for n in rep["notes"])
