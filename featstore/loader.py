@@ -39,8 +39,8 @@ from featstore.formats.index import INDEX_NAME, Index, IndexEntry
 from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path
 from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
 from featstore.formats.perimage import cache_path_for, read_pt
-from featstore.formats.codecs import dequantize_int8, empty_tensor
-from featstore.formats.record import CHANNEL_SCALE, FEATURES, TOKEN_SCALE, Record, decode_record, parse_dtype
+from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scales
+from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import SHARDS_DIR
 from featstore.fsutil import is_temp_name
 
@@ -54,8 +54,8 @@ def record_to_sample(rec: Record) -> dict[str, Any]:
     """The training sample of a record: ``key``, ``path``, ``features`` and any other stored tensors.
 
     A record read with ``dequantize=False`` keeps each int8-coded tensor ``<name>`` as int8 and adds
-    ``<name>_channel_scale`` (float32 ``[C]``), ``<name>_token_scale`` (float32 ``[..., P, 1]``) and
-    ``quantized`` (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
+    ``<name>_scales`` (float32 ``[C + P]``: C channel scales, then one scale per token) and ``quantized``
+    (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
     """
     sample: dict[str, Any] = {"key": rec.key, "path": rec.path}
     sample.update(rec.tensors)
@@ -84,12 +84,13 @@ def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dty
     A tensor that was not quantized is returned as it is (cast to ``dtype`` when given).
     """
     values = sample[name]
-    if values.dtype != torch.int8 or name + CHANNEL_SCALE not in sample:
+    if values.dtype != torch.int8 or name + SCALES not in sample:
         return values if dtype is None else values.to(dtype)
     if dtype is None:
         stored = (sample.get("quantized") or {}).get(name, "float32")
         dtype = parse_dtype(stored if isinstance(stored, str) else stored[0])  # collated: a list of names
-    return dequantize_int8(values, sample[name + CHANNEL_SCALE], sample[name + TOKEN_SCALE], dtype)
+    channel_scale, token_scale = unpack_scales(values, sample[name + SCALES])
+    return dequantize_int8(values, channel_scale, token_scale, dtype)
 
 
 # --- random access ---------------------------------------------------------------------------------------
