@@ -195,3 +195,17 @@ def test_hostile_int8_headers_are_refused_before_allocating():
         hb = json.dumps(h).encode()
         with pytest.raises(RecordError):
             decode_record(b"FSR1" + struct.pack("<I", len(hb)) + hb + data[first:])
+
+
+@pytest.mark.parametrize("codec", ["zstd", "int8"])
+def test_training_reads_reject_a_corrupt_zstd_frame_without_the_crc_pass(codec):
+    t = torch.randn(1, 64, 32).to(torch.bfloat16)
+    data = encode_record(Record("k", "k", {"features": t}), codec=codec)
+    _, specs, first = decode_header(data)
+    frame_start = first + specs[0].zbytes - specs[0].fields.get("qbytes", specs[0].zbytes)
+    rng = np.random.default_rng(1)
+    for pos in rng.integers(frame_start, first + specs[0].zbytes, size=30):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(8))
+        with pytest.raises(RecordError):
+            decode_record(bytes(bad), verify=False)

@@ -189,6 +189,30 @@ def unzstd(frame: memoryview, nbytes: int, what: str) -> bytes:
     return raw
 
 
+def unzstd_into(frame: memoryview, out: np.ndarray, what: str) -> None:
+    """Decompress one zstd frame straight into ``out`` (uint8), which it must fill exactly; the frame's
+    content checksum is checked at its end."""
+    claimed = zstandard.frame_content_size(frame)
+    if claimed != out.nbytes:
+        raise RecordError(f"{what}: zstd frame claims {claimed} bytes, header says {out.nbytes}")
+    try:
+        reader = decompressor().stream_reader(frame)
+        got = reader.readinto(out) if out.nbytes else 0
+        trailing = reader.read(1)  # reaches the frame end, where zstd checks the checksum
+    except zstandard.ZstdError as e:
+        raise RecordError(f"{what}: zstd data is corrupt ({e})") from None
+    if got != out.nbytes or trailing:
+        raise RecordError(f"{what}: zstd frame holds other than the {out.nbytes} bytes its header claims")
+
+
+def scratch(nbytes: int) -> np.ndarray:
+    """This thread's reusable uint8 buffer of at least ``nbytes`` (no fresh pages to fault in per record)."""
+    buf = getattr(_tls, "scratch", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _tls.scratch = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
 def _encode_zstd(t: torch.Tensor, level: int) -> tuple[dict[str, Any], list[Any]]:
     raw = tensor_bytes(t)
     itemsize = t.element_size()
@@ -198,12 +222,13 @@ def _encode_zstd(t: torch.Tensor, level: int) -> tuple[dict[str, Any], list[Any]
 
 
 def _decode_zstd(fields: Mapping[str, Any], payload: memoryview, out: torch.Tensor, verify: bool) -> torch.Tensor:
-    raw = unzstd(payload, out.nbytes, f"tensor {fields['name']!r}")
     arr = out.view(-1).view(torch.uint8).numpy()
     if fields.get("filter") == "byteshuffle" and out.element_size() > 1:
-        unshuffle_into(raw, out.element_size(), arr)
+        planes = scratch(out.nbytes)
+        unzstd_into(payload, planes, f"tensor {fields['name']!r}")
+        unshuffle_into(planes.data, out.element_size(), arr)
     else:
-        arr[:] = np.frombuffer(raw, dtype=np.uint8)
+        unzstd_into(payload, arr, f"tensor {fields['name']!r}")
     if verify:
         _check_crc(fields, arr.data)
     return out
@@ -360,8 +385,7 @@ def _decode_int8(fields: Mapping[str, Any], payload: memoryview, dtype: torch.dt
     channel_scale = view_or_copy(payload[:cs], torch.float32, (channels,))
     token_scale = view_or_copy(payload[cs:cs + ts], torch.float32, (*shape[:-1], per_token))
     values = empty_tensor(shape, torch.int8)
-    raw = unzstd(payload[cs + ts:cs + ts + qb], values.numel(), f"tensor {fields['name']!r}")
-    values.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(raw, dtype=np.uint8)
+    unzstd_into(payload[cs + ts:cs + ts + qb], values.view(-1).view(torch.uint8).numpy(), f"tensor {fields['name']!r}")
     bound = {k: float(v) for k, v in (fields.get("bound") or {}).items()}
     qt = Quantized(values, channel_scale, token_scale, dtype, bound)
     return qt if not dequantize else qt.dequantize()
