@@ -323,11 +323,10 @@ def dequantize_int8(values: torch.Tensor, channel_scale: torch.Tensor, token_sca
     channels = values.shape[-1]
     y = values.reshape(*values.shape[:-1], per_token, channels // per_token).to(torch.float32)
     y.mul_(token_scale.to(y.device, torch.float32)[..., None])  # in place: one float32 temporary in all
-    y = y.view(values.shape)
-    scale = channel_scale.to(y.device, torch.float32)
+    y = y.view(values.shape).mul_(channel_scale.to(y.device, torch.float32))
     if values.device.type != "cpu":
-        return (y.mul_(scale)).to(dtype)
-    return torch.mul(y, scale, out=empty_tensor(tuple(values.shape), dtype))
+        return y.to(dtype)
+    return empty_tensor(tuple(values.shape), dtype).copy_(y)  # shared memory inside a DataLoader worker
 
 
 def error_bound(original: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
