@@ -10,7 +10,8 @@ bytes -> tensor) and, for lossy codecs, the error bound measured at write time a
 * ``int8`` (lossy): ``x ~= q * token_scale[t, block] * channel_scale[c]`` with ``q`` int8. A per-channel scale
   first flattens outlier channels (ViT activations have a few channels 10-100x larger than the rest, and a
   scale shared with an outlier loses the ordinary channels), then a per-token (per ``block`` of channels)
-  scale adapts to each token's magnitude. ``benchmarks/codec_bench.py`` measured this scheme against
+  scale adapts to each token's magnitude; the number of levels (at most 127) is the fewest whose
+  predicted rounding error is 0.8% relative L2. ``benchmarks/codec_bench.py`` measured this scheme against
   per-channel, per-token, per-block and fp8 alternatives. The int8 values are zstd-compressed; the scales
   are stored as float32. NaN/Inf are refused at write.
 
@@ -25,7 +26,7 @@ import math
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -426,8 +427,3 @@ def validate_fields(fields: Mapping[str, Any], shape: tuple[int, ...], nbytes: i
         raise RecordError(f"tensor {fields.get('name')!r}: raw payload of {zbytes} bytes for {nbytes} tensor bytes")
     if codec == "int8":
         int8_sizes(fields, shape)
-
-
-def stored_bound(entries: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Error bounds by tensor name of the lossy entries of a record header."""
-    return {str(e["name"]): dict(e["bound"]) for e in entries if e.get("bound") is not None}
