@@ -11,11 +11,13 @@ Order of work for one process (a torchrun rank or a ``--part`` of a job array):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -25,22 +27,31 @@ import torch
 from tqdm import tqdm
 
 from featstore.env import dist_env
-from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, LockError, StoreError
+from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
-from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, read_manifest, shape_key
+from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_SUFFIX, SHARD_MANIFEST,
+                                        read_manifest, shape_key)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
-from featstore.fsutil import atomic_write_json, is_temp_name, remove_dead_temps
+from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name, read_record_meta
+from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
+from featstore.options import check_build_options, check_output_writable, shown
+from featstore.staleness import frames_changed, is_checkable, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
-from featstore.pipeline import (BackgroundWriter, Batch, Decoded, ImageDataset, PerImageSink, ShardSink, WorkItem,
-                                make_loader, shape_batches)
+from featstore.context import PlanExecutor
+from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
+                                PerImageSink, ShardSink, StepDataset, WorkItem, make_loader,
+                                preprocessed_size_of, sample_fingerprint, shape_batches)
+from featstore.preprocess import to_unit_float
+from featstore.samples import SampleItem, kept_index, stream_order
+from featstore.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
+DECODE_CHUNK = 4  # images a decode worker sends at once
 NAMED_MODELS = ("tiny", "vggt-1b-random")
 BUILD_CONFIG = "build.json"
 DEFAULT_OUT_NAME = "vggt_featstore"
@@ -57,11 +68,17 @@ class BuildOptions:
     annotations: list[Path] = field(default_factory=list)
     image_list: Path | None = None
     data_path: str | None = None
+    strict_annotations: bool = False
     batch_size: int = 16
     device: str = "cuda:0"
     dtype: str | None = None
     layers: tuple[int, ...] = (-2,)
     preprocess: str = "crop"
+    image_size: int = 518
+    context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
+    reference_frame: str = "first"
+    history: int | None = None  # samples from episode folders with JanusVLN's history rule
+    history_pad: bool = False
     apply_exif: bool = False
     tokens: str = "patch"
     shard_size: int = 1_000_000_000
@@ -80,6 +97,7 @@ class BuildOptions:
     max_pixels: int | None = None
     fsync: bool = True
     progress: bool = True
+    origins: dict[str, str] = field(default_factory=dict)  # option -> the flag or variable that set it (messages)
 
 
 @dataclass
@@ -91,11 +109,37 @@ class RunStats:
     skipped: int = 0
     failed: int = 0
     missing: int = 0
+    malformed: int = 0
     stale_rebuilt: int = 0
     bytes_written: int = 0
     batch_size_used: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     shapes: Counter = field(default_factory=Counter)
+    stage_seconds: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class RecordHead:
+    """A record's key, path and metadata, waiting for its tensors."""
+
+    key: str
+    path: str
+    meta: dict[str, Any]
+
+
+@dataclass
+class PendingRecords:
+    """Records on their way to the writer: heads, host tensors [N, 1, P, C] and the copy's CUDA event."""
+
+    heads: list[RecordHead]
+    host: dict[str, torch.Tensor]
+    event: Any = None
+
+
+def _owner_key(item: WorkItem | SampleItem) -> str:
+    """What decides an item's rank: its key; for a sample, the first frame it streams, so that the samples
+    sharing a prefix tree are built by one rank and share its computation."""
+    return stream_order(item.sample)[0] if isinstance(item, SampleItem) else item.key
 
 
 def owner_of(key: str, world: int) -> int:
@@ -125,14 +169,15 @@ class Build:
         self.opts = opts
         d = dist_env()
         self.dist = d
-        if not 0 <= opts.part < opts.num_parts:
-            raise ValueError(f"--part {opts.part} is outside --num-parts {opts.num_parts}")
         self.gid = opts.part * d.world_size + d.rank
         self.gworld = opts.num_parts * d.world_size
         self.is_leader = self.gid == 0 and opts.num_parts == 1
+        self.unit = opts.context  # "image" or "sample": what one record is
         self.stats = RunStats()
         self.done_before = 0
         self.missing_examples: list[str] = []
+        self.discovery_record: dict[str, Any] | None = None
+        self.missing_ledger: str | None = None
         self.bar: tqdm | None = None
         self.closed: list = []
         self._settings: dict[str, Any] | None = None
@@ -155,7 +200,10 @@ class Build:
         dev = self.resolve_device()
         self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev))
         self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
-        self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
+        try:
+            self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
+        except ValueError as e:
+            raise OptionError(f"{shown(self.opts, 'layers')}: {e}") from None
         forward = torch.compile(self.model) if self.opts.compile else None
         self.extractor = Extractor(self.model, self.layers, self.store_dtype, self.opts.tokens, forward)
 
@@ -189,9 +237,11 @@ class Build:
             return False
         same = (prev.get("vggt_model_path") == str(self.opts.model) and prev.get("dtype") == dtype
                 and prev.get("tokens") == self.opts.tokens and list(layers) == list(prev["layers"])
-                and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess)
+                and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess
+                and (prev.get("preprocess") or {}).get("target_size", 518) == self.opts.image_size
+                and (prev.get("context") or {"mode": "image"}) == self.context_settings())
         if same:
-            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "dtype", "codec", "tokens",
+            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens",
                     "source_fingerprint")
             self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
                                   cache_root=str(self.cache_root) if self.cache_root else None)
@@ -214,13 +264,23 @@ class Build:
                         for n, i in zip(names, self.layers)},
             "codec": self.opts.codec,
             "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif,
-                           # crop/pad: longest (pad) or width (crop) side 518, other side a multiple of 14;
-                           # janusvln: then each side down to a multiple of 28 (518 -> 504)
-                           "target_size": 518, "multiple": 28 if self.opts.preprocess == "janusvln" else 14},
+                           # crop/pad: longest (pad) or width (crop) side image_size, other side a multiple of
+                           # 14; janusvln: then each side down to a multiple of 28 (518 -> 504)
+                           "target_size": self.opts.image_size,
+                           "multiple": 28 if self.opts.preprocess == "janusvln" else 14},
+            "context": self.context_settings(),
             "dtype": dtype_name(self.store_dtype),
             "tokens": self.opts.tokens,
             "source_fingerprint": "sha256" if self.opts.hash_inputs else "stat",
         }
+
+    def context_settings(self) -> dict[str, Any]:
+        """What a record is: one image, or one training sample streamed with its frames as causal context."""
+        if self.opts.context == "image":
+            return {"mode": "image"}
+        history = None if self.opts.history is None else {"frames": self.opts.history, "pad": self.opts.history_pad,
+                                                          "rule": "janusvln"}
+        return {"mode": "sample", "reference_frame": self.opts.reference_frame, "history": history}
 
     def check_settings(self) -> None:
         """Refuse to resume into a store built with different model, layers, preprocessing, dtype or tokens."""
@@ -238,19 +298,35 @@ class Build:
         pmode = (prev.get("preprocess") or {}).get("mode")
         if pmode and pmode != mine["preprocess"]["mode"]:
             diffs.append(f"preprocess: store has {pmode}, this run {mine['preprocess']['mode']}")
+        psize = (prev.get("preprocess") or {}).get("target_size", 518)
+        if psize != mine["preprocess"]["target_size"]:
+            diffs.append(f"image size: store has {psize}, this run {mine['preprocess']['target_size']}")
+        pctx = prev.get("context") or {"mode": "image"}
+        if pctx != mine["context"]:
+            diffs.append(f"context: store has {pctx}, this run {mine['context']}")
         if diffs:
             raise StoreError(f"the store at {self.out} was built with other settings ({'; '.join(diffs)}). Mixing "
                              f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
                              f"every record with the new settings")
 
     def _previous_settings(self) -> dict[str, Any] | None:
-        for p in (self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST,
-                  per_image_manifest_path(self.data_root, self.cache_root)):
+        """The settings the store's records were built with; None for a store without records, whose settings
+        bind nothing (a rerun with other settings into it just builds)."""
+        if self.opts.format == "shards":
+            if not list_shards(self.out / SHARDS_DIR):
+                return None
+            paths = [self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST]
+        else:
+            paths = [per_image_manifest_path(self.data_root, self.cache_root)]
+        for p in paths:
             if p.is_file():
                 try:
-                    return read_manifest(p)
+                    m = read_manifest(p)
                 except StoreError:
                     continue
+                if self.opts.format == "per-image" and not (m.get("processed_images") or 0):
+                    return None
+                return m
         return None
 
     def prepare_output(self) -> None:
@@ -281,20 +357,76 @@ class Build:
         if self.opts.format == "shards" and (self.is_leader or self.opts.num_parts > 1):
             atomic_write_json(self.out / BUILD_CONFIG, self.settings())
 
+    # --- sources -----------------------------------------------------------------------------------------
+    def output_dirs(self) -> list[Path]:
+        """Folders this build writes, which discovery never reads."""
+        if self.opts.format == "shards":
+            return [self.out]
+        return [self.cache_root] if self.cache_root else []
+
+    def discover(self) -> Any:
+        """The images to build (annotations, image list, annotation files found under the data root, or a scan)."""
+        from featstore.sources import discover_images
+
+        found = discover_images(self.data_root, annotations=tuple(self.opts.annotations),
+                                image_list=self.opts.image_list, data_path=self.opts.data_path,
+                                find_annotations=True, exclude=self.output_dirs(),
+                                strict=self.opts.strict_annotations)
+        self.discovery_record = found.to_record(self.data_root)
+        self.missing_examples = list(found.missing[:20])
+        if self.gid == 0:
+            self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
+            _log_discovery(found, self.data_root, self.missing_ledger_path())
+        return found
+
+    def discover_samples(self) -> Any:
+        """The training samples to build (--context sample): annotation records, or episode folders (--history)."""
+        from featstore.sources import discover_samples
+
+        o = self.opts
+        found = discover_samples(self.data_root, annotations=tuple(o.annotations), data_path=o.data_path,
+                                 exclude=self.output_dirs(), strict=o.strict_annotations,
+                                 reference_frame=o.reference_frame, history=o.history, history_pad=o.history_pad)
+        self.discovery_record = found.record
+        self.missing_examples = [m["key"] for m in found.missing[:20]]
+        if self.gid == 0:
+            self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
+            _log_sample_discovery(found, self.missing_ledger_path())
+        return found
+
+    def missing_ledger_path(self) -> Path:
+        """Where the list of annotated images that do not exist goes (beside the manifest)."""
+        if self.opts.format == "shards":
+            return self.out / MISSING_LEDGER
+        return per_image_manifest_path(self.data_root, self.cache_root).parent / PER_IMAGE_MISSING_LEDGER
+
+    def write_missing_ledger(self, found: Any) -> None:
+        """(rank 0) List each annotated image that does not exist, with the file and line naming it."""
+        if self.gid != 0:
+            return
+        path = self.missing_ledger_path()
+        missing = [m.to_json() for m in found.missing_refs] if hasattr(found, "missing_refs") else found.missing
+        if missing:
+            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
+            atomic_write_bytes(path, text.encode("utf-8"), fsync=self.opts.fsync)
+            self.missing_ledger = path.name
+        elif path.is_file():
+            path.unlink()
+
     # --- planning ----------------------------------------------------------------------------------------
-    def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
-        """For the keys of this rank, what is already stored: key -> source (size, mtime_ns)."""
+    def done_sources(self, keys: list[str]) -> dict[str, tuple[str, int]]:
+        """For the keys of this rank, where the stored record is: key -> (shard, offset), or (cache file, 0)."""
         if self.opts.format == "shards":
             _, known = collect_entries(self.out)
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
-            return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
+            return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
         self._remove_temp_caches(keys)
         done = {}
         for k in keys:
             p = cache_path_for(k, self.data_root, self.cache_root)
             if p.is_file():
-                done[k] = (-1, -1)
+                done[k] = (str(p), 0)
         return done
 
     def _remove_temp_caches(self, keys: list[str]) -> None:
@@ -311,40 +443,60 @@ class Build:
                     log.info("removing unfinished cache file %s left by an interrupted build", e.path)
                     os.unlink(e.path)
 
-    def is_stale(self, item: WorkItem, stored: tuple[int, int]) -> bool:
-        """True when the image changed since its record was built (size or mtime differ)."""
+    def recorded_meta(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
+        """The metadata of a stored record (per-image file, or the record header in its shard)."""
         if self.opts.format == "per-image":
-            try:
-                rec = read_pt(cache_path_for(item.key, self.data_root, self.cache_root), verify=False)
-                src = rec.meta.get("source") or {}
-                stored = (int(src.get("size", -1)), int(src.get("mtime_ns", -1)))
-            except (FeatstoreError, OSError):
-                return True
-        try:
-            st = os.stat(item.path)
-        except OSError:
-            return False
-        return stored != (st.st_size, st.st_mtime_ns)
+            return dict(read_pt(Path(where[0]), verify=False).meta)
+        f = shard_files.get(where[0])
+        if f is None:
+            f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
+        return read_record_meta(f.fileno(), where[1])
 
-    def plan(self, items: list[WorkItem]) -> list[WorkItem]:
+    def is_stale(self, item: WorkItem | SampleItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
+        """True when the image (any frame of a sample) changed since its record was built (featstore.staleness:
+        content for records built with --hash-inputs, else size and mtime); unreadable or unfingerprinted
+        records are rebuilt."""
+        try:
+            meta = self.recorded_meta(where, shard_files)
+        except (FeatstoreError, OSError, ValueError):
+            return True
+        try:
+            if isinstance(item, SampleItem):
+                return frames_changed(item.paths, meta.get("frame_sources") or [])
+            recorded = meta.get("source") or {}
+            return not is_checkable(recorded) or source_changed(item.path, recorded)
+        except OSError:
+            return False  # the image is gone: nothing to rebuild from
+
+    def plan(self, items: list[Any]) -> list[Any]:
         """This rank's items still to build."""
-        mine = [it for it in items if owner_of(it.key, self.gworld) == self.gid]
+        mine = [it for it in items if owner_of(_owner_key(it), self.gworld) == self.gid]
         if not self.opts.skip_existing:
             return mine
         done = self.done_sources([it.key for it in mine])
         todo = []
-        for it in mine:
-            if it.key not in done:
-                todo.append(it)
-            elif self.opts.rebuild_stale and self.is_stale(it, done[it.key]):
-                self.stats.stale_rebuilt += 1
-                todo.append(it)
-            else:
-                self.stats.skipped += 1
+        shard_files: dict[str, Any] = {}
+        try:
+            for it in mine:
+                if it.key not in done:
+                    todo.append(it)
+                elif self.opts.rebuild_stale and self.is_stale(it, done[it.key], shard_files):
+                    self.stats.stale_rebuilt += 1
+                    todo.append(it)
+                else:
+                    self.stats.skipped += 1
+        finally:
+            for f in shard_files.values():
+                f.close()
         self.done_before = self.stats.skipped
         return todo
 
     # --- the loop ----------------------------------------------------------------------------------------
+    def decode_options(self) -> DecodeOptions:
+        """How this build decodes and preprocesses every image."""
+        o = self.opts
+        return DecodeOptions(o.preprocess, o.image_size, o.apply_exif, o.hash_inputs, o.max_pixels)
+
     def _sink(self) -> ShardSink | PerImageSink:
         if self.opts.format == "shards":
             existing = [parse_shard_name(n) for n in list_shards(self.out / SHARDS_DIR)]
@@ -354,18 +506,21 @@ class Build:
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
         return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
 
-    def _records(self, job: tuple[Batch, dict[str, torch.Tensor], Any]) -> list[Record]:
-        batch, host, event = job
-        if event is not None:
-            event.synchronize()
-        meta_common = {"layers": dict(zip(self.extractor.names, self.layers)), "model": self.model.fingerprint,
-                       "preprocess": self.opts.preprocess, "tokens": self.opts.tokens,
-                       "image_size": list(batch.images.shape[-2:])}
-        recs = []
-        for i, (item, src) in enumerate(zip(batch.items, batch.sources)):
-            tensors = {n: t[i] for n, t in host.items()}  # [1, P, C] views; the .pt codec copies what it must
-            recs.append(Record(item.key, item.path, tensors, dict(meta_common, source=src)))
-        return recs
+    def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Metadata every record of this run shares."""
+        return {"layers": dict(zip(self.extractor.names, self.layers)), "model": self.model.fingerprint,
+                "preprocess": self.opts.preprocess, "tokens": self.opts.tokens, "image_size": list(image_size)}
+
+    def _batch_heads(self, batch: Batch) -> list[RecordHead]:
+        common = self._record_meta(tuple(batch.images.shape[-2:]))
+        return [RecordHead(item.key, item.path, dict(common, source=src))
+                for item, src in zip(batch.items, batch.sources)]
+
+    def _records(self, job: PendingRecords) -> list[Record]:
+        if job.event is not None:
+            job.event.synchronize()
+        # host tensors are [N, 1, P, C]; row i is record i ([1, P, C] views; the .pt codec copies what it must)
+        return [Record(h.key, h.path, {n: t[i] for n, t in job.host.items()}, h.meta) for i, h in enumerate(job.heads)]
 
     def _on_written(self, records: list[Record]) -> None:
         self.stats.processed += len(records)
@@ -385,24 +540,95 @@ class Build:
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
         cuda = self.device.type == "cuda"
-        dataset = ImageDataset(todo, self.opts.preprocess, apply_exif=self.opts.apply_exif,
-                               hash_inputs=self.opts.hash_inputs, max_pixels=self.opts.max_pixels)
-        loader = make_loader(dataset, self.opts.num_workers if len(todo) > 1 else 0, cuda)
+        workers = self.opts.num_workers if len(todo) > 1 else 0
+        dataset = ImageDataset(todo, self.decode_options(), chunk=DECODE_CHUNK if workers else 1)
+        loader = make_loader(dataset, workers)
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
         self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
                         disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
-        max_batch = self.opts.batch_size
+        waits = self.stats.stage_seconds
         try:
-            for batch in shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda):
-                images = batch.images.to(self.device, non_blocking=True)
-                feats, worked = self.extractor.run_adaptive(images, max_batch)
-                if worked < max_batch and worked < images.shape[0]:
-                    max_batch = worked
-                    log.warning("continuing with batch size %d after CUDA out of memory", worked)
-                host, event = to_host(feats)
-                writer.put((batch, host, event))
-                crash_point("batch-queued")
+            batches = shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda)
+            max_batch = self.opts.batch_size
+            while (batch := _timed_next(batches, waits, "wait_decode")) is not None:
+                max_batch = self._infer_and_queue(batch, writer, max_batch)
+            t0 = time.perf_counter()
+            writer.close()
+            waits["drain_writer"] += time.perf_counter() - t0
+        except BaseException:
+            if isinstance(sink, ShardSink):
+                sink.writer.abort()
+            raise
+        finally:
+            self.bar.close()
+            self.bar = None
+        waits["wait_writer"] += writer.wait_seconds
+        waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
+        self.stats.bytes_written = sink.bytes_written
+        self.stats.batch_size_used = max_batch
+        self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
+
+    def _infer_and_queue(self, batch: Batch, writer: BackgroundWriter, max_batch: int) -> int:
+        """Run one batch on the device and queue its features for writing; returns the batch size that worked."""
+        t0 = time.perf_counter()
+        images = batch.images.to(self.device, non_blocking=True)
+        feats, worked = self.extractor.run_adaptive(images, max_batch)
+        if worked < max_batch and worked < images.shape[0]:
+            max_batch = worked
+            log.warning("continuing with batch size %d after CUDA out of memory", worked)
+        host, event = to_host(feats)
+        self.stats.stage_seconds["model_launch"] += time.perf_counter() - t0
+        writer.put(PendingRecords(self._batch_heads(batch), host, event))
+        crash_point("batch-queued")
+        return max_batch
+
+    # --- the context (per-sample) loop ---------------------------------------------------------------------
+    def frame_sizes(self, todo: list[SampleItem]) -> tuple[list[SampleItem], dict[str, tuple[int, int]]]:
+        """Each frame's preprocessed size from its header; samples with an unreadable frame or frames of
+        different sizes fail here (listed with the frame), the rest are returned with the size table."""
+        opts = self.decode_options()
+        paths = {k: p for it in todo for k, p in zip(it.sample.frames, it.paths)}
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="featstore-probe") as pool:
+            probed = dict(zip(paths, pool.map(lambda p: _probe_size(p, opts), paths.values())))
+        sizes = {k: v for k, v in probed.items() if isinstance(v, tuple)}
+        ok = []
+        for it in todo:
+            problem = _sample_size_problem(it, probed)
+            if problem is None:
+                ok.append(it)
+            else:
+                self._sample_failed(it, *problem)
+        return ok, sizes
+
+    def _sample_failed(self, item: SampleItem, frame: str, error: str) -> None:
+        self.stats.failed += 1
+        path = item.paths[item.sample.frames.index(frame)] if frame in item.sample.frames else ""
+        self.stats.failures.append({"key": item.key, "frame": frame, "path": path, "error": error})
+        if self.stats.failed <= 5:
+            log.warning("cannot build sample %s: frame %s: %s", item.key, path or frame, error)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def run_sample_loop(self, todo: list[SampleItem]) -> None:
+        """Stream every sample through the model, each shared frame prefix once, and write one record each."""
+        cuda = self.device.type == "cuda"
+        self.bar = tqdm(total=len(todo), unit=self.unit, desc="featstore build", dynamic_ncols=True,
+                        disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
+        todo, sizes = self.frame_sizes(todo)
+        steps = plan_steps([it.sample for it in todo], self.opts.batch_size, sizes.__getitem__)
+        items = {it.key: it for it in todo}
+        paths = {k: p for it in todo for k, p in zip(it.sample.frames, it.paths)}
+        loader = make_loader(StepDataset(steps, paths, self.decode_options()),
+                             self.opts.num_workers if len(steps) > 1 else 0, pin_memory=cuda, prefetch=4)
+        run = _SampleRun(PlanExecutor(self.model, self.layers, self.store_dtype, self.opts.tokens), items)
+        sink = self._sink()
+        writer = BackgroundWriter(sink, self._records, self._on_written)
+        waits = self.stats.stage_seconds
+        try:
+            decoded_steps = iter(loader)
+            for step in steps:
+                self._run_step(step, _timed_next(decoded_steps, waits, "wait_decode"), run, writer)
             writer.close()
         except BaseException:
             if isinstance(sink, ShardSink):
@@ -411,9 +637,42 @@ class Build:
         finally:
             self.bar.close()
             self.bar = None
+        waits["wait_writer"] += writer.wait_seconds
+        waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
         self.stats.bytes_written = sink.bytes_written
-        self.stats.batch_size_used = max_batch
+        self.stats.batch_size_used = run.executor.max_rows or self.opts.batch_size
         self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
+
+    def _run_step(self, step: Step, decoded: DecodedStep, run: "_SampleRun", writer: BackgroundWriter) -> None:
+        """Run one plan step; queue the records of the samples that end in it, fail those with a bad frame."""
+        t0 = time.perf_counter()
+        run.frame_sources.update(decoded.sources)
+        bad = run.mark_failed(step, decoded.errors)
+        images = to_unit_float(decoded.images.to(self.device, non_blocking=True))
+        done = []
+        for sample, feats in run.executor.run_step(step, images):
+            if sample.key in bad:
+                self._sample_failed(run.items[sample.key], *bad[sample.key])
+            else:
+                done.append((sample, feats))
+        if done:
+            stacked = {n: torch.stack([f[n] for _, f in done]) for n in self.extractor.names}  # [N, 1, P, C]
+            host, event = to_host(stacked)
+            heads = [self._sample_head(run.items[s.key], tuple(images.shape[-2:]), run.frame_sources) for s, _ in done]
+            self.stats.stage_seconds["model_launch"] += time.perf_counter() - t0
+            writer.put(PendingRecords(heads, host, event))
+            crash_point("batch-queued")
+
+    def _sample_head(self, item: SampleItem, image_size: tuple[int, int], frame_sources: dict) -> RecordHead:
+        sources = [frame_sources[f] for f in item.sample.frames]
+        patch = int(self.model.config.patch_size)
+        meta = dict(self._record_meta(image_size), context="sample", frames=list(item.sample.frames),
+                    kept=kept_index(item.sample), reference_frame=item.sample.reference_frame,
+                    grid=[image_size[0] // patch, image_size[1] // patch],
+                    source=sample_fingerprint(sources), frame_sources=sources)
+        if item.sample.id is not None:
+            meta["id"] = item.sample.id
+        return RecordHead(item.key, item.kept_path, meta)
 
     # --- finish ------------------------------------------------------------------------------------------
     def summary(self, started: float, finished: float) -> dict[str, Any]:
@@ -422,9 +681,65 @@ class Build:
         return dict(self.settings(), gid=self.gid, world_size=self.gworld, layout=self.opts.format,
                     total_images=s.total_images, done_images=self.done_before + s.processed,
                     counts={"processed": s.processed, "skipped": s.skipped, "failed": s.failed,
-                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt},
+                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt,
+                            "malformed_annotation_lines": s.malformed},
+                    sources=self.discovery_record, missing_ledger=self.missing_ledger,
                     feature_shapes=dict(s.shapes), failures=s.failures, missing_examples=self.missing_examples,
                     bytes_written=s.bytes_written, times={"started": started, "finished": finished})
+
+
+class _SampleRun:
+    """State of one context loop: the executor, the samples by key, frame fingerprints and failed nodes."""
+
+    def __init__(self, executor: PlanExecutor, items: dict[str, SampleItem]):
+        self.executor, self.items = executor, items
+        self.frame_sources: dict[str, dict[str, Any]] = {}
+        self.failed_nodes: dict[int, tuple[str, str]] = {}  # node -> (frame, error) that broke its stream
+
+    def mark_failed(self, step: Step, errors: dict[str, str]) -> dict[str, tuple[str, str]]:
+        """Record the step's nodes whose frame (or an earlier frame of their stream) failed; returns the
+        samples ending in this step that must fail, with (frame, error)."""
+        bad: dict[str, tuple[str, str]] = {}
+        for node, parent, frame, ends in zip(step.nodes, step.parents, step.frames, step.ends):
+            why = self.failed_nodes.get(parent) if parent is not None else None
+            if why is None and frame in errors:
+                why = (frame, errors[frame])
+            if why is not None:
+                self.failed_nodes[node] = why
+                bad.update((s.key, why) for s in ends)
+        return bad
+
+
+def _probe_size(path: str, opts: DecodeOptions) -> tuple[int, int] | str:
+    """A frame's preprocessed size, or why its header cannot be read."""
+    try:
+        return preprocessed_size_of(path, opts)
+    except Exception as e:  # noqa: BLE001 - reported per sample, never fatal
+        return f"{type(e).__name__}: {e}"
+
+
+def _sample_size_problem(item: SampleItem, probed: dict[str, Any]) -> tuple[str, str] | None:
+    """(frame, error) when a frame of the sample is unreadable or differs in size from the first frame."""
+    first = probed[item.sample.frames[0]]
+    for frame in item.sample.frames:
+        size = probed[frame]
+        if isinstance(size, str):
+            return frame, size
+        if isinstance(first, tuple) and size != first:
+            return frame, (f"preprocesses to {size[0]}x{size[1]} but the sample's first frame to {first[0]}x"
+                           f"{first[1]}: the frames of one sample must have one size")
+    return None
+
+
+def _timed_next(it: Any, seconds: Counter, name: str) -> Any:
+    """``next(it)`` (None at the end), adding the time it blocked to ``seconds[name]``."""
+    t0 = time.perf_counter()
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+    finally:
+        seconds[name] += time.perf_counter() - t0
 
 
 def _barrier(distributed: bool) -> None:
@@ -432,77 +747,93 @@ def _barrier(distributed: bool) -> None:
         torch.distributed.barrier()
 
 
-def run_build(opts: BuildOptions) -> int:
-    """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run)."""
-    from featstore.sources import discover_images
+def _check_inputs(opts: BuildOptions) -> Build:
+    """Every check that needs neither the model nor the images, before anything is read or written."""
+    check_build_options(opts)
+    if _model_path_problem(opts.model) is not None:
+        raise OptionError(f"{shown(opts, 'model')} not found: pass the VGGT-1B checkpoint (a folder with "
+                          f"model.safetensors or model.pt, or the file), or --model tiny for the built-in test model")
+    root = Path(opts.data_root)
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise OptionError(f"{shown(opts, 'data_root')} is not a readable directory; check the path and its "
+                          f"permissions")
+    b = Build(opts)
+    check_output_writable(opts, b.out)
+    return b
 
+
+def run_build(opts: BuildOptions) -> int:
+    """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run).
+
+    A build that cannot run (exit 2) leaves nothing behind: options, environment, data root, output folder,
+    model and the store's settings are all checked before the first output is written.
+    """
     started = time.time()
-    problem = _model_path_problem(opts.model)
-    if problem is not None:
-        log.error("VGGT_MODEL_PATH not found: %s", problem)
-        log.error("Pass --model /path/to/VGGT-1B (a folder with model.safetensors or model.pt), or set "
-                  "VGGT_MODEL_PATH; use --model tiny for the built-in test model")
-        return 2
     try:
-        b = Build(opts)
-    except ValueError as e:
-        log.error("%s", e)
+        b = _check_inputs(opts)
+    except FeatstoreError as e:
+        log.error("%s", _one_line(e))
         return 2
     distributed = _setup_distributed(b.dist.world_size)
+    out_existed = b.out.exists()
     try:
-        return _run(b, opts, started, distributed, discover_images)
-    except (CheckpointError, LockError, StoreError, AnnotationError) as e:
-        log.error("%s", e)
+        return _run(b, opts, started, distributed)
+    except FeatstoreError as e:
+        log.error("%s", _one_line(e))
         return 2
     finally:
+        if not out_existed:
+            _remove_if_empty(b.out)
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discover_images: Any) -> int:
-    from featstore.sources import auto_annotations
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
-    if not Path(opts.data_root).is_dir() or not os.access(opts.data_root, os.R_OK | os.X_OK):
-        log.error("DATA_ROOT is not a readable directory: %s; check the path and its permissions", opts.data_root)
-        return 2
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove an output folder this run created and left empty (a build that stopped before writing)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int:
     b.resolve_device()
-    annotations = list(opts.annotations)
-    if not annotations and opts.image_list is None:
-        annotations = auto_annotations(b.data_root)
-        if annotations:
-            log.info("using annotation files at the data root: %s", ", ".join(p.name for p in annotations))
-    found = discover_images(b.data_root, annotations=tuple(annotations), image_list=opts.image_list,
-                            data_path=opts.data_path)
-    items = [WorkItem(i.key, str(i.path)) for i in found.items]
-    b.missing_examples = list(found.missing[:20])
-    b.stats.missing = len(found.missing) if b.gid == 0 else 0
+    if opts.context == "sample":
+        found = b.discover_samples()
+        items: list[Any] = found.items
+        if not items:
+            log.warning("No samples found! %s", json.dumps(found.record))
+            return 1
+    else:
+        found = b.discover()
+        items = [WorkItem(i.key, str(i.path)) for i in found.items]
+        if not items:
+            log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
+            return 1
     b.stats.total_images = len(items) + len(found.missing)
-    if not items:
-        log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
-        if found.missing:
-            log.warning("%d referenced images are missing, e.g. %s", len(found.missing), found.missing[:3])
-        return 1
-    if found.missing and b.gid == 0:
-        log.warning("%d images referenced by annotations do not exist (first: %s)", len(found.missing),
-                    ", ".join(found.missing[:3]))
     lock_name = f"build-{b.gid:05d}"
     with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
-        b.prepare_output()
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
             b.load_model()
             b.check_settings()
         else:
             log.info("nothing left to build for this rank; the store's settings match (model not loaded)")
+        b.prepare_output()  # the first write: everything above only reads
+        b.write_missing_ledger(found)
         b.record_settings()
         _barrier(distributed)  # every rank has read the store state before anyone writes
         if b.gid == 0:
-            log.info("Processing %d images... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
-                     len(todo) if b.gworld == 1 else len(items), b.stats.skipped, b.gworld, b.device,
+            log.info("Processing %d %s... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
+                     len(todo) if b.gworld == 1 else len(items), b.unit + "s", b.stats.skipped, b.gworld, b.device,
                      opts.batch_size, dtype_name(b.store_dtype))
         b.bar = None
         if todo:
-            b.run_loop(todo)
+            b.run_sample_loop(todo) if opts.context == "sample" else b.run_loop(todo)
         if b.device.type == "cuda":
             torch.cuda.synchronize()
         finished = time.time()
@@ -514,6 +845,55 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
                 wait_for_parts(b.state_dir, b.gworld)
             manifest = _merge(b)
     return _report(b, opts, started, manifest)
+
+
+SHOW_SOURCES = 20
+
+
+def _log_discovery(found: Any, data_root: Path, ledger: Path) -> None:
+    """Say which sources were used, how many images each named, and what was missing or malformed."""
+    def rel(p: str) -> str:
+        return os.path.relpath(p, data_root) if p.startswith(str(data_root) + os.sep) else p
+
+    if found.scanned:
+        log.info("no annotation files (*.jsonl, annotations.json) under %s: scanning it for images", data_root)
+    elif found.source_stats:
+        how = "found under the data root" if found.auto else "given"
+        log.info("using %d source file(s) %s:", len(found.source_stats), how)
+        for s in found.source_stats[:SHOW_SOURCES]:
+            extra = f", {s.missing} missing" if s.missing else ""
+            extra += f", {s.malformed_lines} malformed line(s) skipped" if s.malformed_lines else ""
+            log.info("  %s: %d records, %d images%s", rel(s.file), s.records, s.images, extra)
+        if len(found.source_stats) > SHOW_SOURCES:
+            log.info("  ... and %d more (all listed in the manifest's sources)", len(found.source_stats) - SHOW_SOURCES)
+    for bad in found.malformed[:5]:
+        log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
+    if len(found.malformed) > 5:
+        log.warning("%d malformed annotation lines skipped in all", len(found.malformed))
+    if found.missing_refs:
+        first = found.missing_refs[0]
+        log.warning("%d images named by the sources do not exist (first: %s, named at %s:%d); each is listed with "
+                    "the file and line naming it in %s", len(found.missing_refs), first.path, rel(first.file),
+                    first.line, ledger)
+
+
+def _log_sample_discovery(found: Any, ledger: Path) -> None:
+    """Say where the samples came from and which could not be built for want of a frame."""
+    rec = found.record
+    if rec.get("method") == "episodes":
+        log.info("%d samples from %d episode folders (%d frames; JanusVLN history rule, %d frames%s)", rec["samples"],
+                 rec["episodes"], rec["frames"], rec["history"]["frames"], ", front-padded" if rec["history"]["pad"] else "")
+    else:
+        log.info("using %d annotation file(s):", len(rec["annotations"]))
+        for a in rec["annotations"][:SHOW_SOURCES]:
+            log.info("  %s: %d records, %d samples%s", a["file"], a["records"], a["samples"],
+                     f", {a['missing']} with a missing frame" if a["missing"] else "")
+    for bad in found.malformed[:5]:
+        log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
+    if found.missing:
+        first = found.missing[0]
+        log.warning("%d samples name a frame that does not exist (first: %s, named at %s:%d); each is listed with "
+                    "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
 
 
 class _RankLock(BuildLock):
@@ -534,19 +914,22 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
     s = b.stats
     secs = max(time.time() - started, 1e-9)
     if b.gid == 0:
-        log.log(25, "Processed %d images", s.processed)
+        log.log(25, "Processed %d %ss", s.processed, b.unit)
         where = (f"{b.out}/{SHARDS_DIR}/*.tar (index {b.out / INDEX_NAME})" if opts.format == "shards"
                  else "<image_path>.vggt_cache.pt" + (f" under {b.cache_root}" if b.cache_root else ""))
         log.info("Cache files stored as: %s", where)
-        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f images/s, "
+        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f %ss/s, "
                  "%s written%s", s.processed, s.skipped, s.failed, s.missing, s.stale_rebuilt, secs,
-                 s.processed / secs, _human(s.bytes_written),
+                 s.processed / secs, b.unit, _human(s.bytes_written),
                  f" | batch size used {s.batch_size_used}" if 0 < s.batch_size_used < opts.batch_size else "")
+        if s.stage_seconds:
+            log.info("Pipeline seconds (main thread waiting for decode / model launch / waiting for the writer; "
+                     "writer thread): %s", ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.stage_seconds.items())))
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
-            log.warning("%d images failed; see %s", s.failed, b.out / manifest["failures_ledger"])
+            log.warning("%d %ss failed; see %s", s.failed, b.unit, b.out / manifest["failures_ledger"])
     if s.failed > opts.allow_failures:
-        log.error("%d images failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
-                  "--allow-failures N", s.failed, opts.allow_failures)
+        log.error("%d %ss failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
+                  "--allow-failures N", s.failed, b.unit, opts.allow_failures)
         return 1
     return 0
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from featstore.errors import FeatstoreError, RecordError, StoreError
+from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, write_index
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find_manifest, new_manifest,
@@ -40,8 +41,8 @@ from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
 
 log = logging.getLogger("featstore")
-COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "dtype", "tokens",
-                 "source_fingerprint", "total_images")
+COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "tokens",
+                 "source_fingerprint", "total_images", "sources")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
 
 
@@ -94,6 +95,11 @@ def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: boo
     store = open_store(store_path)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
+    if store.context.get("mode") == "sample":
+        raise StoreError(f"{store_path} holds one record per training sample: a sample's features depend on all "
+                         "its frames, so a per-image file beside one image cannot hold them (and training code "
+                         "reading per-image caches would take them for context-free features); read the store with "
+                         "open_store(...).get_sample(frames) or featstore.load_sample_features instead")
     m = store.manifest
     data_root = Path(m.get("data_root") or "")
     if out is None and not data_root.is_dir():
@@ -255,6 +261,8 @@ def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], r
                           legacy: int) -> None:
     shards = sorted(known, key=shard_order)
     n = write_index(out / INDEX_NAME, shards, ((i, e) for i, s in enumerate(shards) for e in known[s]))
+    if ((src.manifest or {}).get("context") or {}).get("mode") == "sample":
+        write_alias_index(out, shards, known)
     ix = Index(out / INDEX_NAME)  # fail loudly now rather than in training if the index is unreadable
     specs = Counter(int(x) for x in ix.cols["spec"]) if n else Counter()
     shapes = Counter({shape_key(ix.specs[i][0][2]): c for i, c in specs.items()})

@@ -28,13 +28,14 @@ import os
 import random
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from featstore.env import dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
+from featstore.formats.aliases import ALIAS_INDEX
 from featstore.formats.index import INDEX_NAME, Index, IndexEntry
 from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path
 from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
@@ -43,6 +44,7 @@ from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scale
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import SHARDS_DIR
 from featstore.fsutil import is_temp_name
+from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
 DEFAULT_MAX_OPEN = 64
@@ -51,13 +53,17 @@ DEFAULT_SHUFFLE_BUFFER = 1000
 
 # --- samples ---------------------------------------------------------------------------------------------
 def record_to_sample(rec: Record) -> dict[str, Any]:
-    """The training sample of a record: ``key``, ``path``, ``features`` and any other stored tensors.
+    """The training sample of a record: ``key``, ``path``, ``features`` and any other stored tensors; a sample
+    store's records also give ``frames`` (frame keys in training order) and ``grid`` ((h, w) of the tokens).
 
     A record read with ``dequantize=False`` keeps each int8-coded tensor ``<name>`` as int8 and adds
     ``<name>_scales`` (float32 ``[C + P]``: C channel scales, then one scale per token) and ``quantized``
     (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
     """
     sample: dict[str, Any] = {"key": rec.key, "path": rec.path}
+    if rec.meta.get("context") == "sample":  # a training sample's record: its frames and token grid
+        sample["frames"] = list(rec.meta.get("frames") or [])
+        sample["grid"] = tuple(rec.meta.get("grid") or ())
     sample.update(rec.tensors)
     if rec.quantized:
         sample["quantized"] = dict(rec.quantized)
@@ -107,7 +113,46 @@ def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
     return view
 
 
-class ShardStore:
+class SampleLookup:
+    """Sample-store lookups (``featstore build --context sample``): a record per training sample, found by the
+    sample's ordered frames (as the training dataset holds them) or by its annotation ``id``."""
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The store's context settings: ``{"mode": "image"}`` or ``{"mode": "sample", "reference_frame", ...}``."""
+        return dict(self.manifest.get("context") or {"mode": "image"})  # type: ignore[attr-defined]
+
+    def _require_samples(self) -> None:
+        if self.context.get("mode") != "sample":
+            raise StoreError(f"{self.root} holds one record per image, not per training sample: look images up with "  # type: ignore[attr-defined]
+                             "store.get(image_path), or build a sample store with --context sample")
+
+    def sample_key(self, frames: Sequence[str | os.PathLike[str]]) -> str:
+        """The frame-digest key of a sample (frames in training order, paths or keys, as for ``get``)."""
+        keys = [self.key_for(f) for f in frames]  # type: ignore[attr-defined]
+        return sample_key(keys, str(self.context.get("reference_frame", "first")))
+
+    def _alias_entry(self, key: str) -> IndexEntry | None:
+        return None  # only shard stores hold samples
+
+    def get_sample(self, frames: Sequence[str | os.PathLike[str]] | None = None, *, id: Any = None,
+                   default: Any = None) -> torch.Tensor | Any:
+        """The features ``[1, h*w, C]`` of a training sample, or ``default`` when the store does not hold it.
+
+        ``frames``: the sample's frame paths in training order (chronological, current frame last, before any
+        ``reference_frame: last`` reversal: the store applies its own setting); or ``id``: its annotation id.
+        """
+        if (frames is None) == (id is None):
+            raise TypeError("get_sample takes the sample's frames or its id=, not both or neither")
+        self._require_samples()
+        key = str(id) if id is not None else self.sample_key(frames)  # type: ignore[arg-type]
+        if key in self:  # type: ignore[operator]
+            return self[key]  # type: ignore[index]
+        entry = self._alias_entry(key) if id is None else None
+        return default if entry is None else self.features_at(entry)  # type: ignore[attr-defined]
+
+
+class ShardStore(SampleLookup):
     """Random access to a shard store: index lookup, then one ``pread`` of the record's bytes."""
 
     layout = "shards"
@@ -120,6 +165,7 @@ class ShardStore:
         self._lock = threading.Lock()
         self._pid = -1
         self._index: Index | None = None
+        self._aliases: Index | bool | None = None  # False: the store has no alias index
         self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
         if not (self.root / INDEX_NAME).is_file():
             raise StoreError(f"shard store {self.root} has no {INDEX_NAME}; run `featstore merge {self.root}`")
@@ -127,7 +173,7 @@ class ShardStore:
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into spawned DataLoader workers: carry the location only, reopen there.
         d = self.__dict__.copy()
-        d.update(_lock=None, _index=None, _files=collections.OrderedDict(), _pid=-1)
+        d.update(_lock=None, _index=None, _aliases=None, _files=collections.OrderedDict(), _pid=-1)
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -140,6 +186,7 @@ class ShardStore:
             self._lock = threading.Lock()
             self._files = collections.OrderedDict()
             self._index = None
+            self._aliases = None
             self._pid = os.getpid()
 
     @property
@@ -196,8 +243,19 @@ class ShardStore:
         return decode_record(self.read_bytes(self.entry(key)), verify=False, dequantize=dequantize)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        e = self.entry(key)
+        return self.features_at(self.entry(key))
+
+    def features_at(self, e: IndexEntry) -> torch.Tensor:
+        """The ``features`` tensor of the record an index entry points at."""
         return decode_record(self.read_bytes(e), only=(FEATURES,), verify=False).tensors[FEATURES]
+
+    def _alias_entry(self, key: str) -> IndexEntry | None:
+        """The record a frame digest names in a store keyed by annotation ids (``aliases.fsi``)."""
+        self._check_pid()
+        if self._aliases is None:
+            path = self.root / ALIAS_INDEX
+            self._aliases = Index(path) if path.is_file() else False
+        return self._aliases.get(key) if self._aliases else None
 
     def __contains__(self, key: object) -> bool:
         return key in self.index
@@ -226,7 +284,7 @@ class ShardStore:
             self._files.clear()
 
 
-class PerImageStore:
+class PerImageStore(SampleLookup):
     """Random access to per-image ``<image>.vggt_cache.pt`` caches (featstore-written or legacy)."""
 
     layout = "per-image"
@@ -363,6 +421,25 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store |
         return read_pt(p).features
     except FileNotFoundError:
         return None
+
+
+def load_sample_features(frames: Sequence[str | os.PathLike[str]], store: Store | str | os.PathLike[str] | None = None,
+                         *, id: Any = None) -> torch.Tensor | None:
+    """The cached features ``[1, h*w, C]`` of one training sample, or None: the drop-in for the VGGT loop of a
+    training step. ``frames`` are the sample's frame paths in training order (current frame last); ``store``
+    is an open sample store or its path (default ``$FEATSTORE_STORE``); ``id``: look up by annotation id."""
+    if store is None:
+        store = store_path()
+        if store is None:
+            raise StoreError("load_sample_features needs a sample store: pass store=PATH or set FEATSTORE_STORE "
+                             "to a store built with featstore build --context sample")
+    if not isinstance(store, (ShardStore, PerImageStore)):
+        key = os.fspath(store)
+        if key not in _default_stores:
+            _default_stores[key] = open_store(key)
+        store = _default_stores[key]
+    _announce(f"{store.layout} sample store {store.root}")
+    return store.get_sample(None if id is not None else frames, id=id)
 
 
 # --- streaming -------------------------------------------------------------------------------------------

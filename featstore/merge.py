@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
+from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, write_index
-from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST, new_manifest,
-                                        read_manifest, shape_key, write_manifest)
+from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST,
+                                        new_manifest, read_manifest, shape_key, write_manifest)
 from featstore.formats.shards import SHARDS_DIR, ShardEntry, ShardInfo, list_shards, scan_shard, sha256_file
 from featstore.faults import crash_point
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name
@@ -29,7 +30,7 @@ from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name
 log = logging.getLogger("featstore")
 PARTS_DIR = "parts"
 PER_IMAGE_STATE_DIR = ".featstore"
-PER_IMAGE_FAILURES = "vggt_cache_failures.jsonl"
+PER_IMAGE_FAILURES = PER_IMAGE_FAILURES_LEDGER
 
 
 def part_stem(gid: int) -> str:
@@ -103,6 +104,9 @@ def shard_order(name: str) -> tuple[int, int]:
     return (p[2], p[1]) if p else (0, 0)
 
 
+COUNTED = ("processed", "skipped", "failed", "missing", "stale_rebuilt", "malformed_annotation_lines")
+
+
 def _merge_summaries(parts: list[dict[str, Any]], old: dict[str, Any] | None) -> dict[str, Any]:
     counts: Counter = Counter()
     shapes: Counter = Counter()
@@ -138,7 +142,9 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
     live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
     crash_point("merge-before-index")
     n = write_index(out_dir / INDEX_NAME, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
-    shard_meta = _shard_records(out_dir, live, known, old, parts)
+    if ((base.get("context") or {}).get("mode")) == "sample":
+        write_alias_index(out_dir, live, known)
+    shard_meta = _shard_records(out_dir, live, known, old, parts, latest)
     merged = _merge_summaries(parts, old)
     ix = Index(out_dir / INDEX_NAME)
     feat_shapes = Counter()
@@ -146,8 +152,7 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
         spec = ix.specs[int(ix.cols["spec"][row])]
         feat_shapes[shape_key(spec[0][2])] += 1
     m = _base_manifest("shards", base, old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in ("processed", "skipped", "failed",
-                                                                            "missing", "stale_rebuilt")})
+    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     counts["records"] = n
     ledger = out_dir / FAILURES_LEDGER
     if parts:
@@ -170,8 +175,9 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
 
 
 def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEntry]], old: dict[str, Any] | None,
-                   parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The manifest's shard list; sha256 reused from earlier manifests and part files, computed otherwise."""
+                   parts: list[dict[str, Any]], latest: dict[str, str]) -> list[dict[str, Any]]:
+    """The manifest's shard list (``records``: the shard's records the index points to, superseded copies not
+    counted); sha256 reused from earlier manifests and part files, computed otherwise."""
     cached: dict[str, dict[str, Any]] = {}
     for s in (old or {}).get("shards", []):
         cached[s["name"]] = s
@@ -183,14 +189,15 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
         size = (out_dir / SHARDS_DIR / name).stat().st_size
         c = cached.get(name)
         sha = c["sha256"] if c and c.get("bytes") == size else sha256_file(out_dir / SHARDS_DIR / name)
-        out.append({"name": name, "records": len(known[name]), "bytes": size, "sha256": sha})
+        records = sum(1 for e in known[name] if latest[e.key] == name)
+        out.append({"name": name, "records": records, "bytes": size, "sha256": sha})
     return out
 
 
 def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "dtype", "codec", "tokens", "source_fingerprint",
-              "cache_root")
+    fields = ("model", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens", "source_fingerprint",
+              "cache_root", "sources", "missing_ledger")
     src = base if parts else (old or {})
     m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),
                      model_path=str(src.get("vggt_model_path", src.get("model_path", ""))),
@@ -228,8 +235,7 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
         return old
     merged = _merge_summaries(parts, old)
     m = _base_manifest("per-image", parts[0], old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in ("processed", "skipped", "failed",
-                                                                            "missing", "stale_rebuilt")})
+    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     done = sum(p.get("done_images", 0) for p in parts)
     counts["records"] = done
     ledger = root / PER_IMAGE_FAILURES

@@ -15,21 +15,21 @@ import io
 import os
 import queue
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from PIL import Image
 
-from featstore.errors import FeatstoreError
 from featstore.faults import crash_point
 from featstore.formats.perimage import cache_path_for, encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
-from featstore.preprocess import open_image, preprocess_image
+from featstore.preprocess import UINT8_MODES, open_image, preprocess_image, preprocess_image_u8, preprocessed_size
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,24 @@ class Decoded:
     source: dict[str, Any] = field(default_factory=dict)
 
 
+def sample_fingerprint(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fingerprint for a sample's frames: total size, newest mtime, and a digest of the frames' sha256."""
+    fp: dict[str, Any] = {"size": sum(int(f["size"]) for f in frames),
+                          "mtime_ns": max(int(f["mtime_ns"]) for f in frames)}
+    if frames and all("sha256" in f for f in frames):
+        fp["sha256"] = hashlib.sha256("".join(f["sha256"] for f in frames).encode("ascii")).hexdigest()
+    return fp
+
+
+def preprocessed_size_of(path: str, opts: "DecodeOptions") -> tuple[int, int]:
+    """The (H, W) an image becomes after preprocessing, from its header alone (no pixel decode)."""
+    with open_image(path) as img:
+        w, h = img.size
+        if opts.apply_exif and img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            w, h = h, w
+    return preprocessed_size(w, h, opts.mode, opts.image_size)
+
+
 def source_fingerprint(st: os.stat_result, sha256: str | None = None) -> dict[str, Any]:
     """The record's note of its source image: size and mtime (and content hash with --hash-inputs)."""
     fp: dict[str, Any] = {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
@@ -58,48 +76,137 @@ def source_fingerprint(st: os.stat_result, sha256: str | None = None) -> dict[st
     return fp
 
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses images in DataLoader workers; failures are returned, not raised."""
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How every image of a build is decoded and preprocessed."""
 
-    def __init__(self, items: list[WorkItem], mode: str, *, apply_exif: bool = False, hash_inputs: bool = False,
-                 max_pixels: int | None = None):
-        self.items, self.mode, self.apply_exif = items, mode, apply_exif
-        self.hash_inputs, self.max_pixels = hash_inputs, max_pixels
+    mode: str = "crop"
+    image_size: int = 518
+    apply_exif: bool = False
+    hash_inputs: bool = False
+    max_pixels: int | None = None
+
+
+def decode_image(path: str, opts: DecodeOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read, optionally hash, decode and preprocess one image; returns ``[3,H,W]`` and its source fingerprint.
+
+    ``crop`` and ``pad`` images come as uint8 (a quarter of the bytes to move between processes and to the
+    device); :func:`featstore.preprocess.to_unit_float` turns them into the model's exact float input.
+    """
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest() if opts.hash_inputs else None
+    kwargs: dict[str, Any] = {"apply_exif": opts.apply_exif, "image_size": opts.image_size}
+    if opts.max_pixels is not None:
+        kwargs["max_pixels"] = opts.max_pixels
+    with open_image(io.BytesIO(data)) as img:
+        img.filename = path  # type: ignore[attr-defined]  # for error messages
+        preprocess = preprocess_image_u8 if opts.mode in UINT8_MODES else preprocess_image
+        tensor = preprocess(img, opts.mode, **kwargs)
+    return tensor, source_fingerprint(st, digest)
+
+
+def decode_or_error(path: str, opts: DecodeOptions) -> tuple[torch.Tensor | None, dict[str, Any], str | None]:
+    """:func:`decode_image`, with any failure returned as a message instead of raised."""
+    try:
+        tensor, source = decode_image(path, opts)
+        return tensor, source, None
+    except Exception as e:  # noqa: BLE001 - a broken image must never end a long build
+        return None, {}, f"{type(e).__name__}: {e}"
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decodes and preprocesses images in DataLoader workers; failures are returned, not raised.
+
+    Item ``i`` is a list of up to ``chunk`` consecutive images. Images of one shape in a chunk are views of one
+    stacked tensor, so they cross from the worker in one shared-memory block: fewer transfers for the main
+    thread to receive, which feeds the GPU.
+    """
+
+    def __init__(self, items: list[WorkItem], opts: DecodeOptions, chunk: int = 1):
+        self.items, self.opts, self.chunk = items, opts, max(1, chunk)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return -(-len(self.items) // self.chunk)
 
-    def __getitem__(self, i: int) -> Decoded:
-        item = self.items[i]
-        try:
-            st = os.stat(item.path)
-            with open(item.path, "rb") as f:
-                data = f.read()
-            digest = hashlib.sha256(data).hexdigest() if self.hash_inputs else None
-            kwargs: dict[str, Any] = {"apply_exif": self.apply_exif}
-            if self.max_pixels is not None:
-                kwargs["max_pixels"] = self.max_pixels
-            with open_image(io.BytesIO(data)) as img:
-                img.filename = item.path  # type: ignore[attr-defined]  # for error messages
-                tensor = preprocess_image(img, self.mode, **kwargs)
-            return Decoded(item, tensor, None, source_fingerprint(st, digest))
-        except (FeatstoreError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return Decoded(item, None, f"{type(e).__name__}: {e}")
-        except Exception as e:  # noqa: BLE001 - a broken image must never end a long build
-            return Decoded(item, None, f"{type(e).__name__}: {e}")
+    def __getitem__(self, i: int) -> list[Decoded]:
+        out = []
+        for item in self.items[i * self.chunk:(i + 1) * self.chunk]:
+            tensor, source, error = decode_or_error(item.path, self.opts)
+            out.append(Decoded(item, tensor, error, source))
+        return share_storage(out)
 
 
-def _identity(x: Decoded) -> Decoded:
+def share_storage(decoded: list[Decoded]) -> list[Decoded]:
+    """Make the images of equal shape views of one stacked tensor (one storage to send between processes)."""
+    by_shape: dict[tuple, list[Decoded]] = {}
+    for d in decoded:
+        if d.image is not None:
+            by_shape.setdefault((tuple(d.image.shape), d.image.dtype), []).append(d)
+    for group in by_shape.values():
+        if len(group) > 1:
+            stacked = torch.stack([d.image for d in group])  # type: ignore[misc]
+            for j, d in enumerate(group):
+                d.image = stacked[j]
+    return decoded
+
+
+@dataclass
+class DecodedStep:
+    """The distinct frames of one context step, decoded (a failed frame is a zero image and an error)."""
+
+    index: int
+    images: torch.Tensor  # [distinct frames, 3, H, W], uint8 for crop/pad (see decode_image)
+    errors: dict[str, str]  # frame key -> why it could not be used
+    sources: dict[str, dict[str, Any]]  # frame key -> source fingerprint
+
+    def pin_memory(self) -> "DecodedStep":
+        """The same step with its images in pinned memory (called by the DataLoader's pin thread)."""
+        return DecodedStep(self.index, self.images.pin_memory(), self.errors, self.sources)
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Item ``i`` is step ``i`` of a context plan: each distinct frame of the step decoded once, stacked."""
+
+    def __init__(self, steps: list[Any], frame_paths: dict[str, str], opts: DecodeOptions):
+        self.frames = [(s.distinct_frames, s.image_size) for s in steps]
+        self.paths, self.opts = frame_paths, opts
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> DecodedStep:
+        keys, size = self.frames[i]
+        dtype = torch.uint8 if self.opts.mode in UINT8_MODES else torch.float32
+        images = torch.zeros((len(keys), 3, *size), dtype=dtype)
+        errors, sources = {}, {}
+        for j, key in enumerate(keys):
+            tensor, source, error = decode_or_error(self.paths[key], self.opts)
+            if error is None and tuple(tensor.shape[-2:]) != tuple(size):  # type: ignore[union-attr]
+                error = (f"preprocessed to {tensor.shape[-2]}x{tensor.shape[-1]}, but the frames of its sample "  # type: ignore[union-attr]
+                         f"are {size[0]}x{size[1]}: every frame of a sample must have one size")
+            if error is None:
+                images[j] = tensor
+                sources[key] = source
+            else:
+                errors[key] = error
+        return DecodedStep(i, images, errors, sources)
+
+
+def _identity(x: Any) -> Any:
     return x
 
 
-def make_loader(dataset: ImageDataset, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding one :class:`Decoded` at a time, decoded in ``num_workers`` processes."""
+def make_loader(dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool = False,
+                prefetch: int = 8) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding the dataset's items one at a time, in order, decoded in ``num_workers`` processes
+    (``pin_memory``: tensors arrive in pinned memory, for asynchronous copies to a GPU)."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=8, persistent_workers=False)
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=False)
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       collate_fn=_identity, pin_memory=False, **kwargs)
+                                       collate_fn=_identity, pin_memory=pin_memory, **kwargs)
 
 
 @dataclass
@@ -111,7 +218,16 @@ class Batch:
     images: torch.Tensor
 
 
-def shape_batches(decoded: Iterable[Decoded], batch_size: int, on_failure: Callable[[Decoded], None],
+def _each(decoded: Iterable[Decoded | list[Decoded]]) -> Iterator[Decoded]:
+    """The decoded images one by one, whether they come singly or in chunks."""
+    for d in decoded:
+        if isinstance(d, list):
+            yield from d
+        else:
+            yield d
+
+
+def shape_batches(decoded: Iterable[Decoded | list[Decoded]], batch_size: int, on_failure: Callable[[Decoded], None],
                   pin_memory: bool = False) -> Iterator[Batch]:
     """Group successfully decoded images by shape into batches of ``batch_size`` (remainders at the end)."""
     buckets: dict[tuple[int, ...], list[Decoded]] = {}
@@ -122,7 +238,7 @@ def shape_batches(decoded: Iterable[Decoded], batch_size: int, on_failure: Calla
         torch.stack(imgs, out=out)  # type: ignore[arg-type]
         return Batch([d.item for d in group], [d.source for d in group], out)
 
-    for d in decoded:
+    for d in _each(decoded):
         if d.image is None:
             on_failure(d)
             continue
@@ -142,13 +258,16 @@ class ShardSink:
         self.writer, self.level, self.codec = writer, zstd_level, codec
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-encode")
         self.bytes_written = 0
+        self.seconds: Counter = Counter()  # "append": waiting for encodes + tar append + rollover fsync
 
     def write(self, records: list[Record]) -> None:
         """Encode and append a batch of records."""
+        t0 = time.perf_counter()
         encoded = self.pool.map(lambda r: encode_record(r, self.level, self.codec), records)
         for rec, data in zip(records, encoded):
             self.writer.write(rec.key, data)
             self.bytes_written += len(data)
+        self.seconds["append"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Close the open shard (making it visible) and stop the pool."""
@@ -163,6 +282,7 @@ class PerImageSink:
         self.data_root, self.cache_root, self.fsync = data_root, cache_root, fsync
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-write")
         self.bytes_written = 0
+        self.seconds: Counter = Counter()
 
     def _write_one(self, rec: Record) -> int:
         data = encode_pt(rec)
@@ -172,7 +292,9 @@ class PerImageSink:
 
     def write(self, records: list[Record]) -> None:
         """Write a batch of records, one file each."""
+        t0 = time.perf_counter()
         self.bytes_written += sum(self.pool.map(self._write_one, records))
+        self.seconds["append"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the pool."""
@@ -187,6 +309,7 @@ class BackgroundWriter:
         self.sink, self.make_records, self.on_written = sink, make_records, on_written
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.wait_seconds = 0.0  # time put() blocked because the queue was full (the writer is the bottleneck)
         self.thread = threading.Thread(target=self._loop, name="featstore-writer", daemon=True)
         self.thread.start()
 
@@ -198,7 +321,9 @@ class BackgroundWriter:
             if self.error is not None:
                 continue
             try:
+                t0 = time.perf_counter()
                 records = self.make_records(job)
+                self.sink.seconds["device_to_host"] += time.perf_counter() - t0
                 self.sink.write(records)
                 self.on_written(records)
             except BaseException as e:  # noqa: BLE001 - surfaced to the main thread in put()/close()
@@ -208,7 +333,9 @@ class BackgroundWriter:
         """Queue a job (blocks when the queue is full: backpressure on the model loop)."""
         if self.error is not None:
             raise self.error
+        t0 = time.perf_counter()
         self.q.put(job)
+        self.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         """Drain the queue, close the sink, and raise the first writer error, if any."""

@@ -1,12 +1,21 @@
 """Image preprocessing that reproduces VGGT's official `load_and_preprocess_images`, one image at a time.
 
+Every mode takes a target size ``image_size`` = N (a multiple of 14; default 518, the official model).
+JanusVLN's copy of the function uses N = 644 (`MIV-XJTU/JanusVLN`, mode ``crop``; `NewJanusVLN`, mode ``pad``).
+
 Modes (`MODES`):
 
-* ``crop``: width becomes 518, height ``round(h*518/w/14)*14``; if taller than 518, the centre 518 rows are kept.
-* ``pad``: the longer side becomes 518, the other ``round(.../14)*14``; then padded with 1.0 (white) to
-  518x518, centred with ``top = dh//2``, ``left = dw//2``.
+* ``crop``: width becomes N, height ``round(h * (N / w) / 14) * 14``; if taller than N, the centre N rows are kept.
+* ``pad``: the longer side becomes N, the other ``round(short * (N / long) / 14) * 14``; then padded with 1.0
+  (white) to NxN, centred with ``top = dh//2``, ``left = dw//2``.
 * ``janusvln``: ``pad``, then a torch bilinear resize (``align_corners=False``, no antialias) so each side
-  is the largest multiple of 28 not above it (518 -> 504): the tensor JanusVLN's training code feeds VGGT.
+  is the largest multiple of 28 not above it (518 -> 504; 644 stays 644). This is *not* what JanusVLN feeds
+  VGGT: JanusVLN feeds 644-pixel ``crop`` images (MIV-XJTU/JanusVLN; 640x480 -> 490x644) or ``pad`` images
+  (NewJanusVLN; 644x644), i.e. ``crop``/``pad`` with ``image_size=644``. The mode is kept for stores built with it.
+
+The size rule is the official float formula, evaluated in float64 in exactly this order with Python's
+``round`` (half to even): at N = 644 a 640x480 frame gives ``round(480 * (644 / 640) / 14)`` =
+``round(34.50000000000001)`` = 35, i.e. 490 rows, where exact arithmetic would tie at 34.5 and give 476.
 
 ``crop`` and ``pad`` are bit-identical to the official code (Pillow 13 BICUBIC resize of the uint8 image,
 then ``/255`` in float32), including its colour handling: only mode "RGBA" is composited onto white;
@@ -40,9 +49,11 @@ from PIL import Image, ImageOps
 
 from featstore.errors import ImageError
 
-TARGET_SIZE = 518
+TARGET_SIZE = 518  # the official model's size; the default `image_size`
+JANUSVLN_IMAGE_SIZE = 644  # JanusVLN's copy of load_and_preprocess_images
 PATCH_SIZE = 14
 JANUSVLN_MULTIPLE = 28
+UINT8_MODES = ("crop", "pad")  # modes whose result is exactly uint8 / 255 (see preprocess_image_u8)
 MIN_SIDE = PATCH_SIZE
 MODES = ("crop", "pad", "janusvln")
 # Pillow raises DecompressionBombError above twice its MAX_IMAGE_PIXELS (89,478,485): same default here.
@@ -58,30 +69,40 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown preprocess mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
-def _scaled_side(side: int, long_side: int) -> int:
-    """Official rule for the side that is not set to 518: Python round (half to even) to a multiple of 14,
-    clamped to at least MIN_SIDE (featstore's documented rule for degenerate aspect ratios)."""
-    return max(MIN_SIDE, round(side * (TARGET_SIZE / long_side) / PATCH_SIZE) * PATCH_SIZE)
+def check_image_size(image_size: int) -> int:
+    """Return `image_size` if it is a positive multiple of the patch size (14), else raise ValueError."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 \
+            or image_size % PATCH_SIZE:
+        raise ValueError(f"image size {image_size!r} is not a positive multiple of {PATCH_SIZE}: "
+                         f"use e.g. {TARGET_SIZE} (official VGGT) or {JANUSVLN_IMAGE_SIZE} (JanusVLN)")
+    return image_size
 
 
-def resize_size(width: int, height: int, mode: str) -> tuple[int, int]:
+def _scaled_side(side: int, long_side: int, image_size: int) -> int:
+    """Official rule for the side that is not set to N: ``round(side * (N / long_side) / 14) * 14`` in float64,
+    in this order, Python round (half to even); clamped to at least MIN_SIDE (featstore's rule)."""
+    return max(MIN_SIDE, round(side * (image_size / long_side) / PATCH_SIZE) * PATCH_SIZE)
+
+
+def resize_size(width: int, height: int, mode: str, image_size: int = TARGET_SIZE) -> tuple[int, int]:
     """The (width, height) the image is resized to with Pillow before cropping or padding."""
     _check_mode(mode)
+    check_image_size(image_size)
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if mode == "crop" or width >= height:
-        return TARGET_SIZE, _scaled_side(height, width)
-    return _scaled_side(width, height), TARGET_SIZE
+        return image_size, _scaled_side(height, width, image_size)
+    return _scaled_side(width, height, image_size), image_size
 
 
-def preprocessed_size(width: int, height: int, mode: str) -> tuple[int, int]:
+def preprocessed_size(width: int, height: int, mode: str, image_size: int = TARGET_SIZE) -> tuple[int, int]:
     """The (H, W) of the tensor `preprocess_image` returns for an image of `width` x `height` pixels."""
-    new_w, new_h = resize_size(width, height, mode)
+    new_w, new_h = resize_size(width, height, mode, image_size)
     if mode == "crop":
-        return min(new_h, TARGET_SIZE), new_w
+        return min(new_h, image_size), new_w
     if mode == "pad":
-        return max(new_h, TARGET_SIZE), max(new_w, TARGET_SIZE)
-    side = (TARGET_SIZE // JANUSVLN_MULTIPLE) * JANUSVLN_MULTIPLE
+        return max(new_h, image_size), max(new_w, image_size)
+    side = (image_size // JANUSVLN_MULTIPLE) * JANUSVLN_MULTIPLE
     return side, side
 
 
@@ -170,13 +191,13 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(writable).permute(2, 0, 1).to(torch.float32).div(255).contiguous()
 
 
-def _pad_centered(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad a [C,H,W] tensor with 1.0 to (height, width), top = dh//2 and left = dw//2 (official rule)."""
+def _pad_centered(t: torch.Tensor, height: int, width: int, fill: float = 1.0) -> torch.Tensor:
+    """Pad a [C,H,W] tensor with `fill` (1.0: white) to (height, width), top = dh//2 and left = dw//2 (official)."""
     dh, dw = height - t.shape[-2], width - t.shape[-1]
     if dh <= 0 and dw <= 0:
         return t
     dh, dw = max(dh, 0), max(dw, 0)
-    return F.pad(t, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=1.0)
+    return F.pad(t, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=fill)
 
 
 def janusvln_resize(t: torch.Tensor) -> torch.Tensor:
@@ -189,24 +210,53 @@ def janusvln_resize(t: torch.Tensor) -> torch.Tensor:
     return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
 
 
-def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Load one image (path or PIL image) and return float32 [3,H,W] in [0,1], equal to VGGT's official
-    `load_and_preprocess_images([path], mode)[0]` for `crop`/`pad`; see the module docstring for `janusvln`."""
+def _resized_pixels(source: ImageSource, mode: str, apply_exif: bool, max_pixels: int,
+                    image_size: int) -> np.ndarray:
+    """The image decoded, converted to RGB and resized with Pillow as the official code does: uint8 HWC."""
     _check_mode(mode)
+    check_image_size(image_size)
     img = _load_rgb(source, apply_exif, max_pixels)
-    new_w, new_h = resize_size(img.size[0], img.size[1], mode)
+    new_w, new_h = resize_size(img.size[0], img.size[1], mode, image_size)
     if new_w * new_h > max_pixels:
         raise ImageError(f"{_describe(source)}: resizing {img.size[0]}x{img.size[1]} for mode {mode!r} "
                          f"needs {new_w}x{new_h} pixels, above the limit of {max_pixels:,}; "
                          "the aspect ratio is too extreme: use mode 'pad' or crop the image")
-    pixels = np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int = TARGET_SIZE) -> torch.Tensor:
+    """Load one image (path or PIL image) and return float32 [3,H,W] in [0,1], equal to VGGT's official
+    `load_and_preprocess_images([path], mode)[0]` with target size `image_size` for `crop`/`pad` (644 is
+    JanusVLN's copy); see the module docstring for `janusvln`."""
+    if mode in UINT8_MODES:
+        return to_unit_float(preprocess_image_u8(source, mode, apply_exif=apply_exif, max_pixels=max_pixels,
+                                                 image_size=image_size))
+    pixels = _resized_pixels(source, mode, apply_exif, max_pixels, image_size)
+    return janusvln_resize(_pad_centered(_to_tensor(pixels), image_size, image_size))
+
+
+def preprocess_image_u8(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
+                        max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int = TARGET_SIZE) -> torch.Tensor:
+    """`preprocess_image` for `crop`/`pad` before the division by 255: uint8 [3,H,W] (pad value 255).
+
+    ``to_unit_float(preprocess_image_u8(...))`` equals ``preprocess_image(...)`` bit for bit, so a build can move
+    a quarter of the bytes from its decode workers and divide on the device.
+    """
+    if mode not in UINT8_MODES:
+        raise ValueError(f"mode {mode!r} has no uint8 form (it resizes in float): use one of {', '.join(UINT8_MODES)}")
+    pixels = _resized_pixels(source, mode, apply_exif, max_pixels, image_size)
     if mode == "crop":
         # Same rows as the official crop of the float tensor; cropping the uint8 array first saves memory.
-        top = max(new_h - TARGET_SIZE, 0) // 2
-        return _to_tensor(pixels[top:top + TARGET_SIZE])
-    t = _pad_centered(_to_tensor(pixels), TARGET_SIZE, TARGET_SIZE)
-    return janusvln_resize(t) if mode == "janusvln" else t
+        top = max(pixels.shape[0] - image_size, 0) // 2
+        pixels = pixels[top:top + image_size]
+    t = torch.from_numpy(np.array(pixels, dtype=np.uint8, order="C", copy=True)).permute(2, 0, 1).contiguous()
+    return t if mode == "crop" else _pad_centered(t, image_size, image_size, fill=255)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0,1] (x / 255 in float32, as torchvision's ToTensor); float input unchanged."""
+    return images.to(torch.float32).div_(255) if images.dtype == torch.uint8 else images
 
 
 def stack_batch(images: list[torch.Tensor]) -> torch.Tensor:
