@@ -62,8 +62,11 @@ def model_sets(n: int) -> dict[str, torch.Tensor]:
     model = load_vggt("vggt-1b-random")
     ex = Extractor(model, (model.config.depth - 2,), torch.float32, "patch")
     paths = sorted(glob.glob(str(REPO / "examples" / "sample" / "episodes" / "*" / "*")))[:n]
-    return {f"vggt-1b-random {Path(p).name}": ex.run(preprocess_image(p, "crop")[None])["features"][0]
-            for p in paths}
+    out = {}
+    for p in paths:
+        feats = ex.run(preprocess_image(p, "crop")[None])["features"]
+        out[f"vggt-1b-random {Path(p).name}"] = feats.reshape(-1, feats.shape[-1])  # [P, C]
+    return out
 
 
 def with_outliers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,17 +60,21 @@ def make_data(root: Path, n: int, tokens: int, dim: int) -> list[str]:
     return keys
 
 
-def best_of(fn: Callable[[], int], repeats: int, before: Callable[[], None] | None = None) -> tuple[float, int]:
-    """Best seconds of ``fn()`` (which returns records done) over ``repeats`` runs after a warm-up run."""
-    fn()
-    best, n = float("inf"), 0
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t = time.perf_counter()
-        n = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, n
+def interleaved(readers: dict[str, Callable[[], int]], repeats: int,
+                before: dict[str, Callable[[], None]] | None = None) -> dict[str, tuple[float, int]]:
+    """Best (seconds, records) of each reader over ``repeats`` rounds, the readers taking turns within each
+    round (after a warm-up round), so a machine whose load drifts during the run favours none of them."""
+    best = {name: (float("inf"), 0) for name in readers}
+    for rnd in range(repeats + 1):
+        for name, fn in readers.items():
+            if before is not None:
+                before[name]()
+            t = time.perf_counter()
+            n = fn()
+            sec = time.perf_counter() - t
+            if rnd and sec < best[name][0]:
+                best[name] = (sec, n)
+    return best
 
 
 def drop_cache(paths: list[Path]) -> None:
@@ -82,6 +86,20 @@ def drop_cache(paths: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def prepare(tmp: Path, n: int, tokens: int, dim: int, codecs: list[str]) -> list[str]:
+    """Per-image caches and one shard store per codec under ``tmp`` (reused when a --work folder has them)."""
+    stamp = tmp / "bench.json"
+    want = {"records": n, "tokens": tokens, "dim": dim, "codecs": codecs}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return sorted(p.relative_to(tmp / "data").as_posix()[:-len(".vggt_cache.pt")]
+                      for p in (tmp / "data").rglob("*.vggt_cache.pt"))
+    keys = make_data(tmp / "data", n, tokens, dim)
+    for c in codecs:
+        export_to_shards(tmp / "data", tmp / c, shard_size=256_000_000, fsync=False, codec=c)
+    stamp.write_text(json.dumps(want))
+    return keys
 
 
 class PerImage(torch.utils.data.Dataset):
@@ -145,10 +163,18 @@ def loader_readers(tmp: Path, order: list[str], codecs: list[str], workers: int)
 def dequantize_cost(tmp: Path, n: int) -> float:
     """Seconds per record to dequantize int8 samples on the consumer (CPU here; on a GPU in training)."""
     samples = [s for _, s in zip(range(n), stream(tmp / "int8", shuffle=False, dequantize=False))]
-    t = time.perf_counter()
-    for s in samples:
-        featstore.dequantize(s)
-    return (time.perf_counter() - t) / max(1, len(samples))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for s in samples:
+                featstore.dequantize(s)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return best / max(1, len(samples))
 
 
 def table(title: str, results: dict[str, tuple[float, int]], base: str, extra: dict[str, float] | None = None
@@ -178,16 +204,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs to compare")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--work", type=Path, help="keep the data here and reuse it next run (default: a temp folder)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 small records, one repeat")
     args = ap.parse_args()
     if args.quick:
         args.records, args.tokens, args.dim, args.repeats = 12, 64, 128, 1
     codecs = [c for c in args.codecs.split(",") if c]
     with tempfile.TemporaryDirectory(dir=os.environ.get("FEATSTORE_BENCH_TMP")) as tmp_name:
-        tmp = Path(tmp_name)
-        keys = make_data(tmp / "data", args.records, args.tokens, args.dim)
-        for c in codecs:
-            export_to_shards(tmp / "data", tmp / c, shard_size=256_000_000, fsync=False, codec=c)
+        tmp = args.work or Path(tmp_name)
+        keys = prepare(tmp, args.records, args.tokens, args.dim, codecs)
         sizes = {"per-image torch.load": sum(p.stat().st_size for p in (tmp / "data").rglob("*.pt"))}
         sizes.update({c: sum(p.stat().st_size for p in (tmp / c / "shards").glob("*.tar")) for c in codecs})
         order = keys[:]
@@ -197,16 +222,15 @@ def main() -> None:
         out: dict[str, Any] = {"records": args.records, "shape": [1, args.tokens, args.dim],
                                "bytes_per_record": {k: v / args.records for k, v in sizes.items()}}
         ra = random_access(tmp, order, codecs)
-        res = {name: best_of(fn, args.repeats) for name, fn in ra.items()}
+        res = interleaved(ra, args.repeats)
         out["random_access"] = table("1. one process, warm cache (vs per-image torch.load)", res,
                                      "per-image torch.load")
         if "zstd" in codecs:
-            res2 = {"bare zstd decompress + unshuffle": best_of(bare_zstd(tmp, order), args.repeats),
-                    "open_store zstd": res["open_store zstd"]}
+            res2 = interleaved({"bare zstd decompress + unshuffle": bare_zstd(tmp, order),
+                                "open_store zstd": ra["open_store zstd"]}, args.repeats)
             out["zstd_vs_bare"] = table("2. zstd codec vs bare decompress + unshuffle of the same bytes", res2,
                                         "bare zstd decompress + unshuffle")
-        res3 = {name: best_of(fn, args.repeats) for name, fn in loader_readers(tmp, order, codecs,
-                                                                               args.workers).items()}
+        res3 = interleaved(loader_readers(tmp, order, codecs, args.workers), args.repeats)
         out["dataloader"] = table(f"3. DataLoader, {args.workers} workers (vs per-image torch.load)", res3,
                                   "per-image torch.load")
         if "int8" in codecs:
@@ -215,8 +239,7 @@ def main() -> None:
                   f"{out['dequantize_ms_per_record']:.2f} ms/record, not included above")
         files = {"per-image torch.load": list((tmp / "data").rglob("*.pt"))}
         files.update({f"open_store {c}": list((tmp / c / "shards").glob("*.tar")) for c in codecs})
-        res4 = {name: best_of(fn, args.repeats, before=(lambda f: lambda: drop_cache(f))(files[name]))
-                for name, fn in ra.items()}
+        res4 = interleaved(ra, args.repeats, before={n: (lambda f: lambda: drop_cache(f))(files[n]) for n in ra})
         out["cold"] = table("4. cold page cache (posix_fadvise DONTNEED before each run), one process", res4,
                             "per-image torch.load",
                             extra={name: float(sum(p.stat().st_size for p in files[name])) for name in ra})

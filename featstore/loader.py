@@ -40,8 +40,8 @@ from featstore.formats.index import INDEX_NAME, Index, IndexEntry
 from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path, key_under, root_prefixes
 from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
 from featstore.formats.perimage import cache_path_for, read_pt
-from featstore.formats.codecs import dequantize_int8, empty_tensor
-from featstore.formats.record import CHANNEL_SCALE, FEATURES, TOKEN_SCALE, Record, decode_record, parse_dtype
+from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scales
+from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import SHARDS_DIR
 from featstore.fsutil import is_temp_name
 from featstore.samples import sample_key
@@ -57,8 +57,8 @@ def record_to_sample(rec: Record) -> dict[str, Any]:
     store's records also give ``frames`` (frame keys in training order) and ``grid`` ((h, w) of the tokens).
 
     A record read with ``dequantize=False`` keeps each int8-coded tensor ``<name>`` as int8 and adds
-    ``<name>_channel_scale`` (float32 ``[C]``), ``<name>_token_scale`` (float32 ``[..., P, 1]``) and
-    ``quantized`` (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
+    ``<name>_scales`` (float32 ``[C + P]``: C channel scales, then one scale per token) and ``quantized``
+    (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
     """
     sample: dict[str, Any] = {"key": rec.key, "path": rec.path}
     if rec.meta.get("context") == "sample":  # a training sample's record: its frames and token grid
@@ -90,12 +90,13 @@ def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dty
     A tensor that was not quantized is returned as it is (cast to ``dtype`` when given).
     """
     values = sample[name]
-    if values.dtype != torch.int8 or name + CHANNEL_SCALE not in sample:
+    if values.dtype != torch.int8 or name + SCALES not in sample:
         return values if dtype is None else values.to(dtype)
     if dtype is None:
         stored = (sample.get("quantized") or {}).get(name, "float32")
         dtype = parse_dtype(stored if isinstance(stored, str) else stored[0])  # collated: a list of names
-    return dequantize_int8(values, sample[name + CHANNEL_SCALE], sample[name + TOKEN_SCALE], dtype)
+    channel_scale, token_scale = unpack_scales(values, sample[name + SCALES])
+    return dequantize_int8(values, channel_scale, token_scale, dtype)
 
 
 # --- random access ---------------------------------------------------------------------------------------
@@ -521,9 +522,16 @@ def shard_rows(ix: Index) -> tuple[np.ndarray, np.ndarray]:
     """Index rows ordered by (shard, offset), and bounds: shard ``s`` holds ``rows[bounds[s]:bounds[s + 1]]``."""
     if not ix.count:
         return np.empty(0, np.int64), np.zeros(len(ix.shards) + 1, np.int64)
-    shard = np.asarray(ix.cols["shard"])
-    rows = np.lexsort((np.asarray(ix.cols["offset"]), shard)).astype(np.int64)
-    bounds = np.searchsorted(shard[rows], np.arange(len(ix.shards) + 1)).astype(np.int64)
+    # One uint64 sort key (shard << 40 | offset; a shard past 1 TiB would only cost read order) sorts with less
+    # scratch memory
+    # than np.lexsort; rows fit int32 below 2**31 records, halving what each DataLoader worker holds.
+    order_key = np.asarray(ix.cols["shard"]).astype(np.uint64)
+    order_key <<= np.uint64(40)
+    order_key |= np.asarray(ix.cols["offset"], dtype=np.uint64)
+    rows = np.argsort(order_key, kind="stable")
+    del order_key
+    rows = rows.astype(np.int32 if ix.count < 2**31 else np.int64)
+    bounds = np.searchsorted(np.asarray(ix.cols["shard"])[rows], np.arange(len(ix.shards) + 1)).astype(np.int64)
     return rows, bounds
 
 
@@ -559,7 +567,7 @@ def buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     out = np.empty_like(seq)
     buf = seq[:size].copy()
     live, nxt = len(buf), len(buf)
-    draws = rng.integers(0, 1 << 62, size=n)
+    draws = rng.integers(0, 1 << 32, size=n, dtype=np.uint32)  # modulo bias < size / 2**32
     for i in range(n):
         k = int(draws[i] % live)
         out[i] = buf[k]

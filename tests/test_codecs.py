@@ -16,6 +16,7 @@ import featstore
 from featstore.errors import RecordError
 from featstore.formats.codecs import CODECS
 from featstore.formats.record import Record, decode_header, decode_record, encode_record
+from featstore.loader import record_to_sample
 
 LOSSLESS = ("zstd", "raw")
 
@@ -126,14 +127,15 @@ def test_int8_dequantize_false_gives_values_and_scales_that_dequantize_on_any_ba
     full = round_trip(x, "int8")
     raw = round_trip(x, "int8", dequantize=False)
     assert raw.quantized == {"features": "bfloat16"} and raw.features.dtype == torch.int8
-    assert raw.tensors["features_channel_scale"].shape == (64,)
-    assert raw.tensors["features_token_scale"].shape == (1, 30, 1)
-    sample = featstore.loader.record_to_sample(raw)
+    assert set(raw.tensors) == {"features", "features_scales"} and raw.tensors["features_scales"].shape == (64 + 30,)
+    sample = record_to_sample(raw)
     assert torch.equal(featstore.dequantize(sample), full.features)
-    batch = {k: torch.stack([v, v]) for k, v in sample.items() if isinstance(v, torch.Tensor)}
-    batch["features_channel_scale"] = sample["features_channel_scale"]
-    out = featstore.dequantize(batch, dtype=torch.float32)
-    assert out.shape == (2, 1, 30, 64) and torch.equal(out[1].to(torch.bfloat16), full.features)
+    other = round_trip(x * 3, "int8", dequantize=False)
+    batch = torch.utils.data.default_collate([sample, record_to_sample(other)])  # what a DataLoader batch holds
+    out = featstore.dequantize(batch)
+    assert out.shape == (2, 1, 30, 64) and out.dtype == torch.bfloat16
+    assert torch.equal(out[0], full.features) and torch.equal(out[1], round_trip(x * 3, "int8").features)
+    assert torch.equal(featstore.dequantize(batch, dtype=torch.float32)[1].to(torch.bfloat16), out[1])
 
 
 def test_mixed_codecs_in_one_record():
@@ -193,3 +195,17 @@ def test_hostile_int8_headers_are_refused_before_allocating():
         hb = json.dumps(h).encode()
         with pytest.raises(RecordError):
             decode_record(b"FSR1" + struct.pack("<I", len(hb)) + hb + data[first:])
+
+
+@pytest.mark.parametrize("codec", ["zstd", "int8"])
+def test_training_reads_reject_a_corrupt_zstd_frame_without_the_crc_pass(codec):
+    t = torch.randn(1, 64, 32).to(torch.bfloat16)
+    data = encode_record(Record("k", "k", {"features": t}), codec=codec)
+    _, specs, first = decode_header(data)
+    frame_start = first + specs[0].zbytes - specs[0].fields.get("qbytes", specs[0].zbytes)
+    rng = np.random.default_rng(1)
+    for pos in rng.integers(frame_start, first + specs[0].zbytes, size=30):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(8))
+        with pytest.raises(RecordError):
+            decode_record(bytes(bad), verify=False)

@@ -43,8 +43,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 32  # 4 GiB: far above any feature map, far below a hostile claim
 PT_META_KEY = "featstore"
 FEATURES = "features"
-CHANNEL_SCALE = "_channel_scale"  # sample/record key suffixes of an int8 tensor read with dequantize=False
-TOKEN_SCALE = "_token_scale"
+SCALES = "_scales"  # key suffix of an int8 tensor's packed scales when read with dequantize=False
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,7 +64,7 @@ class Record:
 
     ``bounds`` holds, per lossy tensor, the error bound it was written with (``{"codec", "rel_l2",
     "max_abs"}``); ``quantized`` names the tensors returned still quantized (``dequantize=False``), each
-    with its dtype, and their scales are the tensors ``<name>_channel_scale`` and ``<name>_token_scale``.
+    with its dtype; their scales are the tensors ``<name>_scales`` (:meth:`codecs.Quantized.packed_scales`).
     """
 
     key: str
@@ -164,7 +163,7 @@ def _spec_from_json(d: dict[str, Any]) -> TensorSpec:
                           int(d.get("pad", 0)), d)
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"malformed tensor entry in record header: {d!r} ({e})") from None
-    itemsize = torch.empty((), dtype=parse_dtype(spec.dtype)).element_size()
+    itemsize = parse_dtype(spec.dtype).itemsize
     if any(s < 0 for s in spec.shape) or math.prod(spec.shape) * itemsize != spec.nbytes:
         raise RecordError(f"tensor {spec.name!r}: shape {list(spec.shape)} x {spec.dtype} does not match "
                           f"its byte count {spec.nbytes}")
@@ -205,8 +204,7 @@ def _bound_of(spec: TensorSpec) -> dict[str, Any] | None:
 def _add_tensor(rec: Record, spec: TensorSpec, value: torch.Tensor | Quantized) -> None:
     if isinstance(value, Quantized):
         rec.tensors[spec.name] = value.values
-        rec.tensors[spec.name + CHANNEL_SCALE] = value.channel_scale
-        rec.tensors[spec.name + TOKEN_SCALE] = value.token_scale
+        rec.tensors[spec.name + SCALES] = value.packed_scales()
         rec.quantized[spec.name] = spec.dtype
     else:
         rec.tensors[spec.name] = value
