@@ -3,6 +3,8 @@ files live in subfolders (one resolving its images through data_path), with unre
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ def caches(root: Path) -> dict[str, int]:
             for p in root.rglob("*.vggt_cache.pt")}
 
 
+@pytest.mark.slow
 def test_issue8_acceptance(tmp_path):
     root = tmp_path / "train"
     wanted = janusvln_root(root)

@@ -55,7 +55,7 @@ def annotation_samples(root: Path) -> list[tuple[str, list[Path]]]:
     return out
 
 
-@pytest.mark.parametrize("reference", ["first", "last"])
+@pytest.mark.parametrize("reference", ["first", pytest.param("last", marks=pytest.mark.slow)])
 def test_sample_records_equal_training_streams(tmp_path, tiny, reference):
     root = copy_sample(tmp_path / "d")
     r = run_inproc(*context_args(root, "--reference-frame", reference))
@@ -89,7 +89,7 @@ def test_one_frame_sample_is_the_plain_image_feature(tmp_path, tiny):
     assert torch.equal(store.get_sample([frame]), plain)
 
 
-@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("pad", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_history_samples_from_episode_folders(tmp_path, tiny, pad):
     root = copy_sample(tmp_path / "d", patterns=("*.jpg", "*.png"))
     r = run_inproc(*context_args(root, "--history", "2", *(["--history-pad"] if pad else [])))
@@ -123,6 +123,7 @@ def test_resume_skips_and_settings_are_checked(tmp_path):
     assert r.returncode == 2 and "context" in r.stderr
 
 
+@pytest.mark.slow
 def test_changed_frame_makes_its_samples_stale(tmp_path):
     root = copy_sample(tmp_path / "d")
     assert run_inproc(*context_args(root)).returncode == 0
@@ -292,6 +293,7 @@ def test_export_of_sample_store(tmp_path):
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 0.01
 
 
+@pytest.mark.slow
 def test_crash_keeps_the_records_already_on_disk(tmp_path):
     """A SIGKILL mid-shard loses only the records still on their way to the disk: the unfinished shard's
     complete records are kept on resume and not computed again."""
