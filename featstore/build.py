@@ -1,12 +1,16 @@
-"""``featstore build``: discover images, run batched VGGT inference in a pipelined loop, write a store.
+"""``featstore build``: discover images or training samples, run VGGT in a pipelined loop, write a store.
 
 Order of work for one process (a torchrun rank or a ``--part`` of a job array):
 
-1. load the model (fail fast: a missing checkpoint is exit 2, never random weights);
-2. discover images and keep this rank's deterministic share (crc32 of the key modulo the world size);
-3. look at the existing store and skip what is done (resume), rebuild what is stale;
-4. decode in DataLoader workers -> shape-bucketed batches -> model -> background encode + write;
-5. leave part files; rank 0 waits for every rank, then merges index and manifest.
+1. check options, environment, data root and output folder (exit 2 with one line, nothing written);
+2. discover images (or training samples, ``--context sample``) and take the lock;
+3. keep the complete records of this rank's unfinished shard (a crash's leftovers), then keep this rank's
+   share (crc32 of the key, or of a sample's first streamed frame, modulo the world size) minus what is done
+   (resume) plus what is stale;
+4. load the model (a missing checkpoint is exit 2, never random weights) and compare the store's settings;
+5. decode in DataLoader workers -> shape-bucketed batches (or the context plan's steps) -> model ->
+   background encode + write;
+6. leave part files; rank 0 waits for every rank, then merges index and manifest.
 """
 
 from __future__ import annotations

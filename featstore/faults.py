@@ -6,7 +6,8 @@ reaches ``<point>``. Unset (always, outside tests) this is a dictionary lookup a
 Points, in the order a shard build meets them: ``atomic-before-rename`` (every atomic file write),
 ``shard-opened``, ``record-appended``, ``batch-queued``, ``shard-tar-closed``, ``shard-before-rename``,
 ``shard-after-rename``, ``per-image-written``, ``part-index-written``, ``merge-before-index``,
-``merge-before-manifest``, ``merge-before-cleanup``. ``tools/crash_driver.py`` kills a build at 20 of them.
+``merge-before-manifest``, ``merge-before-cleanup``. ``tools/crash_driver.py`` kills a build at 20 instants
+(some points at their n-th hit).
 """
 
 from __future__ import annotations

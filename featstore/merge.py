@@ -107,17 +107,16 @@ def shard_order(name: str) -> tuple[int, int]:
 COUNTED = ("processed", "skipped", "failed", "missing", "stale_rebuilt", "malformed_annotation_lines")
 
 
-def _merge_summaries(parts: list[dict[str, Any]], old: dict[str, Any] | None) -> dict[str, Any]:
+def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' counts, feature shapes and failures added up."""
     counts: Counter = Counter()
     shapes: Counter = Counter()
     failures: list[dict[str, Any]] = []
-    missing: list[str] = []
     for p in parts:
         counts.update(p.get("counts", {}))
         shapes.update(p.get("feature_shapes", {}))
         failures += p.get("failures", [])
-        missing = p.get("missing_examples", missing)
-    return {"counts": dict(counts), "shapes": dict(shapes), "failures": failures, "missing": missing}
+    return {"counts": dict(counts), "shapes": dict(shapes), "failures": failures}
 
 
 def _write_ledger(path: Path, failures: list[dict[str, Any]]) -> None:
@@ -145,7 +144,7 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
     if ((base.get("context") or {}).get("mode")) == "sample":
         write_alias_index(out_dir, live, known)
     shard_meta = _shard_records(out_dir, live, known, old, parts, latest)
-    merged = _merge_summaries(parts, old)
+    merged = _merge_summaries(parts)
     ix = Index(out_dir / INDEX_NAME)
     feat_shapes = Counter()
     for row in range(len(ix)):
@@ -233,7 +232,7 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
         if old is None:
             raise StoreError(f"nothing to merge under {root}: no part files and no manifest")
         return old
-    merged = _merge_summaries(parts, old)
+    merged = _merge_summaries(parts)
     m = _base_manifest("per-image", parts[0], old, parts)
     counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     done = sum(p.get("done_images", 0) for p in parts)

@@ -34,7 +34,7 @@ from featstore.preprocess import UINT8_MODES, open_image, preprocess_image, prep
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One image to build: its key, absolute path and original path string."""
+    """One image to build: its store key and its file path."""
 
     key: str
     path: str

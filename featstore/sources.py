@@ -49,7 +49,6 @@ from featstore.formats.manifest import PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANI
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
 OUTPUT_DIR_NAME = "vggt_featstore"
-CACHE_SUFFIX = ".vggt_cache.pt"
 ANNOTATION_JSON = "annotations.json"
 #: featstore's own files, never read as annotation sources wherever they lie.
 OWN_FILE_NAMES = frozenset({PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_MANIFEST})

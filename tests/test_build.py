@@ -16,7 +16,7 @@ from featstore.formats.keys import key_from_member
 from featstore.formats.manifest import read_manifest
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import decode_record
-from featstore.formats.shards import list_shards, read_member
+from featstore.formats.shards import list_shards
 from tests.buildutil import REPO, build_args, make_images, run_cli, run_inproc, write_jsonl
 from tests.featstore_helpers import copy_sample
 
@@ -28,7 +28,9 @@ def store_records(out: Path) -> dict[str, object]:
     recs = {}
     for e in ix.entries():
         with open(out / "shards" / e.shard, "rb") as f:
-            recs[e.key] = decode_record(read_member(f, e.offset, e.length))
+            data = os.pread(f.fileno(), e.length, e.offset)
+            assert len(data) == e.length, f"shard {e.shard} is truncated"
+            recs[e.key] = decode_record(data)
     return recs
 
 

@@ -15,6 +15,7 @@ import webdataset as wds
 import featstore
 from featstore.formats.record import encode_record
 from featstore.formats.shards import SHARDS_DIR, ShardWriter
+from featstore.formats.keys import encode_key
 from featstore.loader import decode_sample, open_store, stream
 from featstore.merge import merge_shard_store
 from tests.featstore_helpers import build, copy_images
@@ -137,7 +138,8 @@ def test_stream_fewer_shards_than_workers_every_worker_reads(stores):
 
 def test_stream_samples_and_resampled(stores):
     sample = next(iter(stream(stores / "many")))
-    assert set(sample) - {"__key__"} == {"key", "path", "features"} and sample["features"].shape == (1, 1036, 128)
+    assert set(sample) == {"__key__", "key", "path", "features"} and sample["features"].shape == (1, 1036, 128)
+    assert sample["__key__"] == encode_key(sample["key"])  # the webdataset key docs/training.md promises
     endless = stream(stores / "many", resampled=True, shuffle_buffer=2)
     keys = [s["key"] for s in itertools.islice(iter(endless), 30)]
     assert len(keys) == 30 and sorted(keys[:12]) == open_store(stores / "many").keys()

@@ -264,15 +264,6 @@ def scan_shard(path: Path) -> list[ShardEntry]:
     return entries
 
 
-def read_member(f: BinaryIO, offset: int, length: int) -> bytes:
-    """Read exactly ``length`` bytes at ``offset`` from an open shard."""
-    f.seek(offset)
-    data = f.read(length)
-    if len(data) != length:
-        raise RecordError(f"shard is truncated: wanted {length} bytes at offset {offset}, got {len(data)}")
-    return data
-
-
 def read_record_meta(fd: int, offset: int) -> dict:
     """The metadata of the record stored at ``offset`` of an open shard (reads its header only)."""
     head = os.pread(fd, 8, offset)
