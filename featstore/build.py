@@ -16,6 +16,7 @@ Order of work for one process (a torchrun rank or a ``--part`` of a job array):
 from __future__ import annotations
 
 import json
+import contextlib
 import logging
 import os
 import time
@@ -32,7 +33,8 @@ from tqdm import tqdm
 
 from featstore.env import dist_env
 from featstore.errors import FeatstoreError, OptionError, StoreError
-from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
+from featstore.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers, to_host
+from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
 from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_SUFFIX, SHARD_MANIFEST,
@@ -84,6 +86,7 @@ class BuildOptions:
     reference_frame: str = "first"
     history: int | None = None  # samples from episode folders with JanusVLN's history rule
     history_pad: bool = False
+    autocast: bool = False  # fp32 weights under torch.autocast (bf16), as JanusVLN's forward runs VGGT
     apply_exif: bool = False
     tokens: str = "patch"
     shard_size: int = 1_000_000_000
@@ -203,7 +206,8 @@ class Build:
         from featstore.model import load_vggt
 
         dev = self.resolve_device()
-        self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev))
+        dtype = torch.float32 if self.opts.autocast else None  # None: bf16 on GPUs with bf16, else fp32
+        self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev), dtype=dtype)
         self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
         try:
             self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
@@ -244,9 +248,11 @@ class Build:
                 and prev.get("tokens") == self.opts.tokens and list(layers) == list(prev["layers"])
                 and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess
                 and (prev.get("preprocess") or {}).get("target_size", 518) == self.opts.image_size
-                and (prev.get("context") or {"mode": "image"}) == self.context_settings())
+                and (prev.get("context") or {"mode": "image"}) == self.context_settings()
+                and prev.get("compute") in (None, self.compute_name()))
         if same:
             keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens",
+                    "compute",
                     "source_fingerprint")
             self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
                                   cache_root=str(self.cache_root) if self.cache_root else None)
@@ -276,8 +282,23 @@ class Build:
             "context": self.context_settings(),
             "dtype": dtype_name(self.store_dtype),
             "tokens": self.opts.tokens,
+            "compute": self.compute_name(),
             "source_fingerprint": "sha256" if self.opts.hash_inputs else "stat",
         }
+
+    def compute_name(self) -> str:
+        """How the model computes: ``autocast-<dtype>`` (fp32 weights under autocast) or its weights' dtype."""
+        dev = self.resolve_device()
+        if self.opts.autocast:
+            return f"autocast-{dtype_name(autocast_dtype(dev))}"
+        return dtype_name(default_model_dtype(dev))
+
+    def compute_context(self) -> Any:
+        """The autocast context of every model call (``--autocast``), or a context that does nothing."""
+        if not self.opts.autocast:
+            return contextlib.nullcontext()
+        dev = self.resolve_device()
+        return torch.autocast(dev.type, dtype=autocast_dtype(dev))
 
     def context_settings(self) -> dict[str, Any]:
         """What a record is: one image, or one training sample streamed with its frames as causal context."""
@@ -294,7 +315,7 @@ class Build:
             return
         mine = self.settings()
         diffs = []
-        for k in ("layers", "dtype", "tokens"):
+        for k in ("layers", "dtype", "tokens", "compute"):
             if prev.get(k) not in (None, mine[k]):
                 diffs.append(f"{k}: store has {prev.get(k)}, this run {mine[k]}")
         fp = (prev.get("model") or {}).get("fingerprint")
@@ -585,7 +606,8 @@ class Build:
         """Run one batch on the device and queue its features for writing; returns the batch size that worked."""
         t0 = time.perf_counter()
         images = batch.images.to(self.device, non_blocking=True)
-        feats, worked = self.extractor.run_adaptive(images, max_batch)
+        with self.compute_context():
+            feats, worked = self.extractor.run_adaptive(images, max_batch)
         if worked < max_batch and worked < images.shape[0]:
             max_batch = worked
             log.warning("continuing with batch size %d after CUDA out of memory", worked)
@@ -662,7 +684,9 @@ class Build:
         bad = run.mark_failed(step, decoded.errors)
         images = to_unit_float(decoded.images.to(self.device, non_blocking=True))
         done = []
-        for sample, feats in run.executor.run_step(step, images):
+        with self.compute_context():
+            results = run.executor.run_step(step, images)
+        for sample, feats in results:
             if sample.key in bad:
                 self._sample_failed(run.items[sample.key], *bad[sample.key])
             else:

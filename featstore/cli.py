@@ -79,9 +79,9 @@ def _skip_existing_flags(p: argparse._ActionsContainer) -> None:
 
 #: Option values a preset stands for; options the user passes explicitly win over them.
 PRESETS = {"janusvln": {"context": "sample", "image_size": 644, "preprocess": "crop", "layers": (-2,),
-                        "reference_frame": "first"}}
+                        "reference_frame": "first", "autocast": True}}
 PRESET_FIELDS = {"context": "image", "image_size": 518, "preprocess": "crop", "layers": (-2,),
-                 "reference_frame": "first"}
+                 "reference_frame": "first", "autocast": False}
 
 
 def apply_preset(args: argparse.Namespace) -> None:
@@ -184,9 +184,14 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                         "frame i, frames range(i+1) while i <= N, else linspace(0, i, N+1) (JanusVLN: 8)")
     g.add_argument("--history-pad", action="store_true",
                    help="with --history: repeat frame 0 in front until a sample has N+1 frames (NewJanusVLN)")
+    g.add_argument("--autocast", dest="autocast", action="store_true", default=None,
+                   help="keep the weights in fp32 and run VGGT under torch.autocast in bf16 (fp16 on GPUs without "
+                        "bf16), as JanusVLN's forward does; without it the model runs with bf16 weights on GPUs "
+                        "(the same rounding at every matmul, not the same bits) and fp32 on CPU")
+    g.add_argument("--no-autocast", dest="autocast", action="store_false", help="run the model in its own dtype")
     g.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="janusvln = --context sample --image-size 644 --preprocess crop --layers=-2 "
-                        "--reference-frame first; flags given explicitly win")
+                        "--reference-frame first --autocast; flags given explicitly win")
     g = p.add_argument_group("resume and incremental builds")
     _skip_existing_flags(g)
     g.add_argument("--rebuild-stale", action="store_true",
@@ -228,7 +233,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         data_path=args.data_path, strict_annotations=args.strict_annotations, batch_size=env["batch_size"],
         device=env["device"], dtype=args.dtype, layers=args.layers, preprocess=args.preprocess,
         image_size=args.image_size, context=args.context, reference_frame=args.reference_frame,
-        history=args.history, history_pad=args.history_pad,
+        history=args.history, history_pad=args.history_pad, autocast=args.autocast,
         apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size, shard_prefix=args.shard_prefix,
         skip_existing=env["skip_existing"], rebuild_stale=args.rebuild_stale, hash_inputs=args.hash_inputs,
         allow_failures=args.allow_failures, num_workers=args.num_workers, writer_threads=args.writer_threads,

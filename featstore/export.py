@@ -41,7 +41,7 @@ from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
 
 log = logging.getLogger("featstore")
-COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "tokens",
+COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "compute", "tokens",
                  "source_fingerprint", "total_images", "sources")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
 

@@ -97,6 +97,13 @@ def default_store_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype JanusVLN's autocast uses: bfloat16, or float16 on GPUs without bf16 (compute capability < 8)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def pick_device(requested: str, shown: str | None = None) -> torch.device:
     """The requested device, falling back to CPU with a warning when CUDA is asked for but absent (``shown``
     is how the user set it, e.g. ``--device cuda:0`` or ``DEVICE=cuda:0``)."""

@@ -195,7 +195,8 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
 
 def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens", "source_fingerprint",
+    fields = ("model", "layers", "tensors", "preprocess", "context", "dtype", "codec", "compute", "tokens",
+              "source_fingerprint",
               "cache_root", "sources", "missing_ledger")
     src = base if parts else (old or {})
     m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),

@@ -172,12 +172,13 @@ def test_preset_janusvln_and_overrides(tmp_path):
 
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln"])
     apply_preset(args)
-    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame) == \
-        ("sample", 644, "crop", (-2,), "first")
+    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.autocast) == \
+        ("sample", 644, "crop", (-2,), "first", True)
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln",
-                                     "--preprocess", "pad", "--reference-frame", "last"])
+                                     "--preprocess", "pad", "--reference-frame", "last", "--no-autocast"])
     apply_preset(args)
-    assert (args.context, args.image_size, args.preprocess, args.reference_frame) == ("sample", 644, "pad", "last")
+    assert (args.context, args.image_size, args.preprocess, args.reference_frame, args.autocast) == \
+        ("sample", 644, "pad", "last", False)
 
 
 def test_sample_lookups_and_stream(tmp_path):
@@ -316,3 +317,27 @@ def test_crash_keeps_the_records_already_on_disk(tmp_path):
     assert len(members) == len(set(members)) == 12  # every sample once, in two valid tar files
     r = run_inproc("verify", str(root / "vggt_featstore"))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny):
+    root = copy_sample(tmp_path / "d", patterns=("*.jpg",))
+    ep = "episodes/episode_000"
+    write_jsonl(root / "train.jsonl", [{"id": "s", "images": [f"{ep}/frame.000.jpg", f"{ep}/frame.001.jpg",
+                                                                f"{ep}/frame.002.jpg"]}])
+    r = run_inproc(*context_args(root, "--autocast", "--batch-size", "1"))
+    assert r.returncode == 0, r.stderr
+    store = featstore.open_store(root / "vggt_featstore")
+    assert store.manifest["compute"] == "autocast-bfloat16"
+    # JanusVLN's loop: fp32 weights, autocast, one frame at a time on a KV cache, the last frame's tokens kept
+    paths = [root / ep / f"frame.00{i}.jpg" for i in range(3)]
+    cache = None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for p in paths:
+            frame = preprocess_image(p, "crop", image_size=int(SIZE))[None, None]
+            out, cache = tiny.stream_step(frame, cache, layers=(-2,))
+    expected = next(iter(out.values()))[:, 0, 5:].float()
+    got = store.get_sample(paths)
+    assert torch.equal(got, expected)
+    assert (got - streamed(tiny, paths)).abs().max().item() > 1e-4  # really computed under autocast
+    r = run_inproc(*context_args(root, "--batch-size", "1"))
+    assert r.returncode == 2 and "compute: store has autocast-bfloat16, this run float32" in r.stderr

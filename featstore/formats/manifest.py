@@ -52,6 +52,7 @@ def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any)
         # context, one frame's tokens kept), with {"reference_frame", "history"}
         "context": {"mode": "image"},
         "dtype": None,
+        "compute": None,  # how the model ran: its weights' dtype, or "autocast-bfloat16" (fp32 weights, autocast)
         "codec": None,  # shard codec the build or export wrote with (zstd, raw, int8); None: zstd (older stores)
         "lossy": None,  # {tensor: {"codec", "rel_l2", "max_abs"}}: worst bounds of records decoded from a lossy codec
         "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
