@@ -163,14 +163,17 @@ def error_table(sets: dict[str, torch.Tensor]) -> dict[str, Any]:
     return out
 
 
-def best_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+def interleaved_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best milliseconds of each function, the functions taking turns in each round (after a warm-up round),
+    so load that drifts during the run favours none of them."""
+    best = {name: float("inf") for name in fns}
+    for rnd in range(repeats + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if rnd:
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {name: sec * 1e3 for name, sec in best.items()}
 
 
 def speed_table(tokens: int, dim: int, repeats: int) -> dict[str, Any]:
@@ -181,36 +184,42 @@ def speed_table(tokens: int, dim: int, repeats: int) -> dict[str, Any]:
     rec = encode_record(Record("k", "k", {"features": x}))
     frame = codecs.zstd_frame(codecs.shuffle_bytes(raw, 2), 1)
     out = torch.empty(x.numel() * 2, dtype=torch.uint8).numpy()
-    rows: dict[str, dict[str, float]] = {
-        "featstore zstd (decode_record)": {
-            "encode_ms": best_ms(lambda: encode_record(Record("k", "k", {"features": x})), repeats),
-            "decode_ms": best_ms(lambda: decode_record(rec, verify=False), repeats), "ratio": len(rec) / len(raw)},
-        "bare zstd decompress + unshuffle": {
-            "decode_ms": best_ms(lambda: codecs.unshuffle_into(codecs.unzstd(memoryview(frame), len(raw), "b"), 2,
-                                                               out), repeats), "ratio": len(frame) / len(raw)},
-    }
+    sizes = {"featstore zstd (decode_record)": len(rec), "bare zstd decompress + unshuffle": len(frame)}
+    enc: dict[str, Callable[[], Any]] = {"featstore zstd (decode_record)":
+                                         lambda: encode_record(Record("k", "k", {"features": x}))}
+    dec: dict[str, Callable[[], Any]] = {
+        "featstore zstd (decode_record)": lambda: decode_record(rec, verify=False),
+        "bare zstd decompress + unshuffle":
+            lambda: codecs.unshuffle_into(codecs.unzstd(memoryview(frame), len(raw), "b"), 2, out)}
     try:
         import blosc2
     except ImportError:
         print("\nblosc2 is not installed: `pip install blosc2` to include it")
         blosc2 = None
     if blosc2 is not None:
+        kw = dict(typesize=2, clevel=1, filters=[blosc2.Filter.SHUFFLE], codec=blosc2.Codec.ZSTD)
+        chunk = blosc2.compress2(bytes(raw), **kw)
         for threads in (1, 2):
-            blosc2.set_nthreads(threads)
-            kw = dict(typesize=2, clevel=1, filters=[blosc2.Filter.SHUFFLE], codec=blosc2.Codec.ZSTD)
-            c = blosc2.compress2(bytes(raw), **kw)
-            rows[f"blosc2 shuffle+zstd, {threads} thread(s)"] = {
-                "encode_ms": best_ms(lambda: blosc2.compress2(bytes(raw), **kw), repeats),
-                "decode_ms": best_ms(lambda: blosc2.decompress2(c, dst=out), repeats), "ratio": len(c) / len(raw)}
-            rows[f"blosc2 {threads} thread(s) + crc32 check"] = {
-                "decode_ms": best_ms(lambda: codecs.crc32_of(blosc2.decompress2(c, dst=out) or out.data), repeats),
-                "ratio": len(c) / len(raw)}
+            def with_threads(fn: Callable[[], Any], n: int = threads) -> Callable[[], Any]:
+                return lambda: (blosc2.set_nthreads(n), fn())
+            name = f"blosc2 shuffle+zstd, {threads} thread(s)"
+            sizes[name] = sizes[name + " + crc32 check"] = len(chunk)
+            enc[name] = with_threads(lambda: blosc2.compress2(bytes(raw), **kw))
+            dec[name] = with_threads(lambda: blosc2.decompress2(chunk, dst=out))
+            dec[name + " + crc32 check"] = with_threads(lambda: codecs.crc32_of(blosc2.decompress2(chunk, dst=out)
+                                                                                or out.data))
+    enc_ms, dec_ms = interleaved_ms(enc, max(2, repeats // 3)), interleaved_ms(dec, repeats)
+    rows: dict[str, dict[str, float]] = {}
+    for name, ms in dec_ms.items():
+        rows[name] = {"decode_ms": ms, "ratio": sizes[name] / len(raw)}
+        if name in enc_ms:
+            rows[name]["encode_ms"] = enc_ms[name]
     base = rows["featstore zstd (decode_record)"]["decode_ms"]
     print(f"\none bf16 record [1, {tokens}, {dim}] ({len(raw) / 1e6:.1f} MB)")
-    print(f"{'codec':<36}{'encode ms':>10}{'decode ms':>10}{'speed vs featstore':>20}{'size':>7}")
+    print(f"{'codec':<48}{'encode ms':>10}{'decode ms':>10}{'speed vs featstore':>20}{'size':>7}")
     for name, r in rows.items():
         enc = f"{r['encode_ms']:>10.2f}" if "encode_ms" in r else f"{'':>10}"
-        print(f"{name:<36}{enc}{r['decode_ms']:>10.2f}{base / r['decode_ms']:>19.2f}x{r['ratio']:>7.3f}")
+        print(f"{name:<48}{enc}{r['decode_ms']:>10.2f}{base / r['decode_ms']:>19.2f}x{r['ratio']:>7.3f}")
     return rows
 
 

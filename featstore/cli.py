@@ -143,8 +143,8 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                                                               "shuffling, compresses bf16 features best)")
     g.add_argument("--codec", choices=("zstd", "raw", "int8"), default="zstd",
                    help="shard codec per tensor: zstd (lossless, byte-shuffled), raw (uncompressed, fastest "
-                        "reads), int8 (lossy: about 0.8%% relative L2 error, stored in each record; 2.6 MB per "
-                        "518x518 image). Readers need no flag; see docs/building.md"),
+                        "reads), int8 (lossy: about 0.8%% relative L2 error, stored in each record; 2.5-2.6 MB "
+                        "per 518x518 bf16 image, zstd 3.8). Readers need no flag; see docs/building.md")
     g = p.add_argument_group("model and preprocessing")
     g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default=None,
                    help="crop/pad: the official VGGT load_and_preprocess_images at --image-size (JanusVLN feeds "
