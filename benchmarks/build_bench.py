@@ -77,7 +77,9 @@ def model_only(b: Build, items: list[WorkItem], mode: str, batch: int) -> float:
 
 
 def end_to_end(opts: BuildOptions, items: list[WorkItem], model: torch.nn.Module) -> float:
-    """images/s of the real build loop (decode, infer, compress, write overlapped) into a fresh store."""
+    """images/s of the real build loop (decode, infer, compress, write overlapped) into a fresh store.
+
+    Also prints where the pipeline's threads waited (the build's own stage counters)."""
     b = Build(opts)
     b.load_model(model)
     b.prepare_output()
@@ -86,7 +88,10 @@ def end_to_end(opts: BuildOptions, items: list[WorkItem], model: torch.nn.Module
     t = time.perf_counter()
     b.run_loop(items)
     sync(b.device)
-    return b.stats.processed / (time.perf_counter() - t)
+    rate = b.stats.processed / (time.perf_counter() - t)
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in sorted(b.stats.stage_seconds.items()))
+    print(f"  end-to-end stage seconds: {stages}")
+    return rate
 
 
 def store_bytes(opts: BuildOptions, items: list[WorkItem], model: torch.nn.Module) -> float:
@@ -111,10 +116,12 @@ def main() -> None:
     ap.add_argument("--preprocess", default="crop")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--sizes-n", type=int, default=16, help="images for the bytes-per-image table")
+    ap.add_argument("--sizes-n", type=int, default=16, help="images for the bytes-per-image table (0: skip it)")
+    ap.add_argument("--writer-threads", type=int, default=None, help="encode threads of the build (default: the build's)")
+    ap.add_argument("--out-dir", default=None, help="where the stores are written (default: a temporary folder)")
     args = ap.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         root = Path(tmp) / "data"
         items = make_jpegs(root, args.n, (w, h))
 
@@ -122,6 +129,8 @@ def main() -> None:
             base = dict(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,
                         batch_size=args.batch_size, num_workers=args.workers, preprocess=args.preprocess,
                         dtype=args.dtype, compile=args.compile, progress=False, fsync=False)
+            if args.writer_threads:
+                base["writer_threads"] = args.writer_threads
             base.update(kw)
             return BuildOptions(**base)
 
@@ -140,6 +149,8 @@ def main() -> None:
         print(f"ratio end-to-end / model-only  = {e2e / mod:.3f}   (GPU target >= 0.9)")
         print(f"ratio end-to-end / decode-only = {e2e / dec:.3f}")
         sub = items[: args.sizes_n]
+        if not sub:
+            return
         print(f"bytes per image ({args.model}, {len(sub)} images):")
         for fmt in ("shards", "per-image"):
             for dt in ("float32", "bfloat16", "float16"):

@@ -95,6 +95,7 @@ class RunStats:
     batch_size_used: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     shapes: Counter = field(default_factory=Counter)
+    stage_seconds: Counter = field(default_factory=Counter)
 
 
 def owner_of(key: str, world: int) -> int:
@@ -389,18 +390,15 @@ class Build:
         writer = BackgroundWriter(sink, self._records, self._on_written)
         self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
                         disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
-        max_batch = self.opts.batch_size
+        waits = self.stats.stage_seconds
         try:
-            for batch in shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda):
-                images = batch.images.to(self.device, non_blocking=True)
-                feats, worked = self.extractor.run_adaptive(images, max_batch)
-                if worked < max_batch and worked < images.shape[0]:
-                    max_batch = worked
-                    log.warning("continuing with batch size %d after CUDA out of memory", worked)
-                host, event = to_host(feats)
-                writer.put((batch, host, event))
-                crash_point("batch-queued")
+            batches = shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda)
+            max_batch = self.opts.batch_size
+            while (batch := _timed_next(batches, waits, "wait_decode")) is not None:
+                max_batch = self._infer_and_queue(batch, writer, max_batch)
+            t0 = time.perf_counter()
             writer.close()
+            waits["drain_writer"] += time.perf_counter() - t0
         except BaseException:
             if isinstance(sink, ShardSink):
                 sink.writer.abort()
@@ -408,9 +406,25 @@ class Build:
         finally:
             self.bar.close()
             self.bar = None
+        waits["wait_writer"] += writer.wait_seconds
+        waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
         self.stats.bytes_written = sink.bytes_written
         self.stats.batch_size_used = max_batch
         self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
+
+    def _infer_and_queue(self, batch: Batch, writer: BackgroundWriter, max_batch: int) -> int:
+        """Run one batch on the device and queue its features for writing; returns the batch size that worked."""
+        t0 = time.perf_counter()
+        images = batch.images.to(self.device, non_blocking=True)
+        feats, worked = self.extractor.run_adaptive(images, max_batch)
+        if worked < max_batch and worked < images.shape[0]:
+            max_batch = worked
+            log.warning("continuing with batch size %d after CUDA out of memory", worked)
+        host, event = to_host(feats)
+        self.stats.stage_seconds["model_launch"] += time.perf_counter() - t0
+        writer.put((batch, host, event))
+        crash_point("batch-queued")
+        return max_batch
 
     # --- finish ------------------------------------------------------------------------------------------
     def summary(self, started: float, finished: float) -> dict[str, Any]:
@@ -422,6 +436,17 @@ class Build:
                             "missing": s.missing, "stale_rebuilt": s.stale_rebuilt},
                     feature_shapes=dict(s.shapes), failures=s.failures, missing_examples=self.missing_examples,
                     bytes_written=s.bytes_written, times={"started": started, "finished": finished})
+
+
+def _timed_next(it: Any, seconds: Counter, name: str) -> Any:
+    """``next(it)`` (None at the end), adding the time it blocked to ``seconds[name]``."""
+    t0 = time.perf_counter()
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+    finally:
+        seconds[name] += time.perf_counter() - t0
 
 
 def _barrier(distributed: bool) -> None:
@@ -539,6 +564,9 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
                  "%s written%s", s.processed, s.skipped, s.failed, s.missing, s.stale_rebuilt, secs,
                  s.processed / secs, _human(s.bytes_written),
                  f" | batch size used {s.batch_size_used}" if 0 < s.batch_size_used < opts.batch_size else "")
+        if s.stage_seconds:
+            log.info("Pipeline seconds (main thread waiting for decode / model launch / waiting for the writer; "
+                     "writer thread): %s", ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.stage_seconds.items())))
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
             log.warning("%d images failed; see %s", s.failed, b.out / manifest["failures_ledger"])
     if s.failed > opts.allow_failures:

@@ -15,6 +15,8 @@ import io
 import os
 import queue
 import threading
+import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,12 +144,15 @@ class ShardSink:
         self.writer, self.level = writer, zstd_level
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-encode")
         self.bytes_written = 0
+        self.seconds: Counter = Counter()  # "append": waiting for encodes + tar append + rollover fsync
 
     def write(self, records: list[Record]) -> None:
         """Encode and append a batch of records."""
+        t0 = time.perf_counter()
         for rec, data in zip(records, self.pool.map(lambda r: encode_record(r, self.level), records)):
             self.writer.write(rec.key, data)
             self.bytes_written += len(data)
+        self.seconds["append"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Close the open shard (making it visible) and stop the pool."""
@@ -162,6 +167,7 @@ class PerImageSink:
         self.data_root, self.cache_root, self.fsync = data_root, cache_root, fsync
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-write")
         self.bytes_written = 0
+        self.seconds: Counter = Counter()
 
     def _write_one(self, rec: Record) -> int:
         data = encode_pt(rec)
@@ -171,7 +177,9 @@ class PerImageSink:
 
     def write(self, records: list[Record]) -> None:
         """Write a batch of records, one file each."""
+        t0 = time.perf_counter()
         self.bytes_written += sum(self.pool.map(self._write_one, records))
+        self.seconds["append"] += time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the pool."""
@@ -186,6 +194,7 @@ class BackgroundWriter:
         self.sink, self.make_records, self.on_written = sink, make_records, on_written
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.wait_seconds = 0.0  # time put() blocked because the queue was full (the writer is the bottleneck)
         self.thread = threading.Thread(target=self._loop, name="featstore-writer", daemon=True)
         self.thread.start()
 
@@ -197,7 +206,9 @@ class BackgroundWriter:
             if self.error is not None:
                 continue
             try:
+                t0 = time.perf_counter()
                 records = self.make_records(job)
+                self.sink.seconds["device_to_host"] += time.perf_counter() - t0
                 self.sink.write(records)
                 self.on_written(records)
             except BaseException as e:  # noqa: BLE001 - surfaced to the main thread in put()/close()
@@ -207,7 +218,9 @@ class BackgroundWriter:
         """Queue a job (blocks when the queue is full: backpressure on the model loop)."""
         if self.error is not None:
             raise self.error
+        t0 = time.perf_counter()
         self.q.put(job)
+        self.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         """Drain the queue, close the sink, and raise the first writer error, if any."""

@@ -1,12 +1,21 @@
 """Image preprocessing that reproduces VGGT's official `load_and_preprocess_images`, one image at a time.
 
+Every mode takes a target size ``image_size`` = N (a multiple of 14; default 518, the official model).
+JanusVLN's copy of the function uses N = 644 (`MIV-XJTU/JanusVLN`, mode ``crop``; `NewJanusVLN`, mode ``pad``).
+
 Modes (`MODES`):
 
-* ``crop``: width becomes 518, height ``round(h*518/w/14)*14``; if taller than 518, the centre 518 rows are kept.
-* ``pad``: the longer side becomes 518, the other ``round(.../14)*14``; then padded with 1.0 (white) to
-  518x518, centred with ``top = dh//2``, ``left = dw//2``.
+* ``crop``: width becomes N, height ``round(h * (N / w) / 14) * 14``; if taller than N, the centre N rows are kept.
+* ``pad``: the longer side becomes N, the other ``round(short * (N / long) / 14) * 14``; then padded with 1.0
+  (white) to NxN, centred with ``top = dh//2``, ``left = dw//2``.
 * ``janusvln``: ``pad``, then a torch bilinear resize (``align_corners=False``, no antialias) so each side
-  is the largest multiple of 28 not above it (518 -> 504): the tensor JanusVLN's training code feeds VGGT.
+  is the largest multiple of 28 not above it (518 -> 504; 644 stays 644). This is *not* what JanusVLN feeds
+  VGGT: JanusVLN feeds 644-pixel ``crop`` images (MIV-XJTU/JanusVLN; 640x480 -> 490x644) or ``pad`` images
+  (NewJanusVLN; 644x644), i.e. ``crop``/``pad`` with ``image_size=644``. The mode is kept for stores built with it.
+
+The size rule is the official float formula, evaluated in float64 in exactly this order with Python's
+``round`` (half to even): at N = 644 a 640x480 frame gives ``round(480 * (644 / 640) / 14)`` =
+``round(34.50000000000001)`` = 35, i.e. 490 rows, where exact arithmetic would tie at 34.5 and give 476.
 
 ``crop`` and ``pad`` are bit-identical to the official code (Pillow 13 BICUBIC resize of the uint8 image,
 then ``/255`` in float32), including its colour handling: only mode "RGBA" is composited onto white;
@@ -40,7 +49,8 @@ from PIL import Image, ImageOps
 
 from featstore.errors import ImageError
 
-TARGET_SIZE = 518
+TARGET_SIZE = 518  # the official model's size; the default `image_size`
+JANUSVLN_IMAGE_SIZE = 644  # JanusVLN's copy of load_and_preprocess_images
 PATCH_SIZE = 14
 JANUSVLN_MULTIPLE = 28
 MIN_SIDE = PATCH_SIZE
@@ -58,30 +68,40 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown preprocess mode {mode!r}: expected one of {', '.join(MODES)}")
 
 
-def _scaled_side(side: int, long_side: int) -> int:
-    """Official rule for the side that is not set to 518: Python round (half to even) to a multiple of 14,
-    clamped to at least MIN_SIDE (featstore's documented rule for degenerate aspect ratios)."""
-    return max(MIN_SIDE, round(side * (TARGET_SIZE / long_side) / PATCH_SIZE) * PATCH_SIZE)
+def check_image_size(image_size: int) -> int:
+    """Return `image_size` if it is a positive multiple of the patch size (14), else raise ValueError."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 \
+            or image_size % PATCH_SIZE:
+        raise ValueError(f"image size {image_size!r} is not a positive multiple of {PATCH_SIZE}: "
+                         f"use e.g. {TARGET_SIZE} (official VGGT) or {JANUSVLN_IMAGE_SIZE} (JanusVLN)")
+    return image_size
 
 
-def resize_size(width: int, height: int, mode: str) -> tuple[int, int]:
+def _scaled_side(side: int, long_side: int, image_size: int) -> int:
+    """Official rule for the side that is not set to N: ``round(side * (N / long_side) / 14) * 14`` in float64,
+    in this order, Python round (half to even); clamped to at least MIN_SIDE (featstore's rule)."""
+    return max(MIN_SIDE, round(side * (image_size / long_side) / PATCH_SIZE) * PATCH_SIZE)
+
+
+def resize_size(width: int, height: int, mode: str, image_size: int = TARGET_SIZE) -> tuple[int, int]:
     """The (width, height) the image is resized to with Pillow before cropping or padding."""
     _check_mode(mode)
+    check_image_size(image_size)
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if mode == "crop" or width >= height:
-        return TARGET_SIZE, _scaled_side(height, width)
-    return _scaled_side(width, height), TARGET_SIZE
+        return image_size, _scaled_side(height, width, image_size)
+    return _scaled_side(width, height, image_size), image_size
 
 
-def preprocessed_size(width: int, height: int, mode: str) -> tuple[int, int]:
+def preprocessed_size(width: int, height: int, mode: str, image_size: int = TARGET_SIZE) -> tuple[int, int]:
     """The (H, W) of the tensor `preprocess_image` returns for an image of `width` x `height` pixels."""
-    new_w, new_h = resize_size(width, height, mode)
+    new_w, new_h = resize_size(width, height, mode, image_size)
     if mode == "crop":
-        return min(new_h, TARGET_SIZE), new_w
+        return min(new_h, image_size), new_w
     if mode == "pad":
-        return max(new_h, TARGET_SIZE), max(new_w, TARGET_SIZE)
-    side = (TARGET_SIZE // JANUSVLN_MULTIPLE) * JANUSVLN_MULTIPLE
+        return max(new_h, image_size), max(new_w, image_size)
+    side = (image_size // JANUSVLN_MULTIPLE) * JANUSVLN_MULTIPLE
     return side, side
 
 
@@ -190,12 +210,14 @@ def janusvln_resize(t: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int = TARGET_SIZE) -> torch.Tensor:
     """Load one image (path or PIL image) and return float32 [3,H,W] in [0,1], equal to VGGT's official
-    `load_and_preprocess_images([path], mode)[0]` for `crop`/`pad`; see the module docstring for `janusvln`."""
+    `load_and_preprocess_images([path], mode)[0]` with target size `image_size` for `crop`/`pad` (644 is
+    JanusVLN's copy); see the module docstring for `janusvln`."""
     _check_mode(mode)
+    check_image_size(image_size)
     img = _load_rgb(source, apply_exif, max_pixels)
-    new_w, new_h = resize_size(img.size[0], img.size[1], mode)
+    new_w, new_h = resize_size(img.size[0], img.size[1], mode, image_size)
     if new_w * new_h > max_pixels:
         raise ImageError(f"{_describe(source)}: resizing {img.size[0]}x{img.size[1]} for mode {mode!r} "
                          f"needs {new_w}x{new_h} pixels, above the limit of {max_pixels:,}; "
@@ -203,9 +225,9 @@ def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: boo
     pixels = np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
     if mode == "crop":
         # Same rows as the official crop of the float tensor; cropping the uint8 array first saves memory.
-        top = max(new_h - TARGET_SIZE, 0) // 2
-        return _to_tensor(pixels[top:top + TARGET_SIZE])
-    t = _pad_centered(_to_tensor(pixels), TARGET_SIZE, TARGET_SIZE)
+        top = max(new_h - image_size, 0) // 2
+        return _to_tensor(pixels[top:top + image_size])
+    t = _pad_centered(_to_tensor(pixels), image_size, image_size)
     return janusvln_resize(t) if mode == "janusvln" else t
 
 

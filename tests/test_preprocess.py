@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from featstore.errors import ImageError
 from featstore.preprocess import (DEFAULT_MAX_PIXELS, MIN_SIDE, MODES, preprocess_image, preprocessed_size,
-                                  stack_batch)
+                                  resize_size, stack_batch)
 
 # The batch order of golden/preprocess (README section 7).
 GOLDEN_NAMES = ["rgb_640x480_q95", "rgb_480x640_q95", "rgb_1000x300", "rgb_518x518", "rgba_300x700",
@@ -314,3 +314,80 @@ def test_sixteen_bit_rgb_png_uses_pillows_high_byte(tmp_path):
                      + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     u8 = _as_u8(preprocess_image(path, "crop"))
     assert u8[:, 5, 5].tolist() == [0x12, 0xFF, 0x00] and bool((u8 == u8[:, :1, :1]).all())
+
+
+# ---------------------------------------------------------------- 644 pixels (JanusVLN's load_fn, golden/preprocess644)
+
+@pytest.fixture(scope="module")
+def golden644(golden_dir: Path) -> dict:
+    """JanusVLN's 644-pixel outputs: 4 stored tensors, shape + u8 sha256 for all 16 image/mode pairs."""
+    root = golden_dir / "preprocess644"
+    info = json.loads((root / "info.json").read_text())
+    return {"root": root, "expected": load_file(str(root / "expected.safetensors")), "info": info,
+            "images": {im["name"]: root / im["file"] for im in info["images"]}}
+
+
+def _sha256_u8(t: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(_as_u8(t)[None].contiguous().numpy().tobytes()).hexdigest()
+
+
+def test_644_pairs_cover_every_image(golden644):
+    assert len(golden644["info"]["tensors"]) == 16 and len(golden644["images"]) == 8
+    assert {k for k, v in golden644["info"]["tensors"].items() if v["stored"]} == set(golden644["expected"])
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("name", GOLDEN_NAMES + ["frame_640x480"])
+def test_644_golden_shape_and_sha256(golden644, name, mode):
+    entry = golden644["info"]["tensors"][f"{mode}/{name}"]
+    t = preprocess_image(golden644["images"][name], mode, image_size=644)
+    assert [1, *t.shape] == entry["shape"] and t.dtype == torch.float32
+    assert torch.equal(t, _as_u8(t).to(torch.float32) / 255)  # exactly k/255, so the u8 hash is the whole tensor
+    assert _sha256_u8(t) == entry["u8_sha256"]
+    with Image.open(golden644["images"][name]) as img:
+        assert preprocessed_size(*img.size, mode, image_size=644) == tuple(t.shape[1:])
+    if entry["stored"]:
+        assert torch.equal(t, golden644["expected"][f"{mode}/{name}"][0].to(torch.float32) / 255)
+
+
+def test_644_frame_640x480_crop_is_490x644_and_pad_has_77_white_rows(golden644):
+    path = golden644["images"]["frame_640x480"]
+    crop = preprocess_image(path, "crop", image_size=644)
+    pad = preprocess_image(path, "pad", image_size=644)
+    assert crop.shape == (3, 490, 644) and pad.shape == (3, 644, 644)
+    assert torch.equal(pad[:, :77], torch.ones(3, 77, 644)) and torch.equal(pad[:, -77:], torch.ones(3, 77, 644))
+    assert torch.equal(pad[:, 77:-77], crop)
+
+
+@pytest.mark.parametrize("size,mode,expected", [
+    ((640, 480), "crop", (644, 490)), ((320, 240), "crop", (644, 490)), ((480, 640), "pad", (490, 644)),
+    ((480, 640), "crop", (644, 854)), ((1000, 300), "crop", (644, 196)), ((300, 700), "pad", (280, 644)),
+])
+def test_644_float64_tie_rounds_up_like_the_official_formula(size, mode, expected):
+    # 480 * (644 / 640) / 14 is 34.50000000000001 in float64: 35, not the exact tie's 34 (476 rows).
+    assert resize_size(*size, mode, image_size=644) == expected
+
+
+@pytest.mark.parametrize("size,mode,image_size,expected", [
+    ((640, 480), "crop", 644, (490, 644)), ((640, 480), "pad", 644, (644, 644)),
+    ((640, 480), "janusvln", 644, (644, 644)), ((640, 480), "crop", 518, (392, 518)),
+    ((640, 480), "janusvln", 518, (504, 504)), ((640, 480), "crop", 280, (210, 280)),
+    ((640, 480), "janusvln", 280, (280, 280)), ((5000, 10), "crop", 644, (MIN_SIDE, 644)),
+])
+def test_preprocessed_size_for_other_image_sizes(size, mode, image_size, expected):
+    assert preprocessed_size(*size, mode, image_size=image_size) == expected
+
+
+def test_janusvln_mode_at_644_equals_pad(golden644):
+    path = golden644["images"]["rgba_300x700"]
+    assert torch.equal(preprocess_image(path, "janusvln", image_size=644),
+                       golden644["expected"]["pad/rgba_300x700"][0].to(torch.float32) / 255)
+
+
+@pytest.mark.parametrize("bad", [0, -14, 500, 644.0, True, "644"])
+def test_image_size_must_be_a_positive_multiple_of_14(golden, bad):
+    with pytest.raises(ValueError, match="not a positive multiple of 14"):
+        preprocess_image(_path(golden, "rgb_518x518"), "crop", image_size=bad)
+    with pytest.raises(ValueError, match="not a positive multiple of 14"):
+        preprocessed_size(640, 480, "pad", image_size=bad)

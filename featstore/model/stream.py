@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 
 from featstore.model.layers.attention import KV
 
@@ -35,3 +36,39 @@ class StreamCache:
                 f"stream frame has batch {batch_size} and size {image_size[0]}x{image_size[1]}, but the stream "
                 f"started with batch {self.batch_size} and size {self.image_size[0]}x{self.image_size[1]}: "
                 "start a new StreamCache for a different stream")
+
+    @property
+    def frames_held(self) -> int:
+        """Frame caches held (rows x frames), the unit of the memory bounds in `featstore.schedule`."""
+        return (self.batch_size or 0) * self.num_frames
+
+    def _like(self, kv: list[KV | None], batch_size: int) -> "StreamCache":
+        return StreamCache(self.num_frames, batch_size, self.image_size, self.depth, kv)
+
+    def fork(self) -> "StreamCache":
+        """A cache holding the same tensors in a new list: stepping it (which replaces list entries) leaves
+        this cache valid, so a prefix can be continued in several ways without copying."""
+        return self._like(list(self.kv), self.batch_size or 0)
+
+    def rows(self, start: int, stop: int) -> "StreamCache":
+        """Streams `start:stop` of the batch, as views (no copy)."""
+        kv = [None if e is None else (e[0][start:stop], e[1][start:stop]) for e in self.kv]
+        return self._like(kv, stop - start)
+
+
+def stack_caches(parts: "list[StreamCache]") -> StreamCache:
+    """Concatenate caches of equal length, image size and depth along the batch (one copy); one part is
+    returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.num_frames, p.image_size, p.depth) != (first.num_frames, first.image_size, first.depth):
+            raise ValueError("caches to stack must have the same number of frames, image size and depth")
+    kv: list[KV | None] = []
+    for i, entry in enumerate(first.kv):
+        if entry is None:
+            kv.append(None)
+            continue
+        kv.append((torch.cat([p.kv[i][0] for p in parts]), torch.cat([p.kv[i][1] for p in parts])))  # type: ignore[index]
+    return first._like(kv, sum(p.batch_size or 0 for p in parts))
