@@ -17,7 +17,7 @@ because only index entries are read.
 
 from __future__ import annotations
 
-import collections
+import itertools
 import logging
 import os
 import random
@@ -30,12 +30,15 @@ import webdataset as wds
 
 from featstore.env import dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
-from featstore.formats.index import INDEX_NAME, Index, IndexEntry
+from featstore.formats.index import INDEX_NAME, Index, IndexEntry, local_index_file
 from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path
-from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
+from featstore.formats.manifest import (PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest,
+                                        read_store_manifest)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import FEATURES, Record, decode_record
-from featstore.formats.shards import SHARDS_DIR
+from featstore.formats.shards import SHARDS_DIR, iter_shard_records
+from featstore.formats.storage import (DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote, local_path_of,
+                                       parse_location)
 from featstore.fsutil import is_temp_name
 
 log = logging.getLogger("featstore")
@@ -65,26 +68,34 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 # --- random access ---------------------------------------------------------------------------------------
 class ShardStore:
-    """Random access to a shard store: index lookup, then one ``pread`` of the record's bytes."""
+    """Random access to a shard store: index lookup, then one read of just the record's bytes.
+
+    Local stores ``pread`` from cached file handles; remote stores (``s3://...``) send one ranged GET per
+    record, after fetching the index once (see :func:`featstore.formats.index.local_index_file`).
+    """
 
     layout = "shards"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN):
-        self.root = Path(root)
+    def __init__(self, root: Path | str, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN,
+                 storage: Storage | None = None):
+        self.max_open = max(1, int(max_open))
+        self.storage = storage if storage is not None else LocalStorage(Path(root), self.max_open)
+        self.root: Path | str = Path(root) if self.storage.is_local else self.storage.display
         self.manifest = manifest
         self.data_root = manifest.get("data_root") or None
-        self.max_open = max(1, int(max_open))
         self._lock = threading.Lock()
         self._pid = -1
         self._index: Index | None = None
-        self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        if not (self.root / INDEX_NAME).is_file():
+        self._index_file: Path | None = None
+        if self.storage.is_local and not self.storage.exists(INDEX_NAME):
             raise StoreError(f"shard store {self.root} has no {INDEX_NAME}; run `featstore merge {self.root}`")
+        if not self.storage.is_local:
+            self._index_file = local_index_file(self.storage)  # fetched once, now: a missing index fails here
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into spawned DataLoader workers: carry the location only, reopen there.
         d = self.__dict__.copy()
-        d.update(_lock=None, _index=None, _files=collections.OrderedDict(), _pid=-1)
+        d.update(_lock=None, _index=None, _pid=-1)
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -92,10 +103,10 @@ class ShardStore:
         self._lock = threading.Lock()
 
     def _check_pid(self) -> None:
-        # After a fork the parent's file handles are shared state: drop them and reopen lazily.
+        # After a fork the parent's index map and lock are shared state: reopen lazily (the storage does
+        # the same for its file handles or connection).
         if self._pid != os.getpid():
             self._lock = threading.Lock()
-            self._files = collections.OrderedDict()
             self._index = None
             self._pid = os.getpid()
 
@@ -106,28 +117,14 @@ class ShardStore:
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = Index(self.root / INDEX_NAME)
+                    if self._index_file is None or not self._index_file.is_file():
+                        self._index_file = local_index_file(self.storage)
+                    self._index = Index(self._index_file)
         return self._index
-
-    def _file(self, shard: str) -> Any:
-        with self._lock:
-            f = self._files.get(shard)
-            if f is not None:
-                self._files.move_to_end(shard)
-                return f
-            f = open(self.root / SHARDS_DIR / shard, "rb", buffering=0)
-            self._files[shard] = f
-            while len(self._files) > self.max_open:
-                # Dropped, not closed: a thread still reading keeps its reference; CPython closes it after.
-                self._files.popitem(last=False)
-            return f
 
     def read_bytes(self, e: IndexEntry) -> bytes:
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError)."""
-        self._check_pid()
-        f = self._file(e.shard)  # keep this reference until pread returns: an LRU eviction may drop the dict's
-        data = os.pread(f.fileno(), e.length, e.offset)
-        del f
+        data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
         if len(data) != e.length:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
                               f"{e.offset}, got {len(data)}; run `featstore verify {self.root}`")
@@ -169,10 +166,7 @@ class ShardStore:
 
     def close(self) -> None:
         """Close open shard files (the store reopens them on next use)."""
-        with self._lock:
-            for f in self._files.values():
-                f.close()
-            self._files.clear()
+        self.storage.close()
 
 
 class PerImageStore:
@@ -252,12 +246,27 @@ def scan_per_image(root: Path) -> Iterator[str]:
                 yield rel[: -len(PER_IMAGE_SUFFIX)]
 
 
-def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN) -> Store:
+def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *,
+                      max_open: int = DEFAULT_MAX_OPEN) -> ShardStore:
+    """Open a shard store on object storage (any fsspec URL): its manifest and index are fetched once."""
+    storage = parse_location(url, storage_options)
+    m = read_store_manifest(storage)
+    if m.get("layout") != "shards":
+        raise StoreError(f"{storage.display} holds a per-image manifest; remote stores must be shard stores "
+                         f"(build them with `featstore build --out {storage.display}`)")
+    return ShardStore(storage.display, m, max_open=max_open, storage=storage)
+
+
+def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN,
+               storage_options: dict[str, Any] | None = None) -> Store:
     """Open a shard store or a per-image cache root (found from its manifest) for random access.
 
-    A data root with legacy caches and no manifest opens as a per-image store rooted there.
+    A data root with legacy caches and no manifest opens as a per-image store rooted there. ``path`` may be
+    an fsspec URL of a shard store (``s3://bucket/prefix``); ``storage_options`` go to its backend.
     """
-    path = Path(path)
+    if is_remote(path):
+        return open_remote_store(str(path), storage_options, max_open=max_open)
+    path = local_path_of(path)
     if not path.exists():
         raise StoreError(f"store {path} does not exist; pass a shard store folder or a data root with caches")
     try:
@@ -341,12 +350,14 @@ def epoch_plan(shards: list[tuple[str, list[IndexEntry]]], consumers: int, seed:
 class FeatureStream(torch.utils.data.IterableDataset):
     """A DDP- and worker-aware stream over a shard store's live records (see :func:`stream`)."""
 
-    def __init__(self, root: Path, *, shuffle: bool, seed: int, epoch: int, shuffle_buffer: int, resampled: bool):
+    def __init__(self, root: Path | Storage, *, shuffle: bool, seed: int, epoch: int, shuffle_buffer: int,
+                 resampled: bool, read_ahead: int = DEFAULT_READ_AHEAD):
         super().__init__()
-        self.root = Path(root)
+        self.storage = parse_location(root)
+        self.root: Path | str = self.storage.local_path() or self.storage.display
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
-        ix = Index(self.root / INDEX_NAME)
+        self.shuffle_buffer, self.resampled, self.read_ahead = shuffle_buffer, resampled, read_ahead
+        ix = Index(local_index_file(self.storage))
         self.shards = [(s, es) for s, es in ix.shard_entries().items() if es]
         self.num_records = len(ix)
         if self.num_records == 0:
@@ -368,6 +379,9 @@ class FeatureStream(torch.utils.data.IterableDataset):
         return (rank + 1) * n // world - rank * n // world
 
     def _read(self, entries: list[IndexEntry]) -> Iterator[dict[str, Any]]:
+        if not self.storage.is_local:
+            yield from self._read_remote(entries)
+            return
         # Sequential reads of a slice; a webdataset-style sample per record.
         f, cur = None, None
         try:
@@ -385,6 +399,13 @@ class FeatureStream(torch.utils.data.IterableDataset):
         finally:
             if f is not None:
                 f.close()
+
+    def _read_remote(self, entries: list[IndexEntry]) -> Iterator[dict[str, Any]]:
+        # Whole runs of a shard as a few large ranged GETs, the next chunks fetched while this one is decoded.
+        runs = [(shard, list(group)) for shard, group in itertools.groupby(entries, key=lambda e: e.shard)]
+        for e, data in iter_shard_records(self.storage, runs, read_ahead=self.read_ahead):
+            yield {"__key__": encode_key(e.key), "__url__": self.storage.describe(f"{SHARDS_DIR}/{e.shard}"),
+                   RECORD_EXT: data}
 
     def _epoch_pipeline(self, epoch: int, me: int, consumers: int) -> wds.DataPipeline:
         mine = epoch_plan(self.shards, consumers, self.seed, epoch, self.shuffle)[me]
@@ -406,13 +427,22 @@ class FeatureStream(torch.utils.data.IterableDataset):
 
 
 def stream(path: str | os.PathLike[str], shuffle: bool = True, seed: int = 0, epoch: int = 0,
-           shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, resampled: bool = False) -> FeatureStream:
+           shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, resampled: bool = False,
+           storage_options: dict[str, Any] | None = None, read_ahead: int = DEFAULT_READ_AHEAD) -> FeatureStream:
     """A torch IterableDataset over a shard store: each record once per epoch across all ranks and workers.
 
     Order is deterministic for (seed, epoch, world size, workers); ``resampled=True`` repeats forever with
     the epoch advancing each pass. Samples are dicts with ``key``, ``path``, ``features`` and other tensors.
+    ``path`` may be an fsspec URL (``s3://bucket/prefix``, options in ``storage_options``): whole shards are
+    then streamed in large chunks, ``read_ahead`` of them fetched in the background.
     """
-    mpath = find_manifest(Path(path))
+    if is_remote(path):
+        storage = parse_location(str(path), storage_options)
+        if read_store_manifest(storage).get("layout") != "shards":
+            raise StoreError(f"{storage.display} is not a shard store; stream() needs shards")
+        return FeatureStream(storage, shuffle=shuffle, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+                             resampled=resampled, read_ahead=read_ahead)
+    mpath = find_manifest(local_path_of(path))
     m = read_manifest(mpath)
     if m.get("layout") != "shards":
         raise StoreError(f"{path} is a per-image store; stream() needs shards. Convert it with "

@@ -16,13 +16,16 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
 
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
 from featstore.faults import crash_point
 from featstore.fsutil import disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
+
+if TYPE_CHECKING:
+    from featstore.formats.storage import Storage
 
 SHARDS_DIR = "shards"
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
@@ -225,3 +228,34 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def iter_shard_records(storage: "Storage", runs: Sequence[tuple[str, Sequence[Any]]], *,
+                       chunk_bytes: int = 8 << 20, read_ahead: int = 2) -> Iterator[tuple[Any, bytes]]:
+    """``(entry, record bytes)`` for every entry of each ``(shard, entries sorted by offset)`` run, in order.
+
+    Each run is fetched as one contiguous byte range (first record to last) in chunks, the next chunks (also
+    of the next shard) arriving in the background; the tar headers between records are skipped. Entries
+    need ``offset`` and ``length`` (index entries do).
+    """
+    runs = [(shard, es) for shard, es in runs if es]
+    ranges = [(f"{SHARDS_DIR}/{shard}", es[0].offset, es[-1].offset + es[-1].length) for shard, es in runs]
+    chunks = storage.iter_ranges(ranges, chunk_bytes=chunk_bytes, read_ahead=read_ahead)
+    try:
+        for (shard, es), (_, start, _) in zip(runs, ranges):
+            buf, base = bytearray(), start
+            for e in es:
+                end = e.offset + e.length - base
+                while len(buf) < end:
+                    nxt = next(chunks, None)
+                    if nxt is None:
+                        raise RecordError(f"shard {shard} ended before record {e.key!r} (offset {e.offset}); run "
+                                          f"`featstore verify` on the store")
+                    buf += nxt[1]
+                yield e, bytes(buf[e.offset - base:end])
+                del buf[:end]
+                base += end
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()

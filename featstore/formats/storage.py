@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 from featstore.errors import StoreError
 from featstore.fsutil import atomic_open, atomic_write_bytes, fsync_dir
@@ -226,6 +227,19 @@ class Storage:
         """Bytes ``[start, end)`` of ``name`` as consecutive chunks, the next ``read_ahead`` fetched in the background."""
         raise NotImplementedError
 
+    def iter_ranges(self, ranges: Sequence[tuple[str, int, int]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                    read_ahead: int = DEFAULT_READ_AHEAD) -> Iterator[tuple[int, bytes]]:
+        """(range number, chunk) for consecutive chunks of each ``(name, start, end)`` in turn."""
+        for i, (name, start, end) in enumerate(ranges):
+            for data in self.iter_range(name, start, end, chunk_bytes=chunk_bytes, read_ahead=read_ahead):
+                yield i, data
+
+    def open_sequential(self, name: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                        read_ahead: int = DEFAULT_READ_AHEAD) -> IO[bytes]:
+        """A read-only binary stream over the whole of ``name`` (remote: chunked, with read-ahead)."""
+        return io.BufferedReader(_ChunkStream(self.iter_range(name, chunk_bytes=chunk_bytes, read_ahead=read_ahead)),
+                                 buffer_size=1 << 20)
+
     def list(self, folder: str = "") -> dict[str, int]:
         """Objects directly inside ``folder``: relative name (``folder/x``) -> size; empty when it is absent."""
         raise NotImplementedError
@@ -254,6 +268,37 @@ class Storage:
 
     def close(self) -> None:
         """Release cached handles (reopened on next use)."""
+
+
+class _ChunkStream(io.RawIOBase):
+    """A sequential raw stream over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks, self._buf, self._pos = chunks, memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                return 0
+            self._buf = memoryview(nxt)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        self._pos += n
+        return n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+        super().close()
 
 
 # --- local -----------------------------------------------------------------------------------------------
@@ -332,6 +377,10 @@ class LocalStorage(Storage):
                     break
                 pos += len(data)
                 yield data
+
+    def open_sequential(self, name: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                        read_ahead: int = DEFAULT_READ_AHEAD) -> IO[bytes]:
+        return open(self.root / name, "rb")
 
     def list(self, folder: str = "") -> dict[str, int]:
         out: dict[str, int] = {}
@@ -507,28 +556,36 @@ class FsspecStorage(Storage):
                    chunk_bytes: int = DEFAULT_CHUNK_BYTES, read_ahead: int = DEFAULT_READ_AHEAD) -> Iterator[bytes]:
         if end is None:
             end = self.size(name)
-        spans = [(s, min(s + chunk_bytes, end)) for s in range(start, end, chunk_bytes)]
-        if read_ahead <= 0 or len(spans) <= 1:
-            for s, e in spans:
-                yield self._chunk(name, s, e)
+        for _, data in self.iter_ranges([(name, start, end)], chunk_bytes=chunk_bytes, read_ahead=read_ahead):
+            yield data
+
+    def iter_ranges(self, ranges: Sequence[tuple[str, int, int]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                    read_ahead: int = DEFAULT_READ_AHEAD) -> Iterator[tuple[int, bytes]]:
+        """(range number, chunk) for consecutive chunks of each ``(name, start, end)`` in turn.
+
+        Up to ``read_ahead`` chunks are fetched in the background, across range boundaries, so the next
+        shard is already arriving while the current one is consumed.
+        """
+        spans = ((i, name, s, min(s + chunk_bytes, end)) for i, (name, start, end) in enumerate(ranges)
+                 for s in range(start, end, chunk_bytes))
+        if read_ahead <= 0:
+            for i, name, s, e in spans:
+                yield i, self._chunk(name, s, e)
             return
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=read_ahead, thread_name_prefix="featstore-readahead")
-        pending: collections.deque[concurrent.futures.Future[bytes]] = collections.deque()
+        pending: collections.deque[tuple[int, concurrent.futures.Future[bytes]]] = collections.deque()
         try:
-            todo = iter(spans)
-            for s, e in todo:
-                pending.append(pool.submit(self._chunk, name, s, e))
+            for i, name, s, e in spans:
+                pending.append((i, pool.submit(self._chunk, name, s, e)))
                 if len(pending) > read_ahead:
-                    break
+                    j, fut = pending.popleft()
+                    yield j, fut.result()
             while pending:
-                data = pending.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(self._chunk, name, *nxt))
-                yield data
+                j, fut = pending.popleft()
+                yield j, fut.result()
         finally:
-            for f in pending:
-                f.cancel()
+            for _, fut in pending:
+                fut.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _chunk(self, name: str, start: int, end: int) -> bytes:
