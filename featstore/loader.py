@@ -37,7 +37,7 @@ from featstore.formats.manifest import (PER_IMAGE_SUFFIX, find_manifest, new_man
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import FEATURES, Record, decode_record
 from featstore.formats.shards import SHARDS_DIR, iter_shard_records
-from featstore.formats.storage import (DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote, local_path_of,
+from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote, local_path_of,
                                        parse_location)
 from featstore.fsutil import is_temp_name
 
@@ -357,6 +357,7 @@ class FeatureStream(torch.utils.data.IterableDataset):
         self.root: Path | str = self.storage.local_path() or self.storage.display
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.shuffle_buffer, self.resampled, self.read_ahead = shuffle_buffer, resampled, read_ahead
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES  # remote stores: bytes per ranged GET while streaming
         ix = Index(local_index_file(self.storage))
         self.shards = [(s, es) for s, es in ix.shard_entries().items() if es]
         self.num_records = len(ix)
@@ -403,7 +404,8 @@ class FeatureStream(torch.utils.data.IterableDataset):
     def _read_remote(self, entries: list[IndexEntry]) -> Iterator[dict[str, Any]]:
         # Whole runs of a shard as a few large ranged GETs, the next chunks fetched while this one is decoded.
         runs = [(shard, list(group)) for shard, group in itertools.groupby(entries, key=lambda e: e.shard)]
-        for e, data in iter_shard_records(self.storage, runs, read_ahead=self.read_ahead):
+        for e, data in iter_shard_records(self.storage, runs, chunk_bytes=self.chunk_bytes,
+                                          read_ahead=self.read_ahead):
             yield {"__key__": encode_key(e.key), "__url__": self.storage.describe(f"{SHARDS_DIR}/{e.shard}"),
                    RECORD_EXT: data}
 

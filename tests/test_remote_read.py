@@ -1,0 +1,120 @@
+"""Reading stores on object storage: open_store / stream / DataLoader workers against a real S3 server (moto)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from featstore.errors import StoreError
+from featstore.formats.storage import parse_location
+from featstore.loader import open_store, stream
+from s3server import SECRET, new_bucket, s3_server
+from tests.featstore_helpers import REPO_ROOT, build, copy_images
+
+
+def upload_store(local: Path, url: str, options: dict) -> None:
+    """Copy a finished local shard store to ``url``, shards first and the manifest last (as a build does)."""
+    dest = parse_location(url, options)
+    names = sorted(p.relative_to(local).as_posix() for p in (local / "shards").glob("*.tar"))
+    for name in names + ["index.fsi", "manifest.json"]:
+        dest.publish_file(name, local / name)
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    """A local store (a few shards of several records) and the same store uploaded to a fresh bucket."""
+    root = tmp_path_factory.mktemp("remote-read")
+    data = copy_images(root / "data")
+    build(data, "--out", str(root / "store"), "--shard-size", "1500KB")
+    server = s3_server()
+    url = f"s3://{new_bucket(server)}/stores/few"
+    upload_store(root / "store", url, server.storage_options())
+    return root / "store", url, server
+
+
+def test_open_store_s3_matches_local_with_one_ranged_get_per_record(remote):
+    local_path, url, server = remote
+    local = open_store(local_path)
+    bucket = url.split("/")[2]
+    mark = server.mark()
+    store = open_store(url, storage_options=server.storage_options())
+    opening = server.since(mark, bucket)
+    assert sum(r.method == "GET" and r.path.endswith("/index.fsi") for r in opening) == 1
+    assert store.keys() == local.keys() and len(store) == 12 and store.layout == "shards"
+    assert store.root == url and SECRET not in repr(store.storage)
+    for k in local.keys():
+        mark = server.mark()
+        got = store[k]
+        reqs = server.since(mark, bucket)
+        assert len(reqs) == 1 and reqs[0].method == "GET" and reqs[0].range is not None, reqs
+        assert "/shards/" in reqs[0].path
+        assert torch.equal(got, local[k])
+        rec, want = store.record(k), local.record(k)
+        assert rec.meta == want.meta and all(torch.equal(rec.tensors[n], want.tensors[n]) for n in want.tensors)
+    mark = server.mark()
+    assert "nope.jpg" not in store and store.get("nope.jpg") is None
+    assert server.since(mark, bucket) == []  # misses are answered by the cached index alone
+
+
+def test_stream_s3_same_records_as_local_across_chunk_boundaries(remote):
+    local_path, url, server = remote
+    want = {s["key"]: s["features"] for s in stream(local_path, shuffle=False)}
+    for chunk, read_ahead in ((8 << 20, 2), (100_000, 3), (77_777, 0)):
+        ds = stream(url, shuffle=False, storage_options=server.storage_options(), read_ahead=read_ahead)
+        ds.chunk_bytes = chunk
+        got = list(ds)
+        assert [s["key"] for s in got] == list(want)
+        assert all(torch.equal(s["features"], want[s["key"]]) for s in got)
+
+
+def test_stream_s3_reads_whole_shards_in_few_requests(remote):
+    local_path, url, server = remote
+    bucket = url.split("/")[2]
+    n_shards = len(list((local_path / "shards").glob("*.tar")))
+    assert 1 < n_shards < 12
+    ds = stream(url, shuffle=True, seed=3, storage_options=server.storage_options())
+    mark = server.mark()
+    assert len(list(ds)) == 12
+    gets = [r for r in server.since(mark, bucket) if r.method == "GET"]
+    assert len(gets) == n_shards and all(r.range is not None and "/shards/" in r.path for r in gets)  # one per shard
+
+
+def test_stream_s3_dataloader_workers_each_record_once(remote):
+    local_path, url, server = remote
+    ds = stream(url, seed=1, epoch=4, shuffle_buffer=2, storage_options=server.storage_options())
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    keys = [s["key"] for s in dl]
+    assert sorted(keys) == open_store(local_path).keys()
+
+
+def test_remote_store_errors_are_actionable_and_redacted(remote):
+    _, url, server = remote
+    missing = url.rsplit("/", 1)[0] + "/no-such-store"
+    with pytest.raises(StoreError) as e:
+        open_store(missing, storage_options=server.storage_options())
+    assert "no featstore manifest at" in str(e.value) and missing in str(e.value) and SECRET not in str(e.value)
+    with pytest.raises(StoreError):
+        stream(missing, storage_options=server.storage_options())
+
+
+def test_local_use_imports_no_fsspec_and_env_credentials_reach_s3(remote):
+    """One fresh process: a local store is served without importing fsspec; then the standard AWS
+    environment alone (no storage_options) reaches the remote store."""
+    local_path, url, server = remote
+    code = ("import sys, featstore\n"
+            "s = featstore.open_store(sys.argv[1]); s[s.keys()[0]]\n"
+            "assert len(list(featstore.stream(sys.argv[1]))) == 12\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'botocore', 'aiobotocore')]\n"
+            "assert not bad, bad\n"
+            "r = featstore.open_store(sys.argv[2]); r[r.keys()[0]]\n"
+            "print(len(r), len(list(featstore.stream(sys.argv[2], shuffle=False))))\n")
+    env = {**os.environ, **server.env(), "PYTHONPATH": str(REPO_ROOT)}
+    r = subprocess.run([sys.executable, "-c", code, str(local_path), url], capture_output=True, text=True, env=env,
+                       cwd=REPO_ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["12", "12"] and SECRET not in r.stdout + r.stderr
