@@ -18,18 +18,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from featstore.errors import FeatstoreError, RecordError, StoreError
-from featstore.formats.index import INDEX_NAME, Index, write_index
+from featstore.formats.index import INDEX_NAME, Index, IndexEntry, write_index
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find_manifest, new_manifest,
                                         read_manifest, shape_key, write_manifest)
 from featstore.formats.perimage import read_pt, write_pt
-from featstore.formats.record import Record, encode_record
-from featstore.formats.shards import DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, parse_shard_name, sha256_file
+from featstore.formats.record import Record, decode_record, encode_record
+from featstore.formats.shards import (DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, iter_shard_records,
+                                      parse_shard_name, sha256_file)
+from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image
 
@@ -82,9 +84,31 @@ def _same_record(path: Path, rec: Record) -> bool:
                for o, t in zip(old.tensors.values(), rec.tensors.values()))
 
 
-def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: bool = True) -> ExportResult:
-    """Write every live record of a shard store as a per-image cache, plus the per-image manifest."""
-    store = open_store(store_path)
+def _stored_records(store: ShardStore) -> Iterator[tuple[IndexEntry, bytes | Exception]]:
+    """Every live record's stored bytes (or the error reading them), shard by shard, read sequentially.
+
+    A remote shard arrives as a few large ranged GETs; a shard that turns out truncated falls back to
+    reading its remaining records one by one, so each unreadable record is reported on its own.
+    """
+    for shard, entries in store.index.shard_entries().items():
+        done = 0
+        try:
+            for e, data in iter_shard_records(store.storage, [(shard, entries)]):
+                done += 1
+                yield e, data
+        except (FeatstoreError, OSError):
+            for e in entries[done:]:
+                try:
+                    yield e, store.read_bytes(e)
+                except (FeatstoreError, OSError) as err:
+                    yield e, err
+
+
+def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsync: bool = True,
+                        storage_options: dict[str, Any] | None = None) -> ExportResult:
+    """Write every live record of a shard store (local or an fsspec URL) as a per-image cache, plus the
+    per-image manifest."""
+    store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
     m = store.manifest
@@ -95,7 +119,7 @@ def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: boo
     root.mkdir(parents=True, exist_ok=True)
     res = ExportResult(out=root)
     shapes: Counter = Counter()
-    for e in store.index.entries():
+    for e, data in _stored_records(store):
         try:
             dest = safe_destination(e.key, root)
         except RecordError as err:
@@ -103,8 +127,10 @@ def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: boo
             log.error("%s", err)
             continue
         try:
-            rec = store.record(e.key)
-        except FeatstoreError as err:
+            if isinstance(data, Exception):
+                raise data
+            rec = decode_record(data, verify=False)
+        except (FeatstoreError, OSError) as err:
             res.failed.append((e.key, str(err)))
             log.error("cannot read record %r: %s", e.key, err)
             continue
@@ -226,28 +252,34 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                     "featstore export DATA_ROOT --format shards --out DIR: pack per-image caches (including "
                     "legacy ones with only 'features' and 'path') into shards. Exit 0 when every record was "
                     "exported, 1 when some were refused or unreadable, 2 when the export could not run.")
-    p.add_argument("source", type=Path, help="a shard store (for --format per-image) or a data root holding "
-                                             "per-image caches (for --format shards)")
+    p.add_argument("source", help="a shard store folder or URL (s3://bucket/prefix, any fsspec URL; for "
+                                  "--format per-image) or a data root holding per-image caches (for --format shards)")
     p.add_argument("--format", required=True, choices=("per-image", "shards"), help="the layout to write")
     p.add_argument("--out", type=Path, help="per-image: mirror caches under this folder instead of beside the "
                                             "images; shards: the new store folder (required)")
     p.add_argument("--shard-size", type=parse_size, default=1_000_000_000, help="target shard size (shards only)")
     p.add_argument("--shard-prefix", default="vggt", help="shard file name prefix (shards only)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="skip fsync after writes")
+    add_storage_options_argument(p)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         if args.format == "per-image":
-            res = export_to_per_image(args.source, args.out, fsync=args.fsync)
+            res = export_to_per_image(args.source, args.out, fsync=args.fsync,
+                                      storage_options=storage_options_of(args))
         else:
+            if is_remote(args.source):
+                log.error("--format shards reads per-image caches from a local data root, not %s; pass a local "
+                          "folder", redact(args.source))
+                return 2
             if args.out is None:
                 log.error("--format shards needs --out DIR (the new shard store folder)")
                 return 2
-            res = export_to_shards(args.source, args.out, shard_size=args.shard_size, prefix=args.shard_prefix,
+            res = export_to_shards(Path(args.source), args.out, shard_size=args.shard_size, prefix=args.shard_prefix,
                                    fsync=args.fsync)
-    except (FeatstoreError, OSError) as e:
+    except (FeatstoreError, OSError, ValueError) as e:
         log.error("%s", e)
         return 2
     log.info("exported to %s: %d written, %d unchanged, %d refused, %d unreadable", res.out, res.written,

@@ -145,6 +145,31 @@ def storage_options_from_json(text: str, flag: str = "--storage-options") -> dic
     return value
 
 
+STORAGE_OPTIONS_HELP = ("options for the fsspec backend of a URL store, as JSON (e.g. '{\"anon\": true}' or "
+                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'), or @FILE to read the "
+                        "JSON from a file (keeps secrets out of the process list). Default: the backend's standard "
+                        "environment variables and config files (AWS_*, ~/.aws). Never written to any file or log")
+
+
+def add_storage_options_argument(parser: Any) -> None:
+    """Add ``--storage-options JSON|@FILE`` to an argparse parser (parsed by :func:`storage_options_of`)."""
+    parser.add_argument("--storage-options", metavar="JSON", default=None, help=STORAGE_OPTIONS_HELP)
+
+
+def storage_options_of(args: Any) -> dict[str, Any] | None:
+    """The parsed ``--storage-options`` of a CLI namespace (None when not given); ValueError when bad."""
+    text = getattr(args, "storage_options", None)
+    if not text:
+        return None
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--storage-options {text}: cannot read the file ({e.strerror}); pass @FILE with a "
+                             f"JSON object, or the JSON itself") from None
+    return storage_options_from_json(text)
+
+
 # --- locations -------------------------------------------------------------------------------------------
 def is_remote(location: str | os.PathLike[str]) -> bool:
     """True for an fsspec URL other than ``file://`` (those need fsspec and a backend)."""
@@ -673,6 +698,6 @@ class FsspecStorage(Storage):
                 self._invalidate(p)
 
 
-__all__ = ["Storage", "LocalStorage", "FsspecStorage", "parse_location", "is_remote", "local_path_of", "redact",
+__all__ = ["add_storage_options_argument", "storage_options_of", "Storage", "LocalStorage", "FsspecStorage", "parse_location", "is_remote", "local_path_of", "redact",
            "redact_url", "register_secrets", "storage_options_from_json", "install_log_redaction",
            "ATOMIC_CREATE_PROTOCOLS"]
