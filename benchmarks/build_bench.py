@@ -31,7 +31,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from featstore.build import Build, BuildOptions  # noqa: E402
-from featstore.pipeline import ImageDataset, WorkItem, make_loader, shape_batches  # noqa: E402
+from featstore.pipeline import DecodeOptions, ImageDataset, WorkItem, make_loader, shape_batches  # noqa: E402
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int]) -> list[WorkItem]:
@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 
 def decode_only(items: list[WorkItem], mode: str, workers: int, batch: int) -> float:
     """images/s of the build's decode stage alone (workers decode, main thread forms batches)."""
-    loader = make_loader(ImageDataset(items, mode), workers, False)
+    loader = make_loader(ImageDataset(items, DecodeOptions(mode)), workers)
     t = time.perf_counter()
     n = sum(b.images.shape[0] for b in shape_batches(loader, batch, lambda d: None))
     return n / (time.perf_counter() - t)
@@ -65,7 +65,7 @@ def decode_only(items: list[WorkItem], mode: str, workers: int, batch: int) -> f
 
 def model_only(b: Build, items: list[WorkItem], mode: str, batch: int) -> float:
     """images/s of the model alone on batches already preprocessed and resident on the device."""
-    loader = make_loader(ImageDataset(items, mode), 0, False)
+    loader = make_loader(ImageDataset(items, DecodeOptions(mode)), 0)
     batches = [x.images.to(b.device) for x in shape_batches(loader, batch, lambda d: None)]
     b.extractor.run(batches[0])  # warm-up (kernels, compile)
     sync(b.device)

@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per configuration (default 2)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per configuration (default 5)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 matmul baseline (default 8192)")
+    p.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
+                   help="scaled_dot_product_attention backend tried first (default: torch's own priority)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -131,9 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    with sdpa_priority(args.sdpa):
+        return measure(args, smoke, device, dtype, source, sizes, batches, warmup, iters, mm_n, backend, modes)
+
+
+def sdpa_priority(choice: str):
+    """A context that makes `choice` the first SDPA backend torch tries (the others stay as fallbacks)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if choice == "default":
+        return contextlib.nullcontext()
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}[choice]
+    rest = [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH) if b != first]
+    return sdpa_kernel([first, *rest], set_priority=True)
+
+
+def measure(args, smoke, device, dtype, source, sizes, batches, warmup, iters, mm_n, backend, modes) -> int:
+    """Run every (compile, size, batch) configuration and print one line each."""
     t_start = time.perf_counter()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {dev_name}; torch {torch.__version__}; dtype {args.dtype}; model {source}")
+    print(f"device {dev_name}; torch {torch.__version__}; dtype {args.dtype}; model {source}; sdpa {args.sdpa}")
     mm = matmul_rate(mm_n, dtype, device, iters=20 if not smoke else 3)
     print(f"matmul {mm_n}^3 {args.dtype}: {mm / 1e12:.1f} TFLOP/s")
 

@@ -16,6 +16,7 @@ import os
 import time
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,8 +38,12 @@ from featstore.fsutil import atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
-from featstore.pipeline import (BackgroundWriter, Batch, Decoded, ImageDataset, PerImageSink, ShardSink, WorkItem,
-                                make_loader, shape_batches)
+from featstore.context import PlanExecutor
+from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
+                                PerImageSink, SampleItem, ShardSink, StepDataset, WorkItem, make_loader,
+                                preprocessed_size_of, sample_fingerprint, shape_batches)
+from featstore.samples import kept_index
+from featstore.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
 NAMED_MODELS = ("tiny", "vggt-1b-random")
@@ -62,6 +67,11 @@ class BuildOptions:
     dtype: str | None = None
     layers: tuple[int, ...] = (-2,)
     preprocess: str = "crop"
+    image_size: int = 518
+    context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
+    reference_frame: str = "first"
+    history: int | None = None  # samples from episode folders with JanusVLN's history rule
+    history_pad: bool = False
     apply_exif: bool = False
     tokens: str = "patch"
     shard_size: int = 1_000_000_000
@@ -96,6 +106,24 @@ class RunStats:
     failures: list[dict[str, str]] = field(default_factory=list)
     shapes: Counter = field(default_factory=Counter)
     stage_seconds: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class RecordHead:
+    """A record's key, path and metadata, waiting for its tensors."""
+
+    key: str
+    path: str
+    meta: dict[str, Any]
+
+
+@dataclass
+class PendingRecords:
+    """Records on their way to the writer: heads, host tensors [N, 1, P, C] and the copy's CUDA event."""
+
+    heads: list[RecordHead]
+    host: dict[str, torch.Tensor]
+    event: Any = None
 
 
 def owner_of(key: str, world: int) -> int:
@@ -189,9 +217,11 @@ class Build:
             return False
         same = (prev.get("vggt_model_path") == str(self.opts.model) and prev.get("dtype") == dtype
                 and prev.get("tokens") == self.opts.tokens and list(layers) == list(prev["layers"])
-                and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess)
+                and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess
+                and (prev.get("preprocess") or {}).get("target_size", 518) == self.opts.image_size
+                and (prev.get("context") or {"mode": "image"}) == self.context_settings())
         if same:
-            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "dtype", "tokens",
+            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "tokens",
                     "source_fingerprint")
             self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
                                   cache_root=str(self.cache_root) if self.cache_root else None)
@@ -212,13 +242,23 @@ class Build:
             "layers": list(self.layers),
             "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype)} for n, i in zip(names, self.layers)},
             "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif,
-                           # crop/pad: longest (pad) or width (crop) side 518, other side a multiple of 14;
-                           # janusvln: then each side down to a multiple of 28 (518 -> 504)
-                           "target_size": 518, "multiple": 28 if self.opts.preprocess == "janusvln" else 14},
+                           # crop/pad: longest (pad) or width (crop) side image_size, other side a multiple of
+                           # 14; janusvln: then each side down to a multiple of 28 (518 -> 504)
+                           "target_size": self.opts.image_size,
+                           "multiple": 28 if self.opts.preprocess == "janusvln" else 14},
+            "context": self.context_settings(),
             "dtype": dtype_name(self.store_dtype),
             "tokens": self.opts.tokens,
             "source_fingerprint": "sha256" if self.opts.hash_inputs else "stat",
         }
+
+    def context_settings(self) -> dict[str, Any]:
+        """What a record is: one image, or one training sample streamed with its frames as causal context."""
+        if self.opts.context == "image":
+            return {"mode": "image"}
+        history = None if self.opts.history is None else {"frames": self.opts.history, "pad": self.opts.history_pad,
+                                                          "rule": "janusvln"}
+        return {"mode": "sample", "reference_frame": self.opts.reference_frame, "history": history}
 
     def check_settings(self) -> None:
         """Refuse to resume into a store built with different model, layers, preprocessing, dtype or tokens."""
@@ -236,6 +276,12 @@ class Build:
         pmode = (prev.get("preprocess") or {}).get("mode")
         if pmode and pmode != mine["preprocess"]["mode"]:
             diffs.append(f"preprocess: store has {pmode}, this run {mine['preprocess']['mode']}")
+        psize = (prev.get("preprocess") or {}).get("target_size", 518)
+        if psize != mine["preprocess"]["target_size"]:
+            diffs.append(f"image size: store has {psize}, this run {mine['preprocess']['target_size']}")
+        pctx = prev.get("context") or {"mode": "image"}
+        if pctx != mine["context"]:
+            diffs.append(f"context: store has {pctx}, this run {mine['context']}")
         if diffs:
             raise StoreError(f"the store at {self.out} was built with other settings ({'; '.join(diffs)}). Mixing "
                              f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
@@ -343,6 +389,11 @@ class Build:
         return todo
 
     # --- the loop ----------------------------------------------------------------------------------------
+    def decode_options(self) -> DecodeOptions:
+        """How this build decodes and preprocesses every image."""
+        o = self.opts
+        return DecodeOptions(o.preprocess, o.image_size, o.apply_exif, o.hash_inputs, o.max_pixels)
+
     def _sink(self) -> ShardSink | PerImageSink:
         if self.opts.format == "shards":
             existing = [parse_shard_name(n) for n in list_shards(self.out / SHARDS_DIR)]
@@ -352,18 +403,21 @@ class Build:
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level)
         return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
 
-    def _records(self, job: tuple[Batch, dict[str, torch.Tensor], Any]) -> list[Record]:
-        batch, host, event = job
-        if event is not None:
-            event.synchronize()
-        meta_common = {"layers": dict(zip(self.extractor.names, self.layers)), "model": self.model.fingerprint,
-                       "preprocess": self.opts.preprocess, "tokens": self.opts.tokens,
-                       "image_size": list(batch.images.shape[-2:])}
-        recs = []
-        for i, (item, src) in enumerate(zip(batch.items, batch.sources)):
-            tensors = {n: t[i] for n, t in host.items()}  # [1, P, C] views; the .pt codec copies what it must
-            recs.append(Record(item.key, item.path, tensors, dict(meta_common, source=src)))
-        return recs
+    def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
+        """Metadata every record of this run shares."""
+        return {"layers": dict(zip(self.extractor.names, self.layers)), "model": self.model.fingerprint,
+                "preprocess": self.opts.preprocess, "tokens": self.opts.tokens, "image_size": list(image_size)}
+
+    def _batch_heads(self, batch: Batch) -> list[RecordHead]:
+        common = self._record_meta(tuple(batch.images.shape[-2:]))
+        return [RecordHead(item.key, item.path, dict(common, source=src))
+                for item, src in zip(batch.items, batch.sources)]
+
+    def _records(self, job: PendingRecords) -> list[Record]:
+        if job.event is not None:
+            job.event.synchronize()
+        # host tensors are [N, 1, P, C]; row i is record i ([1, P, C] views; the .pt codec copies what it must)
+        return [Record(h.key, h.path, {n: t[i] for n, t in job.host.items()}, h.meta) for i, h in enumerate(job.heads)]
 
     def _on_written(self, records: list[Record]) -> None:
         self.stats.processed += len(records)
@@ -383,9 +437,8 @@ class Build:
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
         cuda = self.device.type == "cuda"
-        dataset = ImageDataset(todo, self.opts.preprocess, apply_exif=self.opts.apply_exif,
-                               hash_inputs=self.opts.hash_inputs, max_pixels=self.opts.max_pixels)
-        loader = make_loader(dataset, self.opts.num_workers if len(todo) > 1 else 0, cuda)
+        dataset = ImageDataset(todo, self.decode_options())
+        loader = make_loader(dataset, self.opts.num_workers if len(todo) > 1 else 0)
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
         self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
@@ -422,9 +475,100 @@ class Build:
             log.warning("continuing with batch size %d after CUDA out of memory", worked)
         host, event = to_host(feats)
         self.stats.stage_seconds["model_launch"] += time.perf_counter() - t0
-        writer.put((batch, host, event))
+        writer.put(PendingRecords(self._batch_heads(batch), host, event))
         crash_point("batch-queued")
         return max_batch
+
+    # --- the context (per-sample) loop ---------------------------------------------------------------------
+    def frame_sizes(self, todo: list[SampleItem]) -> tuple[list[SampleItem], dict[str, tuple[int, int]]]:
+        """Each frame's preprocessed size from its header; samples with an unreadable frame or frames of
+        different sizes fail here (listed with the frame), the rest are returned with the size table."""
+        opts = self.decode_options()
+        paths = {k: p for it in todo for k, p in zip(it.sample.frames, it.paths)}
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="featstore-probe") as pool:
+            probed = dict(zip(paths, pool.map(lambda p: _probe_size(p, opts), paths.values())))
+        sizes = {k: v for k, v in probed.items() if isinstance(v, tuple)}
+        ok = []
+        for it in todo:
+            problem = _sample_size_problem(it, probed)
+            if problem is None:
+                ok.append(it)
+            else:
+                self._sample_failed(it, *problem)
+        return ok, sizes
+
+    def _sample_failed(self, item: SampleItem, frame: str, error: str) -> None:
+        self.stats.failed += 1
+        path = item.paths[item.sample.frames.index(frame)] if frame in item.sample.frames else ""
+        self.stats.failures.append({"key": item.key, "frame": frame, "path": path, "error": error})
+        if self.stats.failed <= 5:
+            log.warning("cannot build sample %s: frame %s: %s", item.key, path or frame, error)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def run_sample_loop(self, todo: list[SampleItem]) -> None:
+        """Stream every sample through the model, each shared frame prefix once, and write one record each."""
+        cuda = self.device.type == "cuda"
+        self.bar = tqdm(total=len(todo), unit="sample", desc="featstore build", dynamic_ncols=True,
+                        disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
+        todo, sizes = self.frame_sizes(todo)
+        steps = plan_steps([it.sample for it in todo], self.opts.batch_size, sizes.__getitem__)
+        items = {it.key: it for it in todo}
+        paths = {k: p for it in todo for k, p in zip(it.sample.frames, it.paths)}
+        loader = make_loader(StepDataset(steps, paths, self.decode_options()),
+                             self.opts.num_workers if len(steps) > 1 else 0, pin_memory=cuda, prefetch=4)
+        run = _SampleRun(PlanExecutor(self.model, self.layers, self.store_dtype, self.opts.tokens), items)
+        sink = self._sink()
+        writer = BackgroundWriter(sink, self._records, self._on_written)
+        waits = self.stats.stage_seconds
+        try:
+            decoded_steps = iter(loader)
+            for step in steps:
+                self._run_step(step, _timed_next(decoded_steps, waits, "wait_decode"), run, writer)
+            writer.close()
+        except BaseException:
+            if isinstance(sink, ShardSink):
+                sink.writer.abort()
+            raise
+        finally:
+            self.bar.close()
+            self.bar = None
+        waits["wait_writer"] += writer.wait_seconds
+        waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
+        self.stats.bytes_written = sink.bytes_written
+        self.stats.batch_size_used = run.executor.max_rows or self.opts.batch_size
+        self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
+
+    def _run_step(self, step: Step, decoded: DecodedStep, run: "_SampleRun", writer: BackgroundWriter) -> None:
+        """Run one plan step; queue the records of the samples that end in it, fail those with a bad frame."""
+        t0 = time.perf_counter()
+        run.frame_sources.update(decoded.sources)
+        bad = run.mark_failed(step, decoded.errors)
+        images = decoded.images.to(self.device, non_blocking=True)
+        done = []
+        for sample, feats in run.executor.run_step(step, images):
+            if sample.key in bad:
+                self._sample_failed(run.items[sample.key], *bad[sample.key])
+            else:
+                done.append((sample, feats))
+        if done:
+            stacked = {n: torch.stack([f[n] for _, f in done]) for n in self.extractor.names}  # [N, 1, P, C]
+            host, event = to_host(stacked)
+            heads = [self._sample_head(run.items[s.key], tuple(images.shape[-2:]), run.frame_sources) for s, _ in done]
+            self.stats.stage_seconds["model_launch"] += time.perf_counter() - t0
+            writer.put(PendingRecords(heads, host, event))
+            crash_point("batch-queued")
+
+    def _sample_head(self, item: SampleItem, image_size: tuple[int, int], frame_sources: dict) -> RecordHead:
+        sources = [frame_sources[f] for f in item.sample.frames]
+        patch = int(self.model.config.patch_size)
+        meta = dict(self._record_meta(image_size), context="sample", frames=list(item.sample.frames),
+                    kept=kept_index(item.sample), reference_frame=item.sample.reference_frame,
+                    grid=[image_size[0] // patch, image_size[1] // patch],
+                    source=sample_fingerprint(sources), frame_sources=sources)
+        if item.sample.id is not None:
+            meta["id"] = item.sample.id
+        return RecordHead(item.key, item.kept_path, meta)
 
     # --- finish ------------------------------------------------------------------------------------------
     def summary(self, started: float, finished: float) -> dict[str, Any]:
@@ -436,6 +580,49 @@ class Build:
                             "missing": s.missing, "stale_rebuilt": s.stale_rebuilt},
                     feature_shapes=dict(s.shapes), failures=s.failures, missing_examples=self.missing_examples,
                     bytes_written=s.bytes_written, times={"started": started, "finished": finished})
+
+
+class _SampleRun:
+    """State of one context loop: the executor, the samples by key, frame fingerprints and failed nodes."""
+
+    def __init__(self, executor: PlanExecutor, items: dict[str, SampleItem]):
+        self.executor, self.items = executor, items
+        self.frame_sources: dict[str, dict[str, Any]] = {}
+        self.failed_nodes: dict[int, tuple[str, str]] = {}  # node -> (frame, error) that broke its stream
+
+    def mark_failed(self, step: Step, errors: dict[str, str]) -> dict[str, tuple[str, str]]:
+        """Record the step's nodes whose frame (or an earlier frame of their stream) failed; returns the
+        samples ending in this step that must fail, with (frame, error)."""
+        bad: dict[str, tuple[str, str]] = {}
+        for node, parent, frame, ends in zip(step.nodes, step.parents, step.frames, step.ends):
+            why = self.failed_nodes.get(parent) if parent is not None else None
+            if why is None and frame in errors:
+                why = (frame, errors[frame])
+            if why is not None:
+                self.failed_nodes[node] = why
+                bad.update((s.key, why) for s in ends)
+        return bad
+
+
+def _probe_size(path: str, opts: DecodeOptions) -> tuple[int, int] | str:
+    """A frame's preprocessed size, or why its header cannot be read."""
+    try:
+        return preprocessed_size_of(path, opts)
+    except Exception as e:  # noqa: BLE001 - reported per sample, never fatal
+        return f"{type(e).__name__}: {e}"
+
+
+def _sample_size_problem(item: SampleItem, probed: dict[str, Any]) -> tuple[str, str] | None:
+    """(frame, error) when a frame of the sample is unreadable or differs in size from the first frame."""
+    first = probed[item.sample.frames[0]]
+    for frame in item.sample.frames:
+        size = probed[frame]
+        if isinstance(size, str):
+            return frame, size
+        if isinstance(first, tuple) and size != first:
+            return frame, (f"preprocesses to {size[0]}x{size[1]} but the sample's first frame to {first[0]}x"
+                           f"{first[1]}: the frames of one sample must have one size")
+    return None
 
 
 def _timed_next(it: Any, seconds: Counter, name: str) -> Any:

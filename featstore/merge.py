@@ -189,7 +189,7 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
 
 def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "dtype", "tokens", "source_fingerprint", "cache_root")
+    fields = ("model", "layers", "tensors", "preprocess", "dtype", "tokens", "source_fingerprint", "cache_root", "context")
     src = base if parts else (old or {})
     m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),
                      model_path=str(src.get("vggt_model_path", src.get("model_path", ""))),

@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from PIL import Image
 
-from featstore.errors import FeatstoreError
 from featstore.faults import crash_point
 from featstore.formats.perimage import cache_path_for, encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
-from featstore.preprocess import open_image, preprocess_image
+from featstore.preprocess import open_image, preprocess_image, preprocessed_size
+from featstore.samples import Sample, kept_index
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,24 @@ class WorkItem:
 
     key: str
     path: str
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
+
+    sample: Sample
+    paths: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """The record key."""
+        return self.sample.key
+
+    @property
+    def kept_path(self) -> str:
+        """Path of the frame whose tokens the record keeps."""
+        return self.paths[kept_index(self.sample)]
 
 
 @dataclass
@@ -52,6 +69,24 @@ class Decoded:
     source: dict[str, Any] = field(default_factory=dict)
 
 
+def sample_fingerprint(frames: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fingerprint for a sample's frames: total size, newest mtime, and a digest of the frames' sha256."""
+    fp: dict[str, Any] = {"size": sum(int(f["size"]) for f in frames),
+                          "mtime_ns": max(int(f["mtime_ns"]) for f in frames)}
+    if frames and all("sha256" in f for f in frames):
+        fp["sha256"] = hashlib.sha256("".join(f["sha256"] for f in frames).encode("ascii")).hexdigest()
+    return fp
+
+
+def preprocessed_size_of(path: str, opts: "DecodeOptions") -> tuple[int, int]:
+    """The (H, W) an image becomes after preprocessing, from its header alone (no pixel decode)."""
+    with open_image(path) as img:
+        w, h = img.size
+        if opts.apply_exif and img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            w, h = h, w
+    return preprocessed_size(w, h, opts.mode, opts.image_size)
+
+
 def source_fingerprint(st: os.stat_result, sha256: str | None = None) -> dict[str, Any]:
     """The record's note of its source image: size and mtime (and content hash with --hash-inputs)."""
     fp: dict[str, Any] = {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
@@ -60,48 +95,110 @@ def source_fingerprint(st: os.stat_result, sha256: str | None = None) -> dict[st
     return fp
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How every image of a build is decoded and preprocessed."""
+
+    mode: str = "crop"
+    image_size: int = 518
+    apply_exif: bool = False
+    hash_inputs: bool = False
+    max_pixels: int | None = None
+
+
+def decode_image(path: str, opts: DecodeOptions) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read, optionally hash, decode and preprocess one image; returns ``[3,H,W]`` and its source fingerprint."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest() if opts.hash_inputs else None
+    kwargs: dict[str, Any] = {"apply_exif": opts.apply_exif, "image_size": opts.image_size}
+    if opts.max_pixels is not None:
+        kwargs["max_pixels"] = opts.max_pixels
+    with open_image(io.BytesIO(data)) as img:
+        img.filename = path  # type: ignore[attr-defined]  # for error messages
+        tensor = preprocess_image(img, opts.mode, **kwargs)
+    return tensor, source_fingerprint(st, digest)
+
+
+def decode_or_error(path: str, opts: DecodeOptions) -> tuple[torch.Tensor | None, dict[str, Any], str | None]:
+    """:func:`decode_image`, with any failure returned as a message instead of raised."""
+    try:
+        tensor, source = decode_image(path, opts)
+        return tensor, source, None
+    except Exception as e:  # noqa: BLE001 - a broken image must never end a long build
+        return None, {}, f"{type(e).__name__}: {e}"
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers; failures are returned, not raised."""
 
-    def __init__(self, items: list[WorkItem], mode: str, *, apply_exif: bool = False, hash_inputs: bool = False,
-                 max_pixels: int | None = None):
-        self.items, self.mode, self.apply_exif = items, mode, apply_exif
-        self.hash_inputs, self.max_pixels = hash_inputs, max_pixels
+    def __init__(self, items: list[WorkItem], opts: DecodeOptions):
+        self.items, self.opts = items, opts
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> Decoded:
         item = self.items[i]
-        try:
-            st = os.stat(item.path)
-            with open(item.path, "rb") as f:
-                data = f.read()
-            digest = hashlib.sha256(data).hexdigest() if self.hash_inputs else None
-            kwargs: dict[str, Any] = {"apply_exif": self.apply_exif}
-            if self.max_pixels is not None:
-                kwargs["max_pixels"] = self.max_pixels
-            with open_image(io.BytesIO(data)) as img:
-                img.filename = item.path  # type: ignore[attr-defined]  # for error messages
-                tensor = preprocess_image(img, self.mode, **kwargs)
-            return Decoded(item, tensor, None, source_fingerprint(st, digest))
-        except (FeatstoreError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return Decoded(item, None, f"{type(e).__name__}: {e}")
-        except Exception as e:  # noqa: BLE001 - a broken image must never end a long build
-            return Decoded(item, None, f"{type(e).__name__}: {e}")
+        tensor, source, error = decode_or_error(item.path, self.opts)
+        return Decoded(item, tensor, error, source)
 
 
-def _identity(x: Decoded) -> Decoded:
+@dataclass
+class DecodedStep:
+    """The distinct frames of one context step, decoded (a failed frame is a zero image and an error)."""
+
+    index: int
+    images: torch.Tensor  # [distinct frames, 3, H, W]
+    errors: dict[str, str]  # frame key -> why it could not be used
+    sources: dict[str, dict[str, Any]]  # frame key -> source fingerprint
+
+    def pin_memory(self) -> "DecodedStep":
+        """The same step with its images in pinned memory (called by the DataLoader's pin thread)."""
+        return DecodedStep(self.index, self.images.pin_memory(), self.errors, self.sources)
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Item ``i`` is step ``i`` of a context plan: each distinct frame of the step decoded once, stacked."""
+
+    def __init__(self, steps: list[Any], frame_paths: dict[str, str], opts: DecodeOptions):
+        self.frames = [(s.distinct_frames, s.image_size) for s in steps]
+        self.paths, self.opts = frame_paths, opts
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, i: int) -> DecodedStep:
+        keys, size = self.frames[i]
+        images = torch.zeros((len(keys), 3, *size), dtype=torch.float32)
+        errors, sources = {}, {}
+        for j, key in enumerate(keys):
+            tensor, source, error = decode_or_error(self.paths[key], self.opts)
+            if error is None and tuple(tensor.shape[-2:]) != tuple(size):  # type: ignore[union-attr]
+                error = (f"preprocessed to {tensor.shape[-2]}x{tensor.shape[-1]}, but the frames of its sample "  # type: ignore[union-attr]
+                         f"are {size[0]}x{size[1]}: every frame of a sample must have one size")
+            if error is None:
+                images[j] = tensor
+                sources[key] = source
+            else:
+                errors[key] = error
+        return DecodedStep(i, images, errors, sources)
+
+
+def _identity(x: Any) -> Any:
     return x
 
 
-def make_loader(dataset: ImageDataset, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding one :class:`Decoded` at a time, decoded in ``num_workers`` processes."""
+def make_loader(dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool = False,
+                prefetch: int = 8) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding the dataset's items one at a time, in order, decoded in ``num_workers`` processes
+    (``pin_memory``: tensors arrive in pinned memory, for asynchronous copies to a GPU)."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs.update(prefetch_factor=8, persistent_workers=False)
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=False)
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       collate_fn=_identity, pin_memory=False, **kwargs)
+                                       collate_fn=_identity, pin_memory=pin_memory, **kwargs)
 
 
 @dataclass
