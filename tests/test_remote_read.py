@@ -172,3 +172,19 @@ def test_bad_storage_options_are_one_error_line_without_the_value(remote, tmp_pa
     assert cli("verify", url, "--storage-options", '{"secret": "cli-secret-31337"', "--no-progress") == 2
     err = capsys.readouterr().err
     assert "--storage-options" in err and "cli-secret-31337" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_two_workers_stream_s3_each_record_once(remote, tmp_path):
+    """Real torchrun, 2 gloo ranks x 2 DataLoader workers, credentials and endpoint from the environment."""
+    local_path, url, server = remote
+    env = {**os.environ, **server.env(), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO_ROOT / "tests" / "ddp_worker.py"), url, str(tmp_path), "7", "2"]
+    r = subprocess.run(cmd, env=env, timeout=180, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    union = ranks[0]["keys"] + ranks[1]["keys"]
+    assert sorted(union) == open_store(local_path).keys()  # every record exactly once
+    assert all(r["keys"] and len(r["keys"]) == r["len"] for r in ranks)
+    assert SECRET not in r.stdout + r.stderr

@@ -48,6 +48,7 @@ def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any)
         "layers": [],
         "tensors": {},  # name -> {"layer": int, "dtype": str}
         "preprocess": {"mode": None, "apply_exif": False},
+        "context": None,  # build.py's context settings ({"mode": "image"} when None)
         "dtype": None,
         "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
         "feature_shapes": {},  # "[1, P, C]" -> count
