@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -698,6 +699,64 @@ class FsspecStorage(Storage):
                 self._invalidate(p)
 
 
-__all__ = ["add_storage_options_argument", "storage_options_of", "Storage", "LocalStorage", "FsspecStorage", "parse_location", "is_remote", "local_path_of", "redact",
+# --- helpers over any storage -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def local_file_to_publish(storage: Storage, name: str) -> Iterator[Path]:
+    """A local path to write object ``name`` through; a remote store gets the file uploaded after the block.
+
+    For a local store this is the final path itself (the writer makes its own write atomic, e.g. with
+    :func:`featstore.fsutil.atomic_open`); nothing is uploaded when the block raises.
+    """
+    local = storage.local_path(name)
+    if local is not None:
+        yield local
+        return
+    stage = Path(tempfile.mkdtemp(prefix="featstore-stage-"))
+    try:
+        path = stage / os.path.basename(name)
+        yield path
+        storage.publish_file(name, path, move=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_copy(storage: Storage, name: str) -> Iterator[Path]:
+    """A local file holding object ``name``: the file itself when local, else a temporary download."""
+    local = storage.local_path(name)
+    if local is not None:
+        yield local
+        return
+    fd, tmp = tempfile.mkstemp(prefix="featstore-copy-", suffix=os.path.basename(name))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in storage.iter_range(name):
+                f.write(chunk)
+        yield Path(tmp)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def publish_json(storage: Storage, name: str, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON to object ``name`` atomically (same text as ``fsutil.atomic_write_json``)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
+    storage.publish_bytes(name, text.encode("utf-8"))
+
+
+def read_json(storage: Storage, name: str) -> Any:
+    """Parse object ``name`` as JSON (FileNotFoundError when absent, ValueError when not JSON)."""
+    return json.loads(storage.read_bytes(name))
+
+
+def sha256_of(storage: Storage, name: str) -> str:
+    """sha256 hex digest of object ``name``, streamed."""
+    h = hashlib.sha256()
+    for chunk in storage.iter_range(name):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+__all__ = ["local_file_to_publish", "local_copy", "publish_json", "read_json", "sha256_of", "add_storage_options_argument", "storage_options_of", "Storage", "LocalStorage", "FsspecStorage", "parse_location", "is_remote", "local_path_of", "redact",
            "redact_url", "register_secrets", "storage_options_from_json", "install_log_redaction",
            "ATOMIC_CREATE_PROTOCOLS"]
