@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections import Counter
@@ -30,13 +31,15 @@ from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, L
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
-from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, read_manifest, shape_key
+from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, parse_manifest, read_manifest, shape_key
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import SHARDS_DIR, ShardWriter, list_shards, parse_shard_name
-from featstore.fsutil import atomic_write_json, is_temp_name, remove_dead_temps
-from featstore.lock import BuildLock
-from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
+from featstore.formats.shards import SHARDS_DIR, ShardWriter, parse_shard_name
+from featstore.fsutil import is_temp_name, remove_dead_temps
+from featstore.lock import LOCK_NAME, BuildLock, StorageLock
+from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_location, publish_json, redact,
+                                       reset_staging_dir, staging_dir)
+from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, list_store_shards, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
@@ -89,6 +92,7 @@ class BuildOptions:
     max_pixels: int | None = None
     fsync: bool = True
     progress: bool = True
+    storage_options: dict[str, Any] | None = None  # for an --out URL (s3://...); never written anywhere
 
 
 @dataclass
@@ -166,14 +170,26 @@ class Build:
         self._settings: dict[str, Any] | None = None
         self.device: torch.device | None = None
         self.data_root = Path(opts.data_root).resolve()
+        self.remote = opts.out is not None and is_remote(opts.out)
+        if self.remote and opts.format != "shards":
+            raise ValueError(f"--out {redact(str(opts.out))}: per-image caches are local files; a URL output needs "
+                             f"--format shards")
         if opts.format == "shards":
-            self.out = Path(opts.out).resolve() if opts.out else self.data_root / DEFAULT_OUT_NAME
+            # A remote store's shards are written in a local staging folder and uploaded once complete.
+            self.store: Storage = (parse_location(str(opts.out), opts.storage_options) if self.remote else
+                                   LocalStorage(Path(opts.out).resolve() if opts.out else
+                                                self.data_root / DEFAULT_OUT_NAME))
+            self.out = staging_dir(self.store, self.gid) if self.remote else self.store.local_path()
             self.cache_root = None
             self.state_dir = self.out / PARTS_DIR
+            self.parts: Storage = self.store.sub(PARTS_DIR)
         else:
             self.cache_root = Path(opts.out).resolve() if opts.out else None
             self.out = self.cache_root or self.data_root
             self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
+            self.store = LocalStorage(self.out)
+            self.parts = LocalStorage(self.state_dir)
+        self.where = self.store.display  # the output, safe for messages
 
     # --- setup -------------------------------------------------------------------------------------------
     def load_model(self, model: torch.nn.Module | None = None) -> None:
@@ -283,11 +299,18 @@ class Build:
         if pctx != mine["context"]:
             diffs.append(f"context: store has {pctx}, this run {mine['context']}")
         if diffs:
-            raise StoreError(f"the store at {self.out} was built with other settings ({'; '.join(diffs)}). Mixing "
+            raise StoreError(f"the store at {self.where} was built with other settings ({'; '.join(diffs)}). Mixing "
                              f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
                              f"every record with the new settings")
 
     def _previous_settings(self) -> dict[str, Any] | None:
+        if self.remote:
+            for name in (BUILD_CONFIG, SHARD_MANIFEST):
+                try:
+                    return parse_manifest(self.store.read_bytes(name), self.store.describe(name))
+                except (FileNotFoundError, StoreError):
+                    continue
+            return None
         for p in (self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST,
                   per_image_manifest_path(self.data_root, self.cache_root)):
             if p.is_file():
@@ -299,6 +322,11 @@ class Build:
 
     def prepare_output(self) -> None:
         """Create the output, remove this rank's leftover temporary files, write the build settings."""
+        if self.remote:
+            reset_staging_dir(self.out)  # this rank's lock is held: leftovers are a killed run's
+            mine = f"{SHARDS_DIR}/{self.opts.shard_prefix}-{self.gid:05d}-"
+            if n := self.store.abort_incomplete_uploads(mine):
+                log.info("aborted %d unfinished shard uploads left by an interrupted build", n)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -323,13 +351,13 @@ class Build:
     def record_settings(self) -> None:
         """Write the store's build settings (shard stores), which a later resume is checked against."""
         if self.opts.format == "shards" and (self.is_leader or self.opts.num_parts > 1):
-            atomic_write_json(self.out / BUILD_CONFIG, self.settings())
+            publish_json(self.store, BUILD_CONFIG, self.settings())
 
     # --- planning ----------------------------------------------------------------------------------------
     def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
         """For the keys of this rank, what is already stored: key -> source (size, mtime_ns)."""
         if self.opts.format == "shards":
-            _, known = collect_entries(self.out)
+            _, known = collect_entries(self.store)
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
             return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
@@ -396,12 +424,19 @@ class Build:
 
     def _sink(self) -> ShardSink | PerImageSink:
         if self.opts.format == "shards":
-            existing = [parse_shard_name(n) for n in list_shards(self.out / SHARDS_DIR)]
+            existing = [parse_shard_name(n) for n in list_store_shards(self.store)]
             first_n = max((p[2] for p in existing if p), default=-1) + 1
             writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
-                                 self.opts.shard_size, fsync=self.opts.fsync)
+                                 self.opts.shard_size, fsync=self.opts.fsync,
+                                 publish=self._upload_shard if self.remote else None)
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level)
         return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
+
+    def _upload_shard(self, name: str, path: Path) -> None:
+        """Upload a closed shard under its final name (multipart when large), then drop the local copy."""
+        crash_point("shard-before-upload")
+        self.store.publish_file(f"{SHARDS_DIR}/{name}", path, move=True)
+        crash_point("shard-after-upload")
 
     def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
         """Metadata every record of this run shares."""
@@ -695,7 +730,7 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
         log.warning("%d images referenced by annotations do not exist (first: %s)", len(found.missing),
                     ", ".join(found.missing[:3]))
     lock_name = f"build-{b.gid:05d}"
-    with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
+    with _build_lock(b, lock_name):
         b.prepare_output()
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
@@ -715,14 +750,25 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
         if b.device.type == "cuda":
             torch.cuda.synchronize()
         finished = time.time()
-        write_part(b.state_dir, b.gid, b.summary(started, finished), b.closed)
+        write_part(b.parts, b.gid, b.summary(started, finished), b.closed)
         _barrier(distributed)
         manifest = None
         if b.is_leader:
             if b.gworld > 1 and not distributed:
-                wait_for_parts(b.state_dir, b.gworld)
+                wait_for_parts(b.parts, b.gworld)
             manifest = _merge(b)
+        if b.remote:
+            shutil.rmtree(b.out, ignore_errors=True)  # the local staging folder (every shard is uploaded)
     return _report(b, opts, started, manifest)
+
+
+def _build_lock(b: Build, lock_name: str) -> BuildLock | StorageLock:
+    if b.remote:
+        name = LOCK_NAME if b.gid == 0 else f"{LOCK_NAME}-{lock_name}"
+        return StorageLock(b.store, name, command=f"featstore build (rank {b.gid})")
+    if b.gid == 0:
+        return BuildLock(b.out, command=f"featstore build (rank {b.gid})")
+    return _RankLock(b.out, lock_name)
 
 
 class _RankLock(BuildLock):
@@ -735,7 +781,7 @@ class _RankLock(BuildLock):
 
 def _merge(b: Build) -> dict[str, Any]:
     if b.opts.format == "shards":
-        return merge_shard_store(b.out)
+        return merge_shard_store(b.store)
     return merge_per_image_store(b.out, per_image_manifest_path(b.data_root, b.cache_root))
 
 
@@ -744,7 +790,8 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
     secs = max(time.time() - started, 1e-9)
     if b.gid == 0:
         log.log(25, "Processed %d images", s.processed)
-        where = (f"{b.out}/{SHARDS_DIR}/*.tar (index {b.out / INDEX_NAME})" if opts.format == "shards"
+        where = (f"{b.store.describe(SHARDS_DIR)}/*.tar (index {b.store.describe(INDEX_NAME)})"
+                 if opts.format == "shards"
                  else "<image_path>.vggt_cache.pt" + (f" under {b.cache_root}" if b.cache_root else ""))
         log.info("Cache files stored as: %s", where)
         log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f images/s, "
@@ -755,7 +802,7 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
             log.info("Pipeline seconds (main thread waiting for decode / model launch / waiting for the writer; "
                      "writer thread): %s", ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.stage_seconds.items())))
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
-            log.warning("%d images failed; see %s", s.failed, b.out / manifest["failures_ledger"])
+            log.warning("%d images failed; see %s", s.failed, b.store.describe(manifest["failures_ledger"]))
     if s.failed > opts.allow_failures:
         log.error("%d images failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
                   "--allow-failures N", s.failed, opts.allow_failures)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from featstore import __version__
 from featstore.env import build_defaults
+from featstore.formats.storage import add_storage_options_argument, is_remote, storage_options_of
 
 SUCCESS = 25
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
@@ -91,8 +92,9 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
                         "<image>.vggt_cache.pt beside each image (or mirrored under --out), what existing "
                         "training code loads")
-    g.add_argument("--out", type=Path, help="output folder (shards default: DATA_ROOT/vggt_featstore; per-image "
-                                            "default: beside the images)")
+    g.add_argument("--out", type=_out_location, help="output folder, or for shards an fsspec URL such as "
+                                                     "s3://bucket/prefix (see docs/object-storage.md; shards default: "
+                                                     "DATA_ROOT/vggt_featstore; per-image default: beside the images)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="storage dtype (default: bfloat16 on GPU, float16 on GPUs without bf16, float32 on CPU)")
     g.add_argument("--layers", type=parse_layers, default=(-2,),
@@ -139,7 +141,13 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync after writes (faster on some network filesystems; less safe on power loss)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_storage_options_argument(g)
     p.set_defaults(func=_cmd_build)
+
+
+def _out_location(text: str) -> Path | str:
+    """``--out``: a local folder (Path) or an fsspec URL kept as text."""
+    return text if is_remote(text) else Path(text)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -147,6 +155,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         logging.getLogger("featstore").error("--batch-size must be at least 1 (got %d)", args.batch_size)
+        return 2
+    try:
+        storage_options = storage_options_of(args)
+    except ValueError as e:
+        logging.getLogger("featstore").error("%s", e)
         return 2
     opts = BuildOptions(
         data_root=args.data_root, model=str(args.model), out=args.out, format=args.format,
@@ -157,7 +170,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         hash_inputs=args.hash_inputs, allow_failures=args.allow_failures, num_workers=args.num_workers,
         writer_threads=args.writer_threads, zstd_level=args.zstd_level, compile=args.compile,
         num_parts=args.num_parts, part=args.part, max_pixels=args.max_pixels, fsync=args.fsync,
-        progress=args.progress)
+        progress=args.progress, storage_options=storage_options)
     return run_build(opts)
 
 
@@ -166,7 +179,9 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="join the parts of a job-array build into one index and manifest",
                        description="Merge the part files that `featstore build --num-parts K --part i` jobs leave "
                                    "into one index and manifest. Safe to re-run.")
-    p.add_argument("store", type=Path, help="the shard store folder (--out of the builds), or the per-image root")
+    p.add_argument("store", type=_out_location, help="the shard store folder or URL (--out of the builds), or the "
+                                                     "per-image root")
+    add_storage_options_argument(p)
     p.set_defaults(func=_cmd_merge)
 
 
@@ -177,6 +192,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from featstore.merge import PARTS_DIR, PER_IMAGE_STATE_DIR, merge_per_image_store, merge_shard_store
 
     log = logging.getLogger("featstore")
+    if isinstance(args.store, str):  # a URL: a remote shard store
+        return _merge_remote(args.store, args)
     store: Path = args.store
     if not any((store / p).exists() for p in (SHARDS_DIR, PARTS_DIR, SHARD_MANIFEST, PER_IMAGE_STATE_DIR)):
         log.error("%s is not a featstore store: expected %s/, %s/ or %s there (the --out of `featstore build`, "
@@ -188,6 +205,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         else:
             m = merge_shard_store(store)
     except StoreError as e:
+        log.error("%s", e)
+        return 2
+    log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])
+    return 0
+
+
+def _merge_remote(url: str, args: argparse.Namespace) -> int:
+    from featstore.errors import StoreError
+    from featstore.formats.storage import parse_location
+    from featstore.merge import PARTS_DIR, list_store_shards, merge_shard_store
+
+    log = logging.getLogger("featstore")
+    try:
+        store = parse_location(url, storage_options_of(args))
+        if not (list_store_shards(store) or store.list(PARTS_DIR)):
+            log.error("%s is not a featstore store: expected shards/ or parts/ there (the --out of `featstore "
+                      "build`)", store.display)
+            return 2
+        m = merge_shard_store(store)
+    except (StoreError, ValueError) as e:
         log.error("%s", e)
         return 2
     log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])

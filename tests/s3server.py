@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,6 +39,7 @@ class S3Server:
     endpoint: str
     requests: list[S3Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    slow_part_uploads: float = 0.0  # seconds each multipart UploadPart is held (a slow network, for kill tests)
 
     def storage_options(self) -> dict[str, Any]:
         """s3fs options pointing at this server, with the test secret as the credentials."""
@@ -70,6 +72,8 @@ def _logging_app(app: Callable[..., Any], server: S3Server) -> Callable[..., Any
                         environ.get("HTTP_IF_NONE_MATCH"))
         with server.lock:
             server.requests.append(req)
+        if server.slow_part_uploads and req.method == "PUT" and "partNumber=" in req.query:
+            time.sleep(server.slow_part_uploads)
         return app(environ, start_response)
     return logged
 
@@ -85,6 +89,8 @@ def s3_server() -> S3Server:
     with _server_lock:
         if _server is None:
             os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+            # Small multipart parts (tests upload shards of a few hundred KB in parts); S3's minimum is 5 MiB.
+            os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(64 << 10))
             from moto.moto_server.werkzeug_app import (DomainDispatcherApplication, MotoRequestHandler,
                                                         create_backend_app)
             from werkzeug.serving import make_server

@@ -16,7 +16,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence
 
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
@@ -109,9 +109,10 @@ class ShardWriter:
     """Appends encoded records to tar shards, rolling over at ``max_bytes``; closes each shard atomically."""
 
     def __init__(self, shards_dir: Path, prefix: str, rank: int, first_n: int, max_bytes: int = DEFAULT_SHARD_BYTES,
-                 fsync: bool = True):
+                 fsync: bool = True, publish: Callable[[str, Path], None] | None = None):
         self.dir, self.prefix, self.rank, self.n = Path(shards_dir), prefix, rank, first_n
         self.max_bytes, self.fsync = max_bytes, fsync
+        self.publish = publish  # called with (name, local path) once a shard is complete (remote upload)
         self.closed_shards: list[tuple[ShardInfo, list[ShardEntry]]] = []
         self._f: BinaryIO | None = None
         self._tar: tarfile.TarFile | None = None
@@ -170,6 +171,8 @@ class ShardWriter:
         if self.fsync:
             fsync_dir(self.dir)
         crash_point("shard-after-rename")
+        if self.publish is not None:
+            self.publish(name, self.dir / name)
         info = ShardInfo(name, len(self._entries), self._hw.pos, self._hw.sha.hexdigest())
         self.closed_shards.append((info, self._entries))
         self._tar = self._f = self._tmp = None

@@ -292,6 +292,11 @@ class Storage:
         """Remove object ``name`` (no error when it is already gone)."""
         raise NotImplementedError
 
+    def abort_incomplete_uploads(self, name_prefix: str) -> int:
+        """Abort unfinished multipart uploads of objects named ``name_prefix...`` (a killed writer's); returns how
+        many. Only S3 has them; elsewhere nothing is left and this returns 0."""
+        return 0
+
     def close(self) -> None:
         """Release cached handles (reopened on next use)."""
 
@@ -569,8 +574,10 @@ class FsspecStorage(Storage):
             return int(info["size"])
 
     def read_bytes(self, name: str) -> bytes:
+        p = self.path(name)
         with self._errors("read", name):
-            return bytes(self.fs.cat_file(self.path(name)))
+            self._invalidate(p)  # a whole-object read asks for the size first: never from a stale listing
+            return bytes(self.fs.cat_file(p))
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -639,7 +646,11 @@ class FsspecStorage(Storage):
         return out
 
     def _put_kwargs(self, chunk_bytes: int | None) -> dict[str, Any]:
-        return {"chunksize": chunk_bytes} if chunk_bytes and self.protocol in S3_PROTOCOLS else {}
+        # s3fs uploads in parts of ``chunksize`` (default: the filesystem's default_block_size option).
+        if self.protocol not in S3_PROTOCOLS:
+            return {}
+        chunk_bytes = chunk_bytes or getattr(self.fs, "default_block_size", None)
+        return {"chunksize": int(chunk_bytes)} if chunk_bytes else {}
 
     def publish_bytes(self, name: str, data: bytes) -> None:
         with self._errors("write", name):
@@ -687,6 +698,19 @@ class FsspecStorage(Storage):
             finally:
                 self._invalidate(p)
         return True
+
+    def abort_incomplete_uploads(self, name_prefix: str) -> int:
+        if self.protocol not in S3_PROTOCOLS:
+            return 0
+        bucket, _, key_root = self.root.partition("/")
+        wanted = _join(key_root, name_prefix)
+        aborted = 0
+        with self._errors("list the unfinished uploads of", name_prefix):
+            for up in self.fs.list_multipart_uploads(bucket):
+                if str(up.get("Key", "")).startswith(wanted):
+                    self.fs.abort_mpu(bucket, up["Key"], up["UploadId"])
+                    aborted += 1
+        return aborted
 
     def delete(self, name: str) -> None:
         p = self.path(name)
@@ -738,6 +762,23 @@ def local_copy(storage: Storage, name: str) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def staging_dir(storage: Storage, gid: int) -> Path:
+    """This host's local folder where rank ``gid`` writes shards bound for the remote ``storage``.
+
+    Deterministic (per store and rank) so that a resumed build finds and clears what a killed one left;
+    ``FEATSTORE_STAGING_DIR`` or the system temporary folder holds it.
+    """
+    base = os.environ.get("FEATSTORE_STAGING_DIR") or tempfile.gettempdir()
+    tag = hashlib.sha256(redact(storage.display).encode()).hexdigest()[:16]
+    return Path(base) / f"featstore-staging-{os.getuid()}" / f"{tag}-{gid:05d}"
+
+
+def reset_staging_dir(path: Path) -> None:
+    """Empty a staging folder (its rank's lock is held, so anything there is a killed run's leftover)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def publish_json(storage: Storage, name: str, obj: Any) -> None:
     """Write ``obj`` as pretty JSON to object ``name`` atomically (same text as ``fsutil.atomic_write_json``)."""
     text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
@@ -757,6 +798,6 @@ def sha256_of(storage: Storage, name: str) -> str:
     return h.hexdigest()
 
 
-__all__ = ["local_file_to_publish", "local_copy", "publish_json", "read_json", "sha256_of", "add_storage_options_argument", "storage_options_of", "Storage", "LocalStorage", "FsspecStorage", "parse_location", "is_remote", "local_path_of", "redact",
+__all__ = ["staging_dir", "reset_staging_dir", "local_file_to_publish", "local_copy", "publish_json", "read_json", "sha256_of", "add_storage_options_argument", "storage_options_of", "Storage", "LocalStorage", "FsspecStorage", "parse_location", "is_remote", "local_path_of", "redact",
            "redact_url", "register_secrets", "storage_options_from_json", "install_log_redaction",
            "ATOMIC_CREATE_PROTOCOLS"]
