@@ -213,3 +213,18 @@ def test_local_use_never_imports_fsspec(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
+
+
+def test_s3_reads_never_trust_a_stale_listing(s3):
+    """Another writer (here: a second client, as another process would be) adds objects after this
+    process listed the prefix: exists, size, read and list must see them."""
+    bucket = new_bucket(s3)
+    url = f"s3://{bucket}/p"
+    mine = st.parse_location(url, s3.storage_options())
+    assert mine.list("") == {} and not mine.exists("manifest.json")
+    mine.fs.find(mine.root)  # fills s3fs's listing cache
+    other = st.parse_location(url, dict(s3.storage_options(), skip_instance_cache=True))
+    assert other.fs is not mine.fs
+    other.publish_bytes("manifest.json", b"{}")
+    assert mine.exists("manifest.json") and mine.size("manifest.json") == 2
+    assert mine.read_bytes("manifest.json") == b"{}" and mine.list("") == {"manifest.json": 2}
