@@ -163,12 +163,12 @@ def main() -> None:
     print(f"{args.records} records of [1, {args.tokens}, {args.dim}] {args.dtype}; {args.workers} workers; "
           f"on disk: per-image {pt_bytes / 1e6:.0f} MB, shards {shard_bytes / 1e6:.0f} MB "
           f"({shard_bytes / pt_bytes:.2f}x)")
-    print(f"{'reader':<22}{'records/s':>12}{'decoded GB/s':>14}{'vs per-image':>14}")
+    print(f"{'reader':<26}{'records/s':>12}{'decoded GB/s':>14}{'vs per-image':>14}")
     out = {}
     for name, (sec, n, b) in results.items():
         rps, gbs = n / sec, b / sec / 1e9
         out[name] = {"records_per_s": rps, "decoded_gb_per_s": gbs, "ratio_vs_per_image": (n / sec) / (base[1] / base[0])}
-        print(f"{name:<22}{rps:>12.1f}{gbs:>14.3f}{out[name]['ratio_vs_per_image']:>13.2f}x")
+        print(f"{name:<26}{rps:>12.1f}{gbs:>14.3f}{out[name]['ratio_vs_per_image']:>13.2f}x")
     if url:
         for name in ("open_store random", "stream"):
             remote, local = out[f"{name} (url)"], out[name]

@@ -8,6 +8,7 @@ test gets its own bucket (``new_bucket``) and storage options with a distinctive
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -95,6 +96,7 @@ def s3_server() -> S3Server:
                                                         create_backend_app)
             from werkzeug.serving import make_server
 
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
             holder = S3Server(endpoint="")
             httpd = make_server("127.0.0.1", 0, _logging_app(DomainDispatcherApplication(create_backend_app), holder),
                                 threaded=True, request_handler=MotoRequestHandler)
