@@ -31,10 +31,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from featstore.build import Build, BuildOptions  # noqa: E402
-from featstore.pipeline import DecodeOptions, ImageDataset, WorkItem, make_loader, shape_batches  # noqa: E402
+from featstore.context import PlanExecutor  # noqa: E402
+from featstore.pipeline import (DecodeOptions, ImageDataset, StepDataset, WorkItem, make_loader,  # noqa: E402
+                                shape_batches)
+from featstore.preprocess import to_unit_float  # noqa: E402
+from featstore.samples import SampleItem, episode_samples  # noqa: E402
+from featstore.schedule import plan_steps  # noqa: E402
 
 
-def make_jpegs(root: Path, n: int, size: tuple[int, int]) -> list[WorkItem]:
+def make_jpegs(root: Path, n: int, size: tuple[int, int], per_episode: int = 50) -> list[WorkItem]:
     """``n`` smooth-with-noise JPEGs (camera-like content, so decode cost is realistic)."""
     rng = np.random.RandomState(0)
     w, h = size
@@ -43,7 +48,7 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int]) -> list[WorkItem]:
     for i in range(n):
         base = (np.sin(xx / (20 + i % 7)) + np.cos(yy / (15 + i % 5))) * 60 + 128
         img = np.stack([base, base[::-1], base[:, ::-1]], -1) + rng.normal(0, 12, (h, w, 3))
-        p = root / f"ep{i // 50:03d}" / f"frame.{i % 50:03d}.jpg"
+        p = root / f"ep{i // per_episode:03d}" / f"frame.{i % per_episode:03d}.jpg"
         p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p, quality=90)
         items.append(WorkItem(str(p.relative_to(root)), str(p)))
@@ -105,6 +110,70 @@ def store_bytes(opts: BuildOptions, items: list[WorkItem], model: torch.nn.Modul
     return sum(f.stat().st_size for f in files) / max(1, b.stats.processed)
 
 
+def episode_items(items: list[WorkItem], history: int) -> list[SampleItem]:
+    """JanusVLN's training samples of the generated episodes (one per frame, history rule)."""
+    by_episode: dict[str, list[WorkItem]] = {}
+    for it in items:
+        by_episode.setdefault(it.key.split("/")[0], []).append(it)
+    out = []
+    for frames in by_episode.values():
+        path = {it.key: it.path for it in frames}
+        out += [SampleItem(s, tuple(path[k] for k in s.frames)) for s in episode_samples([it.key for it in frames], history)]
+    return out
+
+
+def context_rates(b: Build, opts: BuildOptions, samples: list[SampleItem], workers: int) -> tuple[float, float, float]:
+    """samples/s of the context build's stages on the same samples: decode-only (each step's frames), model-only
+    (the plan on frames already on the device) and end-to-end (the real loop into a fresh store)."""
+    todo, sizes = b.frame_sizes(samples)
+    steps = plan_steps([it.sample for it in todo], opts.batch_size, sizes.__getitem__)
+    paths = {k: p for it in todo for k, p in zip(it.sample.frames, it.paths)}
+    t = time.perf_counter()
+    decoded = list(make_loader(StepDataset(steps, paths, b.decode_options()), workers))
+    dec = len(samples) / (time.perf_counter() - t)
+    frames = [to_unit_float(d.images.to(b.device)) for d in decoded]
+    executor = PlanExecutor(b.model, b.layers, b.store_dtype)
+    sync(b.device)
+    t = time.perf_counter()
+    sum(1 for _ in executor.run(steps, frames))
+    sync(b.device)
+    mod = len(samples) / (time.perf_counter() - t)
+    e = Build(opts)
+    e.load_model(b.model)
+    e.prepare_output()
+    sync(e.device)
+    t = time.perf_counter()
+    e.run_sample_loop(samples)
+    sync(e.device)
+    e2e = e.stats.processed / (time.perf_counter() - t)
+    print("  end-to-end stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.stats.stage_seconds.items())))
+    return dec, mod, e2e
+
+
+def context_main(args: argparse.Namespace, root: Path, tmp: str, items: list[WorkItem]) -> None:
+    """The --context sample comparison (JanusVLN samples of the generated episodes)."""
+    samples = episode_items(items, args.history)
+
+    def opts(out: str) -> BuildOptions:
+        return BuildOptions(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,
+                            batch_size=args.batch_size, num_workers=args.workers, preprocess=args.preprocess,
+                            image_size=args.image_size, context="sample", history=args.history, dtype=args.dtype,
+                            progress=False, fsync=False, **({"writer_threads": args.writer_threads}
+                                                            if args.writer_threads else {}))
+
+    b = Build(opts("probe"))
+    b.load_model()
+    dec, mod, e2e = context_rates(b, opts("e2e"), samples, args.workers)
+    card = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else "cpu"
+    print(f"device {card} | model {args.model} | --context sample | {len(samples)} samples of {args.n // args.per_episode} "
+          f"episodes ({args.n} frames {args.size} -> {args.preprocess} {args.image_size}) | batch {args.batch_size} | "
+          f"workers {args.workers} | store dtype {b.store_dtype}")
+    print(f"decode-only   {dec:9.2f} samples/s")
+    print(f"model-only    {mod:9.2f} samples/s")
+    print(f"end-to-end    {e2e:9.2f} samples/s")
+    print(f"ratio end-to-end / model-only  = {e2e / mod:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -119,11 +188,19 @@ def main() -> None:
     ap.add_argument("--sizes-n", type=int, default=16, help="images for the bytes-per-image table (0: skip it)")
     ap.add_argument("--writer-threads", type=int, default=None, help="encode threads of the build (default: the build's)")
     ap.add_argument("--out-dir", default=None, help="where the stores are written (default: a temporary folder)")
+    ap.add_argument("--context", choices=("image", "sample"), default="image",
+                    help="sample: compare the per-sample context build's stages instead (JanusVLN samples of the "
+                         "generated episodes)")
+    ap.add_argument("--image-size", type=int, default=518, help="preprocessing target size (JanusVLN: 644)")
+    ap.add_argument("--history", type=int, default=8, help="--context sample: JanusVLN's history frames")
+    ap.add_argument("--per-episode", type=int, default=50, help="frames per generated episode")
     args = ap.parse_args()
     w, h = (int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         root = Path(tmp) / "data"
-        items = make_jpegs(root, args.n, (w, h))
+        items = make_jpegs(root, args.n, (w, h), args.per_episode)
+        if args.context == "sample":
+            return context_main(args, root, tmp, items)
 
         def opts(out: str, **kw) -> BuildOptions:
             base = dict(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,

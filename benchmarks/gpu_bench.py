@@ -3,10 +3,13 @@
     python benchmarks/gpu_bench.py            # on the GPU machine; prints every table
     python benchmarks/gpu_bench.py --smoke    # on CPU: runs both parts tiny, to check the script
 
-Part 1: `gpu_model_bench.py` (full-size model, 518/504, B 32/64, bf16, eager and compiled, plus the
-bf16 8192^3 matmul of the same run). Part 2: `build_bench.py` with `vggt-1b-random` (end-to-end build
-vs model-only vs decode-only on the same images; target ratio >= 0.9). Copy the output into
-benchmarks/RESULTS.md with the card name.
+Part 1: `gpu_model_bench.py` (full-size model, 518, B 64, bf16, eager and compiled, with torch's default
+attention and with cuDNN attention first, plus the bf16 8192^3 matmul of the same run). Part 2:
+`build_bench.py` with `vggt-1b-random` (end-to-end build vs model-only vs decode-only on the same images,
+with the build's per-stage wait times; target ratio >= 0.9). Part 3: `context_bench.py` at JanusVLN's
+geometry (490x644 frames, bf16): per-sample context features, prefix tree vs one sample at a time. Part 4:
+`build_bench.py --context sample` (the per-sample build end to end vs its model-only rate at 644).
+Copy the output into benchmarks/RESULTS.md with the card name.
 """
 
 from __future__ import annotations
@@ -39,12 +42,23 @@ def main() -> int:
     args = ap.parse_args()
     py = sys.executable
     if args.smoke:
-        rcs = [run([py, str(HERE / "gpu_model_bench.py"), "--smoke"], 300),
-               run([py, str(HERE / "build_bench.py"), "--n", "24", "--sizes-n", "4"], 300)]
+        rcs = [run([py, str(HERE / "gpu_model_bench.py"), "--smoke", "--sdpa", "flash"], 300),
+               run([py, str(HERE / "build_bench.py"), "--n", "24", "--sizes-n", "0", "--writer-threads", "2"], 300),
+               run([py, str(HERE / "context_bench.py"), "--quick"], 300),
+               run([py, str(HERE / "build_bench.py"), "--context", "sample", "--n", "24", "--per-episode", "12",
+                    "--image-size", "112", "--batch-size", "4"], 300)]
     else:
-        rcs = [run([py, str(HERE / "gpu_model_bench.py")], 190),
+        model = [py, str(HERE / "gpu_model_bench.py"), "--sizes", "518", "--batches", "64"]
+        rcs = [run(model, 70), run([*model, "--sdpa", "cudnn"], 70),
                run([py, str(HERE / "build_bench.py"), "--model", "vggt-1b-random", "--device", "cuda",
-                    "--n", "512", "--batch-size", "32", "--workers", "12", "--sizes-n", "16"], 100)]
+                    "--n", "1024", "--batch-size", "32", "--workers", "12", "--writer-threads", "8",
+                    "--sizes-n", "0"], 110),
+               run([py, str(HERE / "context_bench.py"), "--model", "vggt-1b-random", "--device", "cuda",
+                    "--dtype", "bfloat16", "--height", "490", "--width", "644", "--batch-size", "8",
+                    "--episodes", "1", "--lengths", "20,50", "--repeat", "1"], 110),
+               run([py, str(HERE / "build_bench.py"), "--model", "vggt-1b-random", "--device", "cuda", "--context",
+                    "sample", "--n", "200", "--per-episode", "50", "--image-size", "644", "--batch-size", "8",
+                    "--workers", "12", "--writer-threads", "8"], 110)]
     return max(rcs)
 
 

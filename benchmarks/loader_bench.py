@@ -1,73 +1,182 @@
-"""Loader benchmark: records/s and decoded GB/s for `stream`, `open_store` random access and per-image
-`torch.load`, on the same features in the same run, with ratios against the per-image baseline.
+"""Loader benchmark: every codec against per-image `torch.load`, on the same features in the same run.
 
-    python benchmarks/loader_bench.py [--records 400] [--tokens 1369] [--dim 2048] [--dtype bfloat16]
-    python benchmarks/loader_bench.py --url s3://bucket/prefix [--storage-options JSON]   # object storage
-    python benchmarks/loader_bench.py --s3-local        # the same against a local moto S3 server
+    python benchmarks/loader_bench.py [--records 200] [--tokens 1369] [--dim 2048] [--json OUT] [--quick]
+    python benchmarks/loader_bench.py --url s3://bucket/prefix [--storage-options JSON] | --s3-local
 
-With ``--url`` (or ``--s3-local``) the shard store is also uploaded there, and ``stream`` and
-``open_store`` read it back in the same run: their records/s are printed with the ratio against the same
-reader on local disk, plus the number of S3 requests one random-access record costs (goal: one ranged GET).
+Writes per-image caches of smooth random bf16 features, then one shard store per codec (`featstore export
+--format shards --codec C`). Sections, each with its baseline measured in the same run:
 
-Builds a synthetic store (random features of the given shape) through featstore's own writers: a shard
-store (ShardWriter + index + manifest, via `featstore export` from per-image files) and the per-image
-caches it came from. Page cache is warm for every reader (each is run once before timing).
+1. one process, warm page cache: `open_store(...).get` per codec vs per-image `torch.load` (records/s, ratio);
+2. `zstd` get vs a bare zstd decompress + byte unshuffle of the same record bytes held in memory;
+3. training setting: `stream` in a DataLoader with 2 workers (every tensor crosses a process boundary) per
+   codec, int8 with `dequantize=False`, vs per-image `torch.load` in the same kind of DataLoader; the cost
+   of dequantizing the int8 samples on the consumer is timed separately;
+4. cold reads: the page cache of every file dropped (`posix_fadvise(DONTNEED)`) before each reader; MB/s
+   read from disk and records/s, per-image vs each codec, one process;
+5. object storage (``--url s3://bucket/prefix [--storage-options JSON]``, or ``--s3-local`` for a moto S3
+   server on 127.0.0.1 started here): the zstd store uploaded there, then ``open_store`` random access (one
+   process) and ``stream`` (DataLoader) from the URL vs the same readers on local disk, and the number of
+   S3 requests one random-access record costs (goal: one ranged GET).
+
+`--quick` is a smoke run (few small records) that checks the script end to end, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import featstore  # noqa: E402
 from featstore.export import export_to_shards  # noqa: E402
+from featstore.formats.codecs import CODECS, unshuffle_into, unzstd  # noqa: E402
 from featstore.formats.manifest import PER_IMAGE_MANIFEST, new_manifest, write_manifest  # noqa: E402
 from featstore.formats.perimage import write_pt  # noqa: E402
-from featstore.formats.record import Record, parse_dtype  # noqa: E402
 from featstore.formats.storage import parse_location, storage_options_from_json  # noqa: E402
+from featstore.formats.record import Record, decode_header  # noqa: E402
 from featstore.loader import open_store, stream  # noqa: E402
 
 
-def make_data(root: Path, n: int, tokens: int, dim: int, dtype: torch.dtype) -> list[str]:
-    """Per-image caches of smooth-ish random features (like real activations, not white noise)."""
+def make_data(root: Path, n: int, tokens: int, dim: int) -> list[str]:
+    """Per-image caches of smooth-ish random bf16 features (like activations, not white noise)."""
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, tokens, dim, generator=g)
     keys = []
     for i in range(n):
         key = f"ep{i // 50:03d}/frame_{i:05d}.jpg"
-        feats = (base + 0.5 * torch.randn(1, tokens, dim, generator=g)).to(dtype)
-        rec = Record(key, key, {"features": feats}, {"source": {"size": 1, "mtime_ns": 1}})
+        feats = (base + 0.5 * torch.randn(1, tokens, dim, generator=g)).to(torch.bfloat16)
         p = root / (key + ".vggt_cache.pt")
         p.parent.mkdir(parents=True, exist_ok=True)
-        write_pt(p, rec, fsync=False)
+        write_pt(p, Record(key, key, {"features": feats}, {"source": {"size": 1, "mtime_ns": 1}}), fsync=False)
         keys.append(key)
-    m = new_manifest(layout="per-image", data_root=str(root), model_path="synthetic", processed_images=n,
-                     total_images=n, dtype=str(dtype).removeprefix("torch."))
-    write_manifest(root / PER_IMAGE_MANIFEST, m)
+    write_manifest(root / PER_IMAGE_MANIFEST, new_manifest(layout="per-image", data_root=str(root),
+                                                           model_path="synthetic", processed_images=n,
+                                                           total_images=n, dtype="bfloat16"))
     return keys
 
 
-def timed(fn, repeats: int) -> tuple[float, int, int]:
-    """Best-of-``repeats`` seconds, records and decoded bytes of ``fn()`` (which returns (records, bytes))."""
-    fn()  # warm the page cache and imports
-    best, recs, nbytes = float("inf"), 0, 0
+def best_of(fn: Callable[[], int], repeats: int, before: Callable[[], None] | None = None) -> tuple[float, int]:
+    """Best seconds of ``fn()`` (which returns records done) over ``repeats`` runs after a warm-up run."""
+    fn()
+    best, n = float("inf"), 0
     for _ in range(repeats):
+        if before is not None:
+            before()
         t = time.perf_counter()
-        recs, nbytes = fn()
+        n = fn()
         best = min(best, time.perf_counter() - t)
-    return best, recs, nbytes
+    return best, n
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict files from the page cache (posix_fadvise DONTNEED after fsync; works without root)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class PerImage(torch.utils.data.Dataset):
+    """Per-image caches read with torch.load, in the benchmark's shuffled order."""
+
+    def __init__(self, root: Path, order: list[str]):
+        self.root, self.order = root, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.load(self.root / (self.order[i] + ".vggt_cache.pt"), weights_only=True)["features"]
+
+
+def random_access(tmp: Path, order: list[str], codecs: list[str]) -> dict[str, Callable[[], int]]:
+    """One-process readers: per-image torch.load and open_store(...).get per codec."""
+    readers: dict[str, Callable[[], int]] = {}
+    pi = PerImage(tmp / "data", order)
+    readers["per-image torch.load"] = lambda: sum(1 for i in range(len(pi)) if pi[i] is not None)
+    for c in codecs:
+        store = open_store(tmp / c)
+        readers[f"open_store {c}"] = (lambda s: lambda: sum(1 for k in order if s.get(k) is not None))(store)
+    return readers
+
+
+def bare_zstd(tmp: Path, order: list[str]) -> Callable[[], int]:
+    """zstd decompress + unshuffle of each record's frame, bytes already in memory: the floor of the zstd codec."""
+    store = open_store(tmp / "zstd")
+    frames = []
+    for k in order:
+        data = bytes(store.read_bytes(store.entry(k)))
+        _, specs, pos = decode_header(data)
+        frames.append((memoryview(data)[pos:pos + specs[0].zbytes], specs[0].nbytes))
+
+    def run() -> int:
+        for frame, nbytes in frames:
+            out = np.empty(nbytes, np.uint8)
+            unshuffle_into(unzstd(frame, nbytes, "bench"), 2, out)
+        return len(frames)
+    return run
+
+
+def loader_readers(tmp: Path, order: list[str], codecs: list[str], workers: int) -> dict[str, Callable[[], int]]:
+    """DataLoader readers with ``workers`` processes: per-image torch.load and stream per codec."""
+    def consume(make: Callable[[], Any]) -> Callable[[], int]:
+        def run() -> int:
+            dl = torch.utils.data.DataLoader(make(), batch_size=None, num_workers=workers)
+            return sum(1 for _ in dl)
+        return run
+
+    readers = {"per-image torch.load": consume(lambda: PerImage(tmp / "data", order))}
+    for c in codecs:
+        readers[f"stream {c}"] = consume((lambda c: lambda: stream(tmp / c, shuffle_buffer=64))(c))
+    if "int8" in codecs:
+        readers["stream int8 dequantize=False"] = consume(lambda: stream(tmp / "int8", shuffle_buffer=64,
+                                                                         dequantize=False))
+    return readers
+
+
+def dequantize_cost(tmp: Path, n: int) -> float:
+    """Seconds per record to dequantize int8 samples on the consumer (CPU here; on a GPU in training)."""
+    samples = [s for _, s in zip(range(n), stream(tmp / "int8", shuffle=False, dequantize=False))]
+    t = time.perf_counter()
+    for s in samples:
+        featstore.dequantize(s)
+    return (time.perf_counter() - t) / max(1, len(samples))
+
+
+def table(title: str, results: dict[str, tuple[float, int]], base: str, extra: dict[str, float] | None = None
+          ) -> dict[str, Any]:
+    """Print records/s and the ratio against ``base``; returns the rows."""
+    print(f"\n{title}")
+    print(f"{'reader':<34}{'records/s':>11}{'ratio':>9}" + (f"{'MB/s read':>11}" if extra else ""))
+    base_rps = results[base][1] / results[base][0]
+    rows = {}
+    for name, (sec, n) in results.items():
+        rps = n / sec
+        rows[name] = {"records_per_s": rps, "ratio": rps / base_rps}
+        line = f"{name:<34}{rps:>11.1f}{rps / base_rps:>8.2f}x"
+        if extra:
+            rows[name]["mb_per_s"] = extra[name] / sec / 1e6
+            line += f"{extra[name] / sec / 1e6:>11.0f}"
+        print(line)
+    return rows
 
 
 def upload(store: Path, url: str, options: dict) -> None:
-    """Copy a local shard store to ``url``: shards, then index, then manifest."""
+    """Copy a local shard store to ``url`` as a build publishes it: shards, then the index, the manifest last."""
     dest = parse_location(url, options)
     for p in sorted((store / "shards").glob("*.tar")):
         dest.publish_file(f"shards/{p.name}", p)
@@ -84,99 +193,109 @@ def local_s3() -> tuple[str, dict]:
     return f"s3://{new_bucket(server)}/loader-bench", server.storage_options()
 
 
-def requests_per_record(url: str, options: dict, keys: list[str], n: int = 50) -> float | None:
+def requests_per_record(url: str, options: dict, order: list[str], n: int = 50) -> float | None:
     """S3 requests sent per random-access lookup (after opening), counted with a botocore event hook."""
     store = open_store(url, storage_options=options)
     fs = store.storage.fs
     if not hasattr(fs, "connect"):
         return None
-    sent = []
+    sent: list[int] = []
     fs.connect().meta.events.register("before-send.s3", lambda **kw: sent.append(1))
-    for k in random.Random(1).sample(keys, min(n, len(keys))):
-        store[k]
-    return len(sent) / min(n, len(keys))
+    keys = order[:n]
+    for k in keys:
+        store.get(k)
+    return len(sent) / max(1, len(keys))
+
+
+def object_storage(tmp: Path, order: list[str], url: str, options: dict, workers: int, repeats: int) -> dict[str, Any]:
+    """Section 5: the zstd store read from ``url`` vs from local disk, random access and stream."""
+    upload(tmp / "zstd", url, options)
+    local, remote = open_store(tmp / "zstd"), open_store(url, storage_options=options)
+
+    def stream_run(where: Any, **kw: Any) -> Callable[[], int]:
+        def run() -> int:
+            dl = torch.utils.data.DataLoader(stream(where, shuffle_buffer=64, **kw), batch_size=None,
+                                             num_workers=workers)
+            return sum(1 for _ in dl)
+        return run
+
+    ra = {"open_store local disk": best_of(lambda: sum(1 for k in order if local.get(k) is not None), repeats),
+          "open_store URL": best_of(lambda: sum(1 for k in order if remote.get(k) is not None), repeats)}
+    st = {"stream local disk": best_of(stream_run(tmp / "zstd"), repeats),
+          "stream URL": best_of(stream_run(url, storage_options=options), repeats)}
+    where = parse_location(url).display
+    out = {"random_access": table(f"5a. open_store from {where}, one process (vs local disk)", ra,
+                                  "open_store local disk"),
+           "stream": table(f"5b. stream from {where}, DataLoader {workers} workers (vs local disk)", st,
+                           "stream local disk"),
+           "requests_per_random_record": requests_per_record(url, options, order)}
+    print(f"   S3 requests per random-access record: {out['requests_per_random_record']}")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--records", type=int, default=400)
+    ap.add_argument("--records", type=int, default=200)
     ap.add_argument("--tokens", type=int, default=1369, help="patch tokens per image (518x518 -> 1369)")
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for every reader")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers in section 3")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--url", help="also read the store from this fsspec URL (uploaded there first)")
-    ap.add_argument("--storage-options", default="{}", help="JSON options for --url's backend")
-    ap.add_argument("--s3-local", action="store_true", help="--url on a local moto S3 server (needs moto[server])")
+    ap.add_argument("--codecs", default=",".join(CODECS), help="comma-separated codecs to compare")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 12 small records, one repeat")
+    ap.add_argument("--url", help="section 5: also read the zstd store from this fsspec URL (uploaded there first)")
+    ap.add_argument("--storage-options", default="{}", help="JSON options for --url's backend (see docs/object-storage.md)")
+    ap.add_argument("--s3-local", action="store_true", help="section 5 against a moto S3 server started here")
     args = ap.parse_args()
     url, options = args.url, storage_options_from_json(args.storage_options)
     if args.s3_local:
         url, options = local_s3()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        keys = make_data(tmp / "data", args.records, args.tokens, args.dim, parse_dtype(args.dtype))
-        export_to_shards(tmp / "data", tmp / "store", shard_size=256_000_000, fsync=False)
-        pt_bytes = sum(p.stat().st_size for p in (tmp / "data").rglob("*.pt"))
-        shard_bytes = sum(p.stat().st_size for p in (tmp / "store" / "shards").glob("*.tar"))
+    if url and "zstd" not in args.codecs.split(","):
+        ap.error("--url / --s3-local read the zstd store: keep zstd in --codecs")
+    if args.quick:
+        args.records, args.tokens, args.dim, args.repeats = 12, 64, 128, 1
+    codecs = [c for c in args.codecs.split(",") if c]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("FEATSTORE_BENCH_TMP")) as tmp_name:
+        tmp = Path(tmp_name)
+        keys = make_data(tmp / "data", args.records, args.tokens, args.dim)
+        for c in codecs:
+            export_to_shards(tmp / "data", tmp / c, shard_size=256_000_000, fsync=False, codec=c)
+        sizes = {"per-image torch.load": sum(p.stat().st_size for p in (tmp / "data").rglob("*.pt"))}
+        sizes.update({c: sum(p.stat().st_size for p in (tmp / c / "shards").glob("*.tar")) for c in codecs})
         order = keys[:]
         random.Random(0).shuffle(order)
-
-        class PerImage(torch.utils.data.Dataset):
-            def __len__(self):
-                return len(order)
-
-            def __getitem__(self, i):
-                return torch.load(tmp / "data" / (order[i] + ".vggt_cache.pt"), weights_only=True)["features"]
-
-        class Random(torch.utils.data.Dataset):
-            def __init__(self, where, storage_options=None):
-                self.store = open_store(where, storage_options=storage_options)
-
-            def __len__(self):
-                return len(order)
-
-            def __getitem__(self, i):
-                return self.store[order[i]]
-
-        def consume(ds):
-            def run():
-                dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
-                n = b = 0
-                for x in dl:
-                    t = x["features"] if isinstance(x, dict) else x
-                    n, b = n + 1, b + t.numel() * t.element_size()
-                return n, b
-            return run
-
-        results = {
-            "per-image torch.load": timed(consume(PerImage()), args.repeats),
-            "open_store random": timed(consume(Random(tmp / "store")), args.repeats),
-            "stream": timed(consume(stream(tmp / "store", shuffle_buffer=64)), args.repeats),
-        }
+        print(f"{args.records} records of [1, {args.tokens}, {args.dim}] bf16; MB per record on disk: "
+              + ", ".join(f"{k.split()[0]} {v / args.records / 1e6:.2f}" for k, v in sizes.items()))
+        out: dict[str, Any] = {"records": args.records, "shape": [1, args.tokens, args.dim],
+                               "bytes_per_record": {k: v / args.records for k, v in sizes.items()}}
+        ra = random_access(tmp, order, codecs)
+        res = {name: best_of(fn, args.repeats) for name, fn in ra.items()}
+        out["random_access"] = table("1. one process, warm cache (vs per-image torch.load)", res,
+                                     "per-image torch.load")
+        if "zstd" in codecs:
+            res2 = {"bare zstd decompress + unshuffle": best_of(bare_zstd(tmp, order), args.repeats),
+                    "open_store zstd": res["open_store zstd"]}
+            out["zstd_vs_bare"] = table("2. zstd codec vs bare decompress + unshuffle of the same bytes", res2,
+                                        "bare zstd decompress + unshuffle")
+        res3 = {name: best_of(fn, args.repeats) for name, fn in loader_readers(tmp, order, codecs,
+                                                                               args.workers).items()}
+        out["dataloader"] = table(f"3. DataLoader, {args.workers} workers (vs per-image torch.load)", res3,
+                                  "per-image torch.load")
+        if "int8" in codecs:
+            out["dequantize_ms_per_record"] = dequantize_cost(tmp, min(args.records, 50)) * 1e3
+            print(f"   int8 dequantize on the consumer (CPU, 1 thread of the main process): "
+                  f"{out['dequantize_ms_per_record']:.2f} ms/record, not included above")
+        files = {"per-image torch.load": list((tmp / "data").rglob("*.pt"))}
+        files.update({f"open_store {c}": list((tmp / c / "shards").glob("*.tar")) for c in codecs})
+        res4 = {name: best_of(fn, args.repeats, before=(lambda f: lambda: drop_cache(f))(files[name]))
+                for name, fn in ra.items()}
+        out["cold"] = table("4. cold page cache (posix_fadvise DONTNEED before each run), one process", res4,
+                            "per-image torch.load",
+                            extra={name: float(sum(p.stat().st_size for p in files[name])) for name in ra})
         if url:
-            upload(tmp / "store", url, options)
-            results["open_store random (url)"] = timed(consume(Random(url, options)), args.repeats)
-            results["stream (url)"] = timed(consume(stream(url, shuffle_buffer=64, storage_options=options)),
-                                            args.repeats)
-            per_record = requests_per_record(url, options, keys)
-    base = results["per-image torch.load"]
-    print(f"{args.records} records of [1, {args.tokens}, {args.dim}] {args.dtype}; {args.workers} workers; "
-          f"on disk: per-image {pt_bytes / 1e6:.0f} MB, shards {shard_bytes / 1e6:.0f} MB "
-          f"({shard_bytes / pt_bytes:.2f}x)")
-    print(f"{'reader':<26}{'records/s':>12}{'decoded GB/s':>14}{'vs per-image':>14}")
-    out = {}
-    for name, (sec, n, b) in results.items():
-        rps, gbs = n / sec, b / sec / 1e9
-        out[name] = {"records_per_s": rps, "decoded_gb_per_s": gbs, "ratio_vs_per_image": (n / sec) / (base[1] / base[0])}
-        print(f"{name:<26}{rps:>12.1f}{gbs:>14.3f}{out[name]['ratio_vs_per_image']:>13.2f}x")
-    if url:
-        for name in ("open_store random", "stream"):
-            remote, local = out[f"{name} (url)"], out[name]
-            remote["ratio_vs_local_disk"] = remote["records_per_s"] / local["records_per_s"]
-            print(f"{name} from {parse_location(url).display}: {remote['ratio_vs_local_disk']:.2f}x of local disk")
-        out["requests_per_random_record"] = per_record
-        print(f"requests per random-access record: {per_record}")
-    print(json.dumps(out))
+            out["object_storage"] = object_storage(tmp, order, url, options, args.workers, args.repeats)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ ru_maxrss would carry the parent's peak across exec on Linux):
 * index open time (target < 1 s) and random lookup latency p50/p99 from page cache (target p99 < 1 ms),
   against the same store at N/10 (the ratio shows open time does not grow with N);
 * full ``featstore verify`` time and peak memory at N and at N/10 (flat memory: ratio close to 1);
-* source discovery (``discover_images``) over a tree of N empty ``.jpg`` files and N/10 (< 60 s, flat memory).
+* source discovery (``discover_images``) over a tree of N empty ``.jpg`` files and N/10 (< 60 s, flat memory);
+* ``stream``'s epoch plan: peak memory of each of 2 spawned DataLoader workers streaming the store, beyond
+  a fresh process that imported torch and featstore (target < 100 MB at 1M records).
 
-    python benchmarks/scale_bench.py --n 1000000 --work /tmp/scale [--skip-verify] [--skip-discovery]
+    python benchmarks/scale_bench.py --n 1000000 --work /tmp/scale [--skip-verify] [--skip-discovery] [--quick]
 
 Synthetic records are real featstore records (the one codec) with a [1, 4, 8] float16 features tensor.
 """
@@ -130,6 +132,44 @@ def verify_run(store: Path) -> dict:
     return json.loads(out)
 
 
+def _status_mb(field: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker_report(sample: dict) -> dict:
+    """collate_fn run inside each DataLoader worker: the sample's key and the worker's own peak memory."""
+    import torch
+
+    return {"key": sample["key"], "worker": torch.utils.data.get_worker_info().id, "hwm_mb": _status_mb("VmHWM")}
+
+
+def stream_workers(store: str, samples: int) -> None:
+    """Stream ``samples`` records with 2 spawned workers; print the import baseline and each worker's peak."""
+    import torch
+
+    import featstore.loader  # noqa: F401  (the baseline includes it, as the workers do)
+
+    base = _status_mb("VmHWM")
+    ds = featstore.loader.stream(store, shuffle=True, shuffle_buffer=1000)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=worker_report,
+                                     multiprocessing_context="spawn")
+    peak: dict[int, float] = {}
+    for i, r in enumerate(dl):
+        peak[r["worker"]] = max(peak.get(r["worker"], 0.0), r["hwm_mb"])
+        if i + 1 >= samples:
+            break
+    print(json.dumps({"import_hwm_mb": base, "worker_hwm_mb": peak,
+                      "worker_growth_mb": max(peak.values()) - base}))
+
+
+def stream_run(store: Path, samples: int = 2000) -> dict:
+    out, _, _ = py([str(Path(__file__).resolve()), "--stream-worker", str(store), "--samples", str(samples)])
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def make_tree(root: Path, n: int) -> float:
     t = time.time()
     for i in range(0, n, 1000):
@@ -146,7 +186,16 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/featstore-scale"), help="scratch folder (emptied)")
     ap.add_argument("--skip-verify", action="store_true")
     ap.add_argument("--skip-discovery", action="store_true")
+    ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="smoke run: N=2000, stream workers only")
+    ap.add_argument("--stream-worker", help=argparse.SUPPRESS)  # internal: the stream measurement's own process
+    ap.add_argument("--samples", type=int, default=2000, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.stream_worker:
+        stream_workers(args.stream_worker, args.samples)
+        return 0
+    if args.quick:
+        args.n, args.skip_verify, args.skip_discovery = 2000, True, True
     shutil.rmtree(args.work, ignore_errors=True)
     res: dict = {"n": args.n}
     for label, n in (("small", max(1, args.n // 10)), ("full", args.n)):
@@ -156,6 +205,8 @@ def main() -> int:
         r.update(json.loads(out))
         if not args.skip_verify:
             r["verify"] = verify_run(store)
+        if not args.skip_stream:
+            r["stream"] = stream_run(store, min(n, 2000))
         if not args.skip_discovery:
             tree = args.work / f"tree-{label}"
             r["tree_make_s"] = round(make_tree(tree, n), 1)
@@ -170,6 +221,10 @@ def main() -> int:
     if "verify" in f:
         print(f"verify {f['verify']['seconds']:.1f} s (rc {f['verify']['rc']}), peak RSS {f['verify']['maxrss_mb']:.0f} MB "
               f"(x{f['verify']['maxrss_mb'] / s['verify']['maxrss_mb']:.2f} vs N/10)")
+    if "stream" in f:
+        print(f"stream: each of 2 DataLoader workers peaks {f['stream']['worker_growth_mb']:.0f} MB above a fresh "
+              f"import of torch + featstore ({f['stream']['import_hwm_mb']:.0f} MB) at N={f['n']:,} "
+              f"(N/10: {s['stream']['worker_growth_mb']:.0f} MB)")
     if "discovery" in f:
         print(f"discovery {f['discovery']['seconds']:.1f} s over {f['discovery']['items']:,} files, peak RSS "
               f"{f['discovery']['maxrss_mb']:.0f} MB (x{f['discovery']['maxrss_mb'] / s['discovery']['maxrss_mb']:.2f} vs N/10)")

@@ -7,6 +7,8 @@ Public API (imported lazily so ``import featstore`` stays cheap):
 * :func:`open_store` - random access to a store, by key or image path
 * :func:`stream` - a DDP- and worker-safe webdataset IterableDataset over a shard store
 * :func:`load_cached_vggt_features` - drop-in replacement for per-image cache loading in training code
+* :func:`load_sample_features` - a training sample's features (its frames as causal context) from a sample store
+* :func:`dequantize` - int8 samples read with ``dequantize=False`` back to their stored dtype (on any device)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ _EXPORTS = {
     "open_store": "featstore.loader",
     "stream": "featstore.loader",
     "load_cached_vggt_features": "featstore.loader",
+    "load_sample_features": "featstore.loader",
+    "dequantize": "featstore.loader",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,6 +11,7 @@ Order of work for one process (a torchrun rank or a ``--part`` of a job array):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,21 +32,24 @@ from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, L
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
-from featstore.formats.manifest import PER_IMAGE_SUFFIX, SHARD_MANIFEST, parse_manifest, read_manifest, shape_key
+from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_SUFFIX, SHARD_MANIFEST,
+                                        parse_manifest, read_manifest, shape_key)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import SHARDS_DIR, ShardWriter, parse_shard_name
-from featstore.fsutil import is_temp_name, remove_dead_temps
-from featstore.lock import LOCK_NAME, BuildLock, StorageLock
+from featstore.formats.shards import SHARDS_DIR, ShardWriter, parse_shard_name, read_record_meta, read_record_meta_at
 from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_location, publish_json, redact,
                                        reset_staging_dir, staging_dir)
+from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
+from featstore.lock import LOCK_NAME, BuildLock, StorageLock
+from featstore.staleness import frames_changed, is_checkable, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, list_store_shards, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
-                                PerImageSink, SampleItem, ShardSink, StepDataset, WorkItem, make_loader,
+                                PerImageSink, ShardSink, StepDataset, WorkItem, make_loader,
                                 preprocessed_size_of, sample_fingerprint, shape_batches)
-from featstore.samples import kept_index
+from featstore.preprocess import to_unit_float
+from featstore.samples import SampleItem, kept_index, stream_order
 from featstore.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
@@ -65,6 +69,7 @@ class BuildOptions:
     annotations: list[Path] = field(default_factory=list)
     image_list: Path | None = None
     data_path: str | None = None
+    strict_annotations: bool = False
     batch_size: int = 16
     device: str = "cuda:0"
     dtype: str | None = None
@@ -86,6 +91,7 @@ class BuildOptions:
     num_workers: int = min(8, os.cpu_count() or 1)
     writer_threads: int = 4
     zstd_level: int = 1
+    codec: str = "zstd"  # shard codec of every tensor (featstore.formats.codecs)
     compile: bool = False
     num_parts: int = 1
     part: int = 0
@@ -104,6 +110,7 @@ class RunStats:
     skipped: int = 0
     failed: int = 0
     missing: int = 0
+    malformed: int = 0
     stale_rebuilt: int = 0
     bytes_written: int = 0
     batch_size_used: int = 0
@@ -128,6 +135,12 @@ class PendingRecords:
     heads: list[RecordHead]
     host: dict[str, torch.Tensor]
     event: Any = None
+
+
+def _owner_key(item: WorkItem | SampleItem) -> str:
+    """What decides an item's rank: its key; for a sample, the first frame it streams, so that the samples
+    sharing a prefix tree are built by one rank and share its computation."""
+    return stream_order(item.sample)[0] if isinstance(item, SampleItem) else item.key
 
 
 def owner_of(key: str, world: int) -> int:
@@ -162,9 +175,18 @@ class Build:
         self.gid = opts.part * d.world_size + d.rank
         self.gworld = opts.num_parts * d.world_size
         self.is_leader = self.gid == 0 and opts.num_parts == 1
+        if opts.context not in ("image", "sample"):
+            raise ValueError(f"--context {opts.context!r}: expected image or sample")
+        if opts.context == "sample" and opts.format != "shards":
+            raise ValueError("--context sample writes shard stores only: a per-image cache file beside an image "
+                             "cannot hold a sample's features, which depend on every frame of the sample; drop "
+                             "--format per-image")
+        self.unit = opts.context  # "image" or "sample": what one record is
         self.stats = RunStats()
         self.done_before = 0
         self.missing_examples: list[str] = []
+        self.discovery_record: dict[str, Any] | None = None
+        self.missing_ledger: str | None = None
         self.bar: tqdm | None = None
         self.closed: list = []
         self._settings: dict[str, Any] | None = None
@@ -237,7 +259,7 @@ class Build:
                 and (prev.get("preprocess") or {}).get("target_size", 518) == self.opts.image_size
                 and (prev.get("context") or {"mode": "image"}) == self.context_settings())
         if same:
-            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "tokens",
+            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens",
                     "source_fingerprint")
             self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
                                   cache_root=str(self.cache_root) if self.cache_root else None)
@@ -256,7 +278,9 @@ class Build:
             "data_root": str(self.data_root),
             "cache_root": str(self.cache_root) if self.cache_root else None,
             "layers": list(self.layers),
-            "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype)} for n, i in zip(names, self.layers)},
+            "tensors": {n: {"layer": i, "dtype": dtype_name(self.store_dtype), "codec": self.opts.codec}
+                        for n, i in zip(names, self.layers)},
+            "codec": self.opts.codec,
             "preprocess": {"mode": self.opts.preprocess, "apply_exif": self.opts.apply_exif,
                            # crop/pad: longest (pad) or width (crop) side image_size, other side a multiple of
                            # 14; janusvln: then each side down to a multiple of 28 (518 -> 504)
@@ -353,20 +377,88 @@ class Build:
         if self.opts.format == "shards" and (self.is_leader or self.opts.num_parts > 1):
             publish_json(self.store, BUILD_CONFIG, self.settings())
 
+    # --- sources -----------------------------------------------------------------------------------------
+    def output_dirs(self) -> list[Path]:
+        """Folders this build writes, which discovery never reads."""
+        if self.opts.format == "shards":
+            return [self.out]
+        return [self.cache_root] if self.cache_root else []
+
+    def discover(self) -> Any:
+        """The images to build (annotations, image list, annotation files found under the data root, or a scan)."""
+        from featstore.sources import discover_images
+
+        found = discover_images(self.data_root, annotations=tuple(self.opts.annotations),
+                                image_list=self.opts.image_list, data_path=self.opts.data_path,
+                                find_annotations=True, exclude=self.output_dirs(),
+                                strict=self.opts.strict_annotations)
+        self.discovery_record = found.to_record(self.data_root)
+        self.missing_examples = list(found.missing[:20])
+        if self.gid == 0:
+            self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
+            _log_discovery(found, self.data_root, self.missing_ledger_where())
+        return found
+
+    def discover_samples(self) -> Any:
+        """The training samples to build (--context sample): annotation records, or episode folders (--history)."""
+        from featstore.sources import discover_samples
+
+        o = self.opts
+        found = discover_samples(self.data_root, annotations=tuple(o.annotations), data_path=o.data_path,
+                                 exclude=self.output_dirs(), strict=o.strict_annotations,
+                                 reference_frame=o.reference_frame, history=o.history, history_pad=o.history_pad)
+        self.discovery_record = found.record
+        self.missing_examples = [m["key"] for m in found.missing[:20]]
+        if self.gid == 0:
+            self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
+            _log_sample_discovery(found, self.missing_ledger_where())
+        return found
+
+    def missing_ledger_path(self) -> Path:
+        """Where the list of annotated images that do not exist goes (beside the manifest)."""
+        if self.opts.format == "shards":
+            return self.out / MISSING_LEDGER
+        return per_image_manifest_path(self.data_root, self.cache_root).parent / PER_IMAGE_MISSING_LEDGER
+
+    def missing_ledger_where(self) -> str:
+        """The missing-images ledger's location, for messages."""
+        return self.store.describe(MISSING_LEDGER) if self.remote else str(self.missing_ledger_path())
+
+    def write_missing_ledger(self, found: Any) -> None:
+        """(rank 0) List each annotated image that does not exist, with the file and line naming it."""
+        if self.gid != 0:
+            return
+        path = self.missing_ledger_path()
+        missing = [m.to_json() for m in found.missing_refs] if hasattr(found, "missing_refs") else found.missing
+        if self.remote:
+            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
+            if missing:
+                self.store.publish_bytes(MISSING_LEDGER, text.encode("utf-8"))
+                self.missing_ledger = MISSING_LEDGER
+            else:
+                self.store.delete(MISSING_LEDGER)
+            return
+        if missing:
+            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
+            atomic_write_bytes(path, text.encode("utf-8"), fsync=self.opts.fsync)
+            self.missing_ledger = path.name
+        elif path.is_file():
+            path.unlink()
+
     # --- planning ----------------------------------------------------------------------------------------
-    def done_sources(self, keys: list[str]) -> dict[str, tuple[int, int]]:
-        """For the keys of this rank, what is already stored: key -> source (size, mtime_ns)."""
+    def done_sources(self, keys: list[str]) -> dict[str, tuple[str, int]]:
+        """For the keys of this rank, where the stored record is: key -> (shard, offset), or (cache file, 0)."""
         if self.opts.format == "shards":
             _, known = collect_entries(self.store)
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
-            return {e.key: e.source for s in shards for e in known[s] if e.key in wanted}
+            return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
         self._remove_temp_caches(keys)
         done = {}
         for k in keys:
             p = cache_path_for(k, self.data_root, self.cache_root)
             if p.is_file():
-                done[k] = (-1, -1)
+                done[k] = (str(p), 0)
         return done
 
     def _remove_temp_caches(self, keys: list[str]) -> None:
@@ -383,36 +475,53 @@ class Build:
                     log.info("removing unfinished cache file %s left by an interrupted build", e.path)
                     os.unlink(e.path)
 
-    def is_stale(self, item: WorkItem, stored: tuple[int, int]) -> bool:
-        """True when the image changed since its record was built (size or mtime differ)."""
+    def recorded_meta(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
+        """The metadata of a stored record (per-image file, or the record header in its shard)."""
         if self.opts.format == "per-image":
-            try:
-                rec = read_pt(cache_path_for(item.key, self.data_root, self.cache_root), verify=False)
-                src = rec.meta.get("source") or {}
-                stored = (int(src.get("size", -1)), int(src.get("mtime_ns", -1)))
-            except (FeatstoreError, OSError):
-                return True
-        try:
-            st = os.stat(item.path)
-        except OSError:
-            return False
-        return stored != (st.st_size, st.st_mtime_ns)
+            return dict(read_pt(Path(where[0]), verify=False).meta)
+        if self.remote:
+            return read_record_meta_at(self.store, where[0], where[1])
+        f = shard_files.get(where[0])
+        if f is None:
+            f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
+        return read_record_meta(f.fileno(), where[1])
 
-    def plan(self, items: list[WorkItem]) -> list[WorkItem]:
+    def is_stale(self, item: WorkItem | SampleItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
+        """True when the image (any frame of a sample) changed since its record was built (featstore.staleness:
+        content for records built with --hash-inputs, else size and mtime); unreadable or unfingerprinted
+        records are rebuilt."""
+        try:
+            meta = self.recorded_meta(where, shard_files)
+        except (FeatstoreError, OSError, ValueError):
+            return True
+        try:
+            if isinstance(item, SampleItem):
+                return frames_changed(item.paths, meta.get("frame_sources") or [])
+            recorded = meta.get("source") or {}
+            return not is_checkable(recorded) or source_changed(item.path, recorded)
+        except OSError:
+            return False  # the image is gone: nothing to rebuild from
+
+    def plan(self, items: list[Any]) -> list[Any]:
         """This rank's items still to build."""
-        mine = [it for it in items if owner_of(it.key, self.gworld) == self.gid]
+        mine = [it for it in items if owner_of(_owner_key(it), self.gworld) == self.gid]
         if not self.opts.skip_existing:
             return mine
         done = self.done_sources([it.key for it in mine])
         todo = []
-        for it in mine:
-            if it.key not in done:
-                todo.append(it)
-            elif self.opts.rebuild_stale and self.is_stale(it, done[it.key]):
-                self.stats.stale_rebuilt += 1
-                todo.append(it)
-            else:
-                self.stats.skipped += 1
+        shard_files: dict[str, Any] = {}
+        try:
+            for it in mine:
+                if it.key not in done:
+                    todo.append(it)
+                elif self.opts.rebuild_stale and self.is_stale(it, done[it.key], shard_files):
+                    self.stats.stale_rebuilt += 1
+                    todo.append(it)
+                else:
+                    self.stats.skipped += 1
+        finally:
+            for f in shard_files.values():
+                f.close()
         self.done_before = self.stats.skipped
         return todo
 
@@ -429,7 +538,7 @@ class Build:
             writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
                                  self.opts.shard_size, fsync=self.opts.fsync,
                                  publish=self._upload_shard if self.remote else None)
-            return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level)
+            return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
         return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
 
     def _upload_shard(self, name: str, path: Path) -> None:
@@ -544,7 +653,7 @@ class Build:
     def run_sample_loop(self, todo: list[SampleItem]) -> None:
         """Stream every sample through the model, each shared frame prefix once, and write one record each."""
         cuda = self.device.type == "cuda"
-        self.bar = tqdm(total=len(todo), unit="sample", desc="featstore build", dynamic_ncols=True,
+        self.bar = tqdm(total=len(todo), unit=self.unit, desc="featstore build", dynamic_ncols=True,
                         disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
         todo, sizes = self.frame_sizes(todo)
         steps = plan_steps([it.sample for it in todo], self.opts.batch_size, sizes.__getitem__)
@@ -579,7 +688,7 @@ class Build:
         t0 = time.perf_counter()
         run.frame_sources.update(decoded.sources)
         bad = run.mark_failed(step, decoded.errors)
-        images = decoded.images.to(self.device, non_blocking=True)
+        images = to_unit_float(decoded.images.to(self.device, non_blocking=True))
         done = []
         for sample, feats in run.executor.run_step(step, images):
             if sample.key in bad:
@@ -612,7 +721,9 @@ class Build:
         return dict(self.settings(), gid=self.gid, world_size=self.gworld, layout=self.opts.format,
                     total_images=s.total_images, done_images=self.done_before + s.processed,
                     counts={"processed": s.processed, "skipped": s.skipped, "failed": s.failed,
-                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt},
+                            "missing": s.missing, "stale_rebuilt": s.stale_rebuilt,
+                            "malformed_annotation_lines": s.malformed},
+                    sources=self.discovery_record, missing_ledger=self.missing_ledger,
                     feature_shapes=dict(s.shapes), failures=s.failures, missing_examples=self.missing_examples,
                     bytes_written=s.bytes_written, times={"started": started, "finished": finished})
 
@@ -678,8 +789,6 @@ def _barrier(distributed: bool) -> None:
 
 def run_build(opts: BuildOptions) -> int:
     """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run)."""
-    from featstore.sources import discover_images
-
     started = time.time()
     problem = _model_path_problem(opts.model)
     if problem is not None:
@@ -694,7 +803,7 @@ def run_build(opts: BuildOptions) -> int:
         return 2
     distributed = _setup_distributed(b.dist.world_size)
     try:
-        return _run(b, opts, started, distributed, discover_images)
+        return _run(b, opts, started, distributed)
     except (CheckpointError, LockError, StoreError, AnnotationError) as e:
         log.error("%s", e)
         return 2
@@ -703,35 +812,28 @@ def run_build(opts: BuildOptions) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discover_images: Any) -> int:
-    from featstore.sources import auto_annotations
-
+def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int:
     if not Path(opts.data_root).is_dir() or not os.access(opts.data_root, os.R_OK | os.X_OK):
         log.error("DATA_ROOT is not a readable directory: %s; check the path and its permissions", opts.data_root)
         return 2
     b.resolve_device()
-    annotations = list(opts.annotations)
-    if not annotations and opts.image_list is None:
-        annotations = auto_annotations(b.data_root)
-        if annotations:
-            log.info("using annotation files at the data root: %s", ", ".join(p.name for p in annotations))
-    found = discover_images(b.data_root, annotations=tuple(annotations), image_list=opts.image_list,
-                            data_path=opts.data_path)
-    items = [WorkItem(i.key, str(i.path)) for i in found.items]
-    b.missing_examples = list(found.missing[:20])
-    b.stats.missing = len(found.missing) if b.gid == 0 else 0
+    if opts.context == "sample":
+        found = b.discover_samples()
+        items: list[Any] = found.items
+        if not items:
+            log.warning("No samples found! %s", json.dumps(found.record))
+            return 1
+    else:
+        found = b.discover()
+        items = [WorkItem(i.key, str(i.path)) for i in found.items]
+        if not items:
+            log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
+            return 1
     b.stats.total_images = len(items) + len(found.missing)
-    if not items:
-        log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
-        if found.missing:
-            log.warning("%d referenced images are missing, e.g. %s", len(found.missing), found.missing[:3])
-        return 1
-    if found.missing and b.gid == 0:
-        log.warning("%d images referenced by annotations do not exist (first: %s)", len(found.missing),
-                    ", ".join(found.missing[:3]))
     lock_name = f"build-{b.gid:05d}"
     with _build_lock(b, lock_name):
         b.prepare_output()
+        b.write_missing_ledger(found)
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
             b.load_model()
@@ -741,12 +843,12 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
         b.record_settings()
         _barrier(distributed)  # every rank has read the store state before anyone writes
         if b.gid == 0:
-            log.info("Processing %d images... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
-                     len(todo) if b.gworld == 1 else len(items), b.stats.skipped, b.gworld, b.device,
+            log.info("Processing %d %s... (%d already stored, %d ranks, device %s, batch %d, dtype %s)",
+                     len(todo) if b.gworld == 1 else len(items), b.unit + "s", b.stats.skipped, b.gworld, b.device,
                      opts.batch_size, dtype_name(b.store_dtype))
         b.bar = None
         if todo:
-            b.run_loop(todo)
+            b.run_sample_loop(todo) if opts.context == "sample" else b.run_loop(todo)
         if b.device.type == "cuda":
             torch.cuda.synchronize()
         finished = time.time()
@@ -760,6 +862,55 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool, discov
         if b.remote:
             shutil.rmtree(b.out, ignore_errors=True)  # the local staging folder (every shard is uploaded)
     return _report(b, opts, started, manifest)
+
+
+SHOW_SOURCES = 20
+
+
+def _log_discovery(found: Any, data_root: Path, ledger: Path | str) -> None:
+    """Say which sources were used, how many images each named, and what was missing or malformed."""
+    def rel(p: str) -> str:
+        return os.path.relpath(p, data_root) if p.startswith(str(data_root) + os.sep) else p
+
+    if found.scanned:
+        log.info("no annotation files (*.jsonl, annotations.json) under %s: scanning it for images", data_root)
+    elif found.source_stats:
+        how = "found under the data root" if found.auto else "given"
+        log.info("using %d source file(s) %s:", len(found.source_stats), how)
+        for s in found.source_stats[:SHOW_SOURCES]:
+            extra = f", {s.missing} missing" if s.missing else ""
+            extra += f", {s.malformed_lines} malformed line(s) skipped" if s.malformed_lines else ""
+            log.info("  %s: %d records, %d images%s", rel(s.file), s.records, s.images, extra)
+        if len(found.source_stats) > SHOW_SOURCES:
+            log.info("  ... and %d more (all listed in the manifest's sources)", len(found.source_stats) - SHOW_SOURCES)
+    for bad in found.malformed[:5]:
+        log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
+    if len(found.malformed) > 5:
+        log.warning("%d malformed annotation lines skipped in all", len(found.malformed))
+    if found.missing_refs:
+        first = found.missing_refs[0]
+        log.warning("%d images named by the sources do not exist (first: %s, named at %s:%d); each is listed with "
+                    "the file and line naming it in %s", len(found.missing_refs), first.path, rel(first.file),
+                    first.line, ledger)
+
+
+def _log_sample_discovery(found: Any, ledger: Path | str) -> None:
+    """Say where the samples came from and which could not be built for want of a frame."""
+    rec = found.record
+    if rec.get("method") == "episodes":
+        log.info("%d samples from %d episode folders (%d frames; JanusVLN history rule, %d frames%s)", rec["samples"],
+                 rec["episodes"], rec["frames"], rec["history"]["frames"], ", front-padded" if rec["history"]["pad"] else "")
+    else:
+        log.info("using %d annotation file(s):", len(rec["annotations"]))
+        for a in rec["annotations"][:SHOW_SOURCES]:
+            log.info("  %s: %d records, %d samples%s", a["file"], a["records"], a["samples"],
+                     f", {a['missing']} with a missing frame" if a["missing"] else "")
+    for bad in found.malformed[:5]:
+        log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
+    if found.missing:
+        first = found.missing[0]
+        log.warning("%d samples name a frame that does not exist (first: %s, named at %s:%d); each is listed with "
+                    "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
 
 
 def _build_lock(b: Build, lock_name: str) -> BuildLock | StorageLock:
@@ -789,23 +940,23 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
     s = b.stats
     secs = max(time.time() - started, 1e-9)
     if b.gid == 0:
-        log.log(25, "Processed %d images", s.processed)
+        log.log(25, "Processed %d %ss", s.processed, b.unit)
         where = (f"{b.store.describe(SHARDS_DIR)}/*.tar (index {b.store.describe(INDEX_NAME)})"
                  if opts.format == "shards"
                  else "<image_path>.vggt_cache.pt" + (f" under {b.cache_root}" if b.cache_root else ""))
         log.info("Cache files stored as: %s", where)
-        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f images/s, "
+        log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f %ss/s, "
                  "%s written%s", s.processed, s.skipped, s.failed, s.missing, s.stale_rebuilt, secs,
-                 s.processed / secs, _human(s.bytes_written),
+                 s.processed / secs, b.unit, _human(s.bytes_written),
                  f" | batch size used {s.batch_size_used}" if 0 < s.batch_size_used < opts.batch_size else "")
         if s.stage_seconds:
             log.info("Pipeline seconds (main thread waiting for decode / model launch / waiting for the writer; "
                      "writer thread): %s", ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.stage_seconds.items())))
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
-            log.warning("%d images failed; see %s", s.failed, b.store.describe(manifest["failures_ledger"]))
+            log.warning("%d %ss failed; see %s", s.failed, b.unit, b.store.describe(manifest["failures_ledger"]))
     if s.failed > opts.allow_failures:
-        log.error("%d images failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
-                  "--allow-failures N", s.failed, opts.allow_failures)
+        log.error("%d %ss failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
+                  "--allow-failures N", s.failed, b.unit, opts.allow_failures)
         return 1
     return 0
 

@@ -64,6 +64,21 @@ def _bool_env_flag(p: argparse._ActionsContainer, name: str, default: bool, help
     p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
 
 
+#: Option values a preset stands for; options the user passes explicitly win over them.
+PRESETS = {"janusvln": {"context": "sample", "image_size": 644, "preprocess": "crop", "layers": (-2,),
+                        "reference_frame": "first"}}
+PRESET_FIELDS = {"context": "image", "image_size": 518, "preprocess": "crop", "layers": (-2,),
+                 "reference_frame": "first"}
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill the options left unset from the chosen preset, then from the plain defaults."""
+    preset = PRESETS.get(args.preset or "", {})
+    for name, default in PRESET_FIELDS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, default))
+
+
 def add_build_parser(sub: argparse._SubParsersAction) -> None:
     """Define ``featstore build`` and its options."""
     env = build_defaults()
@@ -87,6 +102,9 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--image-list", type=Path, help="text file with one image path per line (relative to the data root)")
     g.add_argument("--data-path", help="sub-folder of the data root that relative annotation paths resolve against "
                                        "first (as in JanusVLN data configs)")
+    g.add_argument("--strict-annotations", action="store_true",
+                   help="stop with an error at a malformed annotation line (default: report it with file and "
+                        "line, skip it, and count it in the manifest, as the original scripts skip it)")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("shards", "per-image"), default="shards",
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
@@ -97,7 +115,7 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                                                      "DATA_ROOT/vggt_featstore; per-image default: beside the images)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="storage dtype (default: bfloat16 on GPU, float16 on GPUs without bf16, float32 on CPU)")
-    g.add_argument("--layers", type=parse_layers, default=(-2,),
+    g.add_argument("--layers", type=parse_layers, default=None,
                    help="comma-separated aggregator layers to store, written --layers=-2,-1 when the first is negative; the first is stored as 'features', others "
                         "as 'layer_<i>'; -2 is the layer JanusVLN uses")
     g.add_argument("--tokens", choices=("patch", "all"), default="patch",
@@ -107,10 +125,18 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--shard-prefix", default="vggt", help="shard file name prefix: <prefix>-<rank>-<n>.tar")
     g.add_argument("--zstd-level", type=int, default=1, help="zstd level (1 is fastest and, with byte "
                                                               "shuffling, compresses bf16 features best)")
+    g.add_argument("--codec", choices=("zstd", "raw", "int8"), default="zstd",
+                   help="shard codec per tensor: zstd (lossless, byte-shuffled), raw (uncompressed, fastest "
+                        "reads), int8 (lossy: about 0.8%% relative L2 error, stored in each record; 2.6 MB per "
+                        "518x518 image). Readers need no flag; see docs/building.md"),
     g = p.add_argument_group("model and preprocessing")
-    g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default="crop",
-                   help="crop/pad: the official VGGT load_and_preprocess_images; janusvln: pad then resize to "
-                        "multiples of 28 (504x504), what JanusVLN's training code feeds VGGT")
+    g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default=None,
+                   help="crop/pad: the official VGGT load_and_preprocess_images at --image-size (JanusVLN feeds "
+                        "VGGT 644-pixel crop images, NewJanusVLN 644-pixel pad images); janusvln: pad then resize "
+                        "each side down to a multiple of 28, kept for stores built with it (default: crop)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="target size N, a multiple of 14: crop makes images N wide, pad N x N (default: 518, the "
+                        "official model; JanusVLN uses 644)")
     g.add_argument("--apply-exif", action="store_true",
                    help="rotate images by their EXIF orientation (the official code ignores it; only use this if "
                         "your training code does the same)")
@@ -124,14 +150,34 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: decode in the main process); one decodes roughly 30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6")
     g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
+    g = p.add_argument_group("training samples (records with causal context, as JanusVLN computes them)")
+    g.add_argument("--context", choices=("image", "sample"), default=None,
+                   help="image: one record per image, no context; sample: one record per training sample, its "
+                        "frames streamed through VGGT with a KV cache as JanusVLN's training does, the last fed "
+                        "frame's tokens kept; samples come from annotation records (images, history_images + "
+                        "current_image, image) or episode folders with --history (default: image)")
+    g.add_argument("--reference-frame", choices=("first", "last"), default=None,
+                   help="JanusVLN's reference_frame: first streams the frames oldest first and keeps the current "
+                        "frame's tokens; last streams them newest first and keeps the oldest frame's (default: first)")
+    g.add_argument("--history", type=int, default=None, metavar="N",
+                   help="make samples from episode folders (frames sorted by name) instead of annotations: one per "
+                        "frame i, frames range(i+1) while i <= N, else linspace(0, i, N+1) (JanusVLN: 8)")
+    g.add_argument("--history-pad", action="store_true",
+                   help="with --history: repeat frame 0 in front until a sample has N+1 frames (NewJanusVLN)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="janusvln = --context sample --image-size 644 --preprocess crop --layers=-2 "
+                        "--reference-frame first; flags given explicitly win")
     g = p.add_argument_group("resume and incremental builds")
     _bool_env_flag(g, "skip-existing", env.skip_existing,
                    "skip images whose features are already stored (default: $SKIP_EXISTING or true)",
                    "rebuild every image")
     g.add_argument("--rebuild-stale", action="store_true",
-                   help="rebuild records whose source image changed since it was built (size or mtime; content "
-                        "with --hash-inputs)")
-    g.add_argument("--hash-inputs", action="store_true", help="record a sha256 of each source image in its record")
+                   help="rebuild records whose source image changed since they were built: for records built "
+                        "with --hash-inputs the content (sha256) decides, for the others size and mtime; "
+                        "featstore verify reports stale records by the same rule")
+    g.add_argument("--hash-inputs", action="store_true",
+                   help="record a sha256 of each source image in its record, so that staleness (--rebuild-stale, "
+                        "verify) is judged by content, not by size and mtime")
     g.add_argument("--allow-failures", type=int, default=0,
                    help="exit 0 even if up to N images fail to decode (they are listed in the failures ledger)")
     g = p.add_argument_group("scale-out")
@@ -156,6 +202,23 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         logging.getLogger("featstore").error("--batch-size must be at least 1 (got %d)", args.batch_size)
         return 2
+    apply_preset(args)
+    if args.image_size <= 0 or args.image_size % 14:
+        logging.getLogger("featstore").error("--image-size %d is not a positive multiple of 14 (the patch size): use "
+                                             "518 (official VGGT) or 644 (JanusVLN)", args.image_size)
+        return 2
+    if args.history is not None and args.history < 0:
+        logging.getLogger("featstore").error("--history %d is negative: give the number of history frames, e.g. 8",
+                                             args.history)
+        return 2
+    if (args.history is not None or args.history_pad) and args.context != "sample":
+        logging.getLogger("featstore").error("--history and --history-pad make training samples: add --context sample "
+                                             "(or --preset janusvln)")
+        return 2
+    if args.codec != "zstd" and args.format != "shards":
+        logging.getLogger("featstore").error("--codec %s needs --format shards (per-image caches are torch.save "
+                                             "files); drop --codec or write shards", args.codec)
+        return 2
     try:
         storage_options = storage_options_of(args)
     except ValueError as e:
@@ -164,11 +227,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     opts = BuildOptions(
         data_root=args.data_root, model=str(args.model), out=args.out, format=args.format,
         annotations=list(args.annotations), image_list=args.image_list, data_path=args.data_path,
+        strict_annotations=args.strict_annotations,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, layers=args.layers,
-        preprocess=args.preprocess, apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size,
+        preprocess=args.preprocess, image_size=args.image_size, context=args.context,
+        reference_frame=args.reference_frame, history=args.history, history_pad=args.history_pad,
+        apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size,
         shard_prefix=args.shard_prefix, skip_existing=args.skip_existing, rebuild_stale=args.rebuild_stale,
         hash_inputs=args.hash_inputs, allow_failures=args.allow_failures, num_workers=args.num_workers,
-        writer_threads=args.writer_threads, zstd_level=args.zstd_level, compile=args.compile,
+        writer_threads=args.writer_threads, zstd_level=args.zstd_level, codec=args.codec, compile=args.compile,
         num_parts=args.num_parts, part=args.part, max_pixels=args.max_pixels, fsync=args.fsync,
         progress=args.progress, storage_options=storage_options)
     return run_build(opts)

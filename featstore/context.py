@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence, Union
 import torch
 
 from featstore.extract import resolve_layers, tensor_names
+from featstore.model.config import VGGTConfig
 from featstore.model.stream import StreamCache, stack_caches
 from featstore.samples import Sample
 from featstore.schedule import Step
@@ -29,6 +30,7 @@ log = logging.getLogger("featstore")
 
 Features = dict[str, torch.Tensor]
 StepFrames = Union[Callable[[Step], torch.Tensor], Iterable[torch.Tensor]]
+StepPart = tuple[int, dict[int, torch.Tensor], StreamCache]  # (first row, model outputs, output cache)
 
 
 class StreamingModel(Protocol):
@@ -135,7 +137,7 @@ class PlanExecutor:
         size = n if self.max_rows is None else max(1, min(n, self.max_rows))
         return [(a, min(a + size, n)) for a in range(0, n, size)]
 
-    def _compute(self, step: Step, frames: torch.Tensor) -> list[tuple[int, dict[int, torch.Tensor], StreamCache]]:
+    def _compute(self, step: Step, frames: torch.Tensor) -> list[StepPart]:
         """Run the step in chunks of at most `max_rows` rows: [(first row, outputs, cache)]."""
         parts = []
         for a, b in self._chunk_rows(step.size):
@@ -146,7 +148,8 @@ class PlanExecutor:
             parts.append((a, out, cache))
         return parts
 
-    def _compute_adaptive(self, step: Step, frames: torch.Tensor) -> list[tuple[int, dict[int, torch.Tensor], StreamCache]]:
+    def _compute_adaptive(self, step: Step, frames: torch.Tensor) -> list[StepPart]:
+        """:meth:`_compute`, retried with half the rows per call on CUDA out-of-memory."""
         while True:
             try:
                 return self._compute(step, frames)
@@ -160,32 +163,33 @@ class PlanExecutor:
                 log.warning("CUDA out of memory at a %d-row context step: retrying with at most %d rows",
                             rows, self.max_rows)
 
-    def _emit(self, step: Step, a: int, out: dict[int, torch.Tensor]) -> Iterator[tuple[Sample, Features]]:
+    def _emit(self, step: Step, a: int, out: dict[int, torch.Tensor]) -> list[tuple[Sample, Features]]:
+        """(sample, features) for the samples ending at rows a.. of the step (views of one cast per layer)."""
         start = int(self.model.patch_start_idx) if self.tokens == "patch" else 0
-        dtype = self.store_dtype
-        feats = {n: out[i][:, 0, start:].to(dtype or out[i].dtype) for n, i in zip(self.names, self.layers)}
-        for j in range(next(iter(feats.values())).shape[0]):
-            for sample in step.ends[a + j]:
-                yield sample, {n: t[j:j + 1] for n, t in feats.items()}
+        feats = {n: out[i][:, 0, start:].to(self.store_dtype or out[i].dtype) for n, i in zip(self.names, self.layers)}
+        rows = next(iter(feats.values())).shape[0]
+        return [(sample, {n: t[j:j + 1] for n, t in feats.items()}) for j in range(rows) for sample in step.ends[a + j]]
 
     @torch.inference_mode()
-    def run_step(self, step: Step, images: torch.Tensor) -> Iterator[tuple[Sample, Features]]:
-        """Run one step (its parents must have run) and yield (sample, features) for samples ending in it."""
+    def run_step(self, step: Step, images: torch.Tensor) -> list[tuple[Sample, Features]]:
+        """Run one step (its parents must have run): keep and release caches as the step says, and return
+        (sample, features) for the samples ending in it."""
         parts = self._compute_adaptive(step, _step_images(step, images))
         keep = set(step.keep)
         for a, _, cache in parts:
             rows = [j for j in range(cache.batch_size or 0) if step.nodes[a + j] in keep]
             self.pool.put(cache, [step.nodes[a + j] for j in rows], rows)
         self.pool.release(step.release)
-        for a, out, _ in parts:
-            yield from self._emit(step, a, out)
+        return [item for a, out, _ in parts for item in self._emit(step, a, out)]
 
     def run(self, steps: Iterable[Step], frames: StepFrames) -> Iterator[tuple[Sample, Features]]:
         """Run a plan; `frames` gives each step's images (a callable of the step, or an iterable in step
         order), [N, 3, H, W] in [0, 1] on the model's device, N = nodes or distinct frames of the step."""
-        source = frames if callable(frames) else iter(frames).__next__
-        for step in steps:
-            images = source(step) if callable(frames) else source()
+        source = frames if callable(frames) else iter(frames)
+        for i, step in enumerate(steps):
+            images = source(step) if callable(source) else next(source, None)
+            if images is None:
+                raise ValueError(f"step images ran out at step {i}: give one tensor per step of the plan")
             yield from self.run_step(step, images)
 
 
@@ -194,3 +198,11 @@ def run_plan(model: StreamingModel, steps: Iterable[Step], frames: StepFrames, l
              max_rows: int | None = None) -> Iterator[tuple[Sample, Features]]:
     """Run a plan and yield (sample, {name: [1, P, C]}) as samples finish (see :class:`PlanExecutor`)."""
     return PlanExecutor(model, tuple(layers), store_dtype, tokens, max_rows).run(steps, frames)
+
+
+def kv_bytes_per_frame(config: VGGTConfig, image_size: tuple[int, int], deepest_layer: int,
+                       dtype: torch.dtype) -> int:
+    """KV cache bytes one frame of one sample adds: tokens x cached layers (0..deepest) x keys+values x
+    embed dim x dtype size (VGGT-1B, 490x644, layer 22, bf16: 1615 x 23 x 2 x 1024 x 2 = 152,135,680)."""
+    tokens = config.patch_start_idx + (image_size[0] // config.patch_size) * (image_size[1] // config.patch_size)
+    return tokens * (deepest_layer + 1) * 2 * config.embed_dim * torch.empty((), dtype=dtype).element_size()

@@ -1,4 +1,4 @@
-"""``featstore export``: move a store between layouts, bit for bit.
+"""``featstore export``: move a store between layouts (bit for bit), or re-encode it with another codec.
 
 * shards -> per-image: each live record (the one the index points to) becomes ``<image>.vggt_cache.pt``
   beside the image under the manifest's data root, or mirrored under ``--out``; plus the per-image
@@ -7,6 +7,11 @@
 * per-image -> shards: packs every cache under a data root (featstore-written or legacy ``{"features",
   "path"}`` files) into tar shards with an index and a manifest that lists what is unknown about legacy
   provenance.
+* shards -> shards: re-encodes a shard store's live records with ``--codec`` (zstd, raw, int8).
+
+Records decoded from a lossy codec (int8) are written dequantized, in their stored dtype, and keep the error
+bounds they were decoded with in ``meta["lossy"]`` (the manifests list the worst in ``lossy``), so a
+per-image cache or a lossless copy never passes for the model's exact output.
 """
 
 from __future__ import annotations
@@ -18,26 +23,28 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from featstore.errors import FeatstoreError, RecordError, StoreError
+from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, IndexEntry, write_index
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find_manifest, new_manifest,
                                         read_manifest, shape_key, write_manifest)
 from featstore.formats.perimage import read_pt, write_pt
-from featstore.formats.record import Record, decode_record, encode_record
+from featstore.formats.codecs import CODECS, check_codec
+from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
 from featstore.formats.shards import (DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, iter_shard_records,
                                       parse_shard_name, sha256_file)
 from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
-from featstore.loader import ShardStore, open_store, scan_per_image
+from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
 
 log = logging.getLogger("featstore")
-COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "dtype", "tokens",
-                 "source_fingerprint", "total_images")
+COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "tokens",
+                 "source_fingerprint", "total_images", "sources")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
 
 
@@ -50,6 +57,7 @@ class ExportResult:
     refused: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     out: Path | None = None
+    closed: list[Any] = field(default_factory=list)  # (ShardInfo, entries) of the shards an export closed
 
     @property
     def ok(self) -> bool:
@@ -84,7 +92,7 @@ def _same_record(path: Path, rec: Record) -> bool:
                for o, t in zip(old.tensors.values(), rec.tensors.values()))
 
 
-def _stored_records(store: ShardStore) -> Iterator[tuple[IndexEntry, bytes | Exception]]:
+def _stored_records(store: ShardStore) -> Iterator[tuple[IndexEntry, bytes | memoryview | Exception]]:
     """Every live record's stored bytes (or the error reading them), shard by shard, read sequentially.
 
     A remote shard arrives as a few large ranged GETs; a shard that turns out truncated falls back to
@@ -111,6 +119,11 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
     store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
+    if store.context.get("mode") == "sample":
+        raise StoreError(f"{store_path} holds one record per training sample: a sample's features depend on all "
+                         "its frames, so a per-image file beside one image cannot hold them (and training code "
+                         "reading per-image caches would take them for context-free features); read the store with "
+                         "open_store(...).get_sample(frames) or featstore.load_sample_features instead")
     m = store.manifest
     data_root = Path(m.get("data_root") or "")
     if out is None and not data_root.is_dir():
@@ -119,6 +132,7 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
     root.mkdir(parents=True, exist_ok=True)
     res = ExportResult(out=root)
     shapes: Counter = Counter()
+    lossy: dict[str, dict[str, Any]] = {}
     for e, data in _stored_records(store):
         try:
             dest = safe_destination(e.key, root)
@@ -129,12 +143,13 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
         try:
             if isinstance(data, Exception):
                 raise data
-            rec = decode_record(data, verify=False)
+            rec = with_lossy_provenance(decode_record(data, verify=False))
         except (FeatstoreError, OSError) as err:
             res.failed.append((e.key, str(err)))
             log.error("cannot read record %r: %s", e.key, err)
             continue
         shapes[shape_key(rec.features.shape)] += 1
+        worst_bounds(lossy, rec.meta.get("lossy") or {})
         if dest.is_file() and _same_record(dest, rec):
             res.unchanged += 1
             continue
@@ -147,59 +162,107 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
     pm.update(cache_root=str(root) if out is not None else None, processed_images=done, feature_shapes=dict(shapes),
               provenance_unknown=list(m.get("provenance_unknown") or []),
               counts=dict(pm["counts"], records=done, failed=len(res.failed) + len(res.refused)),
-              complete=bool(m.get("complete")) and res.ok,
+              complete=bool(m.get("complete")) and res.ok, lossy=lossy or None,
               times={"started": None, "finished": time.time(), "seconds": None})
     write_manifest(root / PER_IMAGE_MANIFEST, pm)
     return res
 
 
-def _per_image_root(data_root: Path) -> tuple[Path, Path, dict[str, Any] | None]:
-    """(data root, cache root, manifest or None) for a folder holding per-image caches."""
+@dataclass
+class Source:
+    """What ``export --format shards`` packs: per-image caches or another shard store (to re-encode it)."""
+
+    data_root: Path
+    manifest: dict[str, Any] | None
+    keys: Iterable[str]
+    read: Callable[[str], Record]
+    path: Path
+
+
+def _per_image_source(data_root: Path) -> Source:
+    """The caches under a data root (or a per-image manifest's cache root)."""
     try:
         mpath = find_manifest(data_root)
     except StoreError:
-        return data_root, data_root, None
+        return Source(data_root, None, scan_per_image(data_root), _pt_reader(data_root), data_root)
     m = read_manifest(mpath)
-    if m.get("layout") != "per-image":
-        raise StoreError(f"{data_root} holds a shard store ({mpath}); export it with --format per-image")
     droot = Path(m.get("data_root") or mpath.parent)
     croot = Path(m["cache_root"]) if m.get("cache_root") else mpath.parent
-    return droot, croot, m
+    return Source(droot, m, scan_per_image(croot), _pt_reader(croot), data_root)
+
+
+def _pt_reader(croot: Path) -> Callable[[str], Record]:
+    return lambda key: read_pt(croot / (key + ".vggt_cache.pt"), key=key)
+
+
+def _shard_source(store: ShardStore) -> Source:
+    """A shard store's live records in shard and offset order (sequential reads), decoded to their stored dtype."""
+    ix = store.index
+    rows, _ = shard_rows(ix)
+    keys = (ix.entry(int(r)).key for r in rows)
+    return Source(Path(store.manifest.get("data_root") or ""), store.manifest, keys,
+                  lambda key: with_lossy_provenance(store.record(key)), store.root)
+
+
+def open_source(path: Path) -> Source:
+    """Per-image caches or a shard store at ``path``, as a :class:`Source`."""
+    try:
+        mpath = find_manifest(path)
+    except StoreError:
+        return _per_image_source(path)
+    if read_manifest(mpath).get("layout") == "shards":
+        return _shard_source(ShardStore(mpath.parent, read_manifest(mpath)))
+    return _per_image_source(path)
 
 
 def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SHARD_BYTES, prefix: str = "vggt",
-                     fsync: bool = True) -> ExportResult:
-    """Pack every per-image cache under ``data_root`` (legacy ones included) into a shard store at ``out``.
+                     fsync: bool = True, codec: str = "zstd") -> ExportResult:
+    """Pack per-image caches (legacy ones included), or re-encode a shard store, into a shard store at ``out``.
 
-    Resumable: records already in ``out``'s complete shards (from an interrupted export of the same data
-    root) are kept and skipped; only the rest is written, then index and manifest are rebuilt atomically.
+    ``codec`` names the codec of every tensor (featstore.formats.codecs). Records decoded from a lossy codec
+    keep their error bounds in ``meta["lossy"]``. Resumable: records already in ``out``'s complete shards
+    (from an interrupted export of the same source) are kept and skipped; only the rest is written, then
+    index and manifest are rebuilt atomically.
     """
-    droot, croot, pm = _per_image_root(Path(data_root).resolve())
+    check_codec(codec)
+    src = open_source(Path(data_root).resolve())
     out = Path(out).resolve()
+    if out == src.path.resolve():
+        raise StoreError(f"--out {out} is the source store itself; export into another folder")
     old = read_manifest(out / SHARD_MANIFEST) if (out / SHARD_MANIFEST).is_file() else None
-    if old is not None and Path(str(old.get("data_root") or "")).resolve() != droot:
-        raise StoreError(f"{out} already holds a shard store of {old.get('data_root')}; export {droot} into an "
-                         f"empty folder (or delete {out} first)")
+    if old is not None and Path(str(old.get("data_root") or "")).resolve() != src.data_root.resolve():
+        raise StoreError(f"{out} already holds a shard store of {old.get('data_root')}; export {src.data_root} into "
+                         f"an empty folder (or delete {out} first)")
     _, known = collect_entries(out)  # complete shards only; an interrupted writer's temp file is ignored
+    res = ExportResult(out=out)
+    lossy, legacy = _write_shards(src, out, known, res, shard_size, prefix, fsync, codec)
+    _write_shard_manifest(src, out, known, res, old, codec, lossy, legacy)
+    return res
+
+
+def _write_shards(src: Source, out: Path, known: dict[str, list[Any]], res: ExportResult, shard_size: int,
+                  prefix: str, fsync: bool, codec: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """Encode and append every record of ``src`` not yet in ``out``; returns (worst lossy bounds, legacy count)."""
     done = {e.key for es in known.values() for e in es}
     first_n = max((p[2] for p in map(parse_shard_name, known) if p), default=-1) + 1
-    res = ExportResult(out=out)
     writer = ShardWriter(out / SHARDS_DIR, prefix, 0, first_n, shard_size, fsync=fsync)
+    lossy: dict[str, dict[str, Any]] = {}
     legacy = 0
     try:
-        for key in scan_per_image(croot):
+        for key in src.keys:
             if key in done:
                 res.unchanged += 1
                 continue
             try:
-                rec = read_pt(croot / (key + ".vggt_cache.pt"), key=key)
+                rec = src.read(key)
             except (FeatstoreError, OSError) as err:
                 res.failed.append((key, str(err)))
-                log.error("cannot read per-image cache for %r: %s", key, err)
+                log.error("cannot read the record of %r: %s", key, err)
                 continue
             rec.key = key  # the file's location is the truth (older scripts stored absolute paths)
             legacy += bool(rec.meta.get("legacy"))
-            writer.write(key, encode_record(rec))
+            worst_bounds(lossy, rec.meta.get("lossy") or {})
+            writer.write(key, encode_record(rec, codec=codec))
             res.written += 1
         writer.close_shard()
     except BaseException:
@@ -207,27 +270,48 @@ def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SH
         raise
     for info, es in writer.closed_shards:
         known[info.name] = es
+    res.closed = writer.closed_shards
+    return lossy, legacy
+
+
+def worst_bounds(into: dict[str, dict[str, Any]], bounds: dict[str, dict[str, Any]]) -> None:
+    """Fold per-tensor error bounds into the worst seen so far (the manifest's ``lossy``)."""
+    for name, b in bounds.items():
+        cur = into.setdefault(name, {"codec": b.get("codec"), "rel_l2": 0.0, "max_abs": 0.0})
+        cur["rel_l2"] = max(cur["rel_l2"], float(b.get("rel_l2", 0.0)))
+        cur["max_abs"] = max(cur["max_abs"], float(b.get("max_abs", 0.0)))
+
+
+def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], res: ExportResult,
+                          old: dict[str, Any] | None, codec: str, lossy: dict[str, dict[str, Any]],
+                          legacy: int) -> None:
     shards = sorted(known, key=shard_order)
     n = write_index(out / INDEX_NAME, shards, ((i, e) for i, s in enumerate(shards) for e in known[s]))
+    if ((src.manifest or {}).get("context") or {}).get("mode") == "sample":
+        write_alias_index(out, shards, known)
     ix = Index(out / INDEX_NAME)  # fail loudly now rather than in training if the index is unreadable
     specs = Counter(int(x) for x in ix.cols["spec"]) if n else Counter()
     shapes = Counter({shape_key(ix.specs[i][0][2]): c for i, c in specs.items()})
     dtypes = {ix.specs[i][0][1] for i in specs}
-    sha = {i.name: i.sha256 for i, _ in writer.closed_shards}
+    sha = {i.name: i.sha256 for i, _ in res.closed}
     sha.update({s["name"]: s["sha256"] for s in (old or {}).get("shards", []) if s.get("sha256")})
-    base = pm or {}
-    m = new_manifest(layout="shards", data_root=str(droot), model_path=str(base.get("vggt_model_path", "unknown")),
+    base = src.manifest or {}
+    m = new_manifest(layout="shards", data_root=str(src.data_root),
+                     model_path=str(base.get("vggt_model_path", "unknown")),
                      **{k: base[k] for k in COPIED_FIELDS if k in base and k != "vggt_model_path"})
     if not m["dtype"] and len(dtypes) == 1:
         m["dtype"] = next(iter(dtypes))
     if not m["tensors"] and len(dtypes) == 1:
         m["tensors"] = {"features": {"layer": None, "dtype": next(iter(dtypes))}}
+    m["tensors"] = {name: dict(t, codec=codec) if isinstance(t, dict) else t for name, t in m["tensors"].items()}
+    worst_bounds(lossy, (old or {}).get("lossy") or {})
     unknown = list(base.get("provenance_unknown") or [])
     if legacy or (old and old.get("provenance_unknown")):
         unknown += [u for u in LEGACY_UNKNOWN if u not in unknown]
     total = max(int(base.get("total_images") or 0), n)
     m.update(total_images=total, processed_images=n, feature_shapes=dict(shapes), provenance_unknown=unknown,
              counts=dict(m["counts"], records=n, failed=len(res.failed)), complete=res.ok and n >= total,
+             codec=codec, lossy=lossy or None,
              shards=[{"name": s, "records": len(known[s]), "bytes": (out / SHARDS_DIR / s).stat().st_size,
                       "sha256": sha.get(s) or sha256_file(out / SHARDS_DIR / s)} for s in shards],
              index={"name": INDEX_NAME, "records": n, "bytes": (out / INDEX_NAME).stat().st_size,
@@ -237,7 +321,6 @@ def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SH
         log.warning("%d of %d caches have no featstore metadata (older scripts); the manifest lists what is "
                     "unknown about their provenance", legacy, n)
     write_manifest(out / SHARD_MANIFEST, m)
-    return res
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -249,16 +332,21 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
         description="featstore export STORE --format per-image [--out DIR]: write <image>.vggt_cache.pt files "
                     "beside the images (or mirrored under --out) from a shard store, bit for bit. "
-                    "featstore export DATA_ROOT --format shards --out DIR: pack per-image caches (including "
-                    "legacy ones with only 'features' and 'path') into shards. Exit 0 when every record was "
+                    "featstore export DATA_ROOT --format shards --out DIR [--codec C]: pack per-image caches "
+                    "(including legacy ones with only 'features' and 'path') into shards, or re-encode a shard "
+                    "store with another codec. Lossy (int8) records are exported dequantized, marked lossy "
+                    "with their error bound. Exit 0 when every record was "
                     "exported, 1 when some were refused or unreadable, 2 when the export could not run.")
-    p.add_argument("source", help="a shard store folder or URL (s3://bucket/prefix, any fsspec URL; for "
-                                  "--format per-image) or a data root holding per-image caches (for --format shards)")
+    p.add_argument("source", help="a shard store folder, or for --format per-image its URL (s3://bucket/prefix, "
+                                  "any fsspec URL); or a data root holding per-image caches (for --format shards)")
     p.add_argument("--format", required=True, choices=("per-image", "shards"), help="the layout to write")
     p.add_argument("--out", type=Path, help="per-image: mirror caches under this folder instead of beside the "
                                             "images; shards: the new store folder (required)")
     p.add_argument("--shard-size", type=parse_size, default=1_000_000_000, help="target shard size (shards only)")
     p.add_argument("--shard-prefix", default="vggt", help="shard file name prefix (shards only)")
+    p.add_argument("--codec", choices=CODECS, default="zstd",
+                   help="shards only: codec of every tensor (zstd lossless, raw uncompressed, int8 lossy with its "
+                        "error stored per record); re-encodes a shard store or packs per-image caches")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="skip fsync after writes")
     add_storage_options_argument(p)
     p.set_defaults(func=_cmd_export)
@@ -271,14 +359,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                       storage_options=storage_options_of(args))
         else:
             if is_remote(args.source):
-                log.error("--format shards reads per-image caches from a local data root, not %s; pass a local "
-                          "folder", redact(args.source))
+                log.error("--format shards reads a local store or data root, not %s; export the remote store with "
+                          "--format per-image, or copy it to local disk first", redact(args.source))
                 return 2
             if args.out is None:
                 log.error("--format shards needs --out DIR (the new shard store folder)")
                 return 2
             res = export_to_shards(Path(args.source), args.out, shard_size=args.shard_size, prefix=args.shard_prefix,
-                                   fsync=args.fsync)
+                                   fsync=args.fsync, codec=args.codec)
     except (FeatstoreError, OSError, ValueError) as e:
         log.error("%s", e)
         return 2

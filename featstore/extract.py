@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from featstore.formats.record import FEATURES
+from featstore.preprocess import to_unit_float
 
 log = logging.getLogger("featstore")
 
@@ -53,9 +54,10 @@ class Extractor:
 
     @torch.inference_mode()
     def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features for a batch on the model's device (call :func:`to_host` to copy them out)."""
+        """Features for a batch (float in [0,1], or uint8 = value * 255) on the model's device (call
+        :func:`to_host` to copy them out)."""
         assert self.forward is not None
-        out = self.forward(images[:, None], layers=self.layers)
+        out = self.forward(to_unit_float(images)[:, None], layers=self.layers)
         start = int(getattr(self.model, "patch_start_idx", 5)) if self.tokens == "patch" else 0
         return {n: out[i][:, :, start:].to(self.store_dtype) for n, i in zip(self.names, self.layers)}
 

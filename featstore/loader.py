@@ -5,41 +5,54 @@ drop-in per-image loader (:func:`load_cached_vggt_features`).
 reads only that record's bytes with ``os.pread``; shard files are opened lazily (so a store object created
 before a DataLoader forks its workers is safe to use inside them) and kept in a small LRU.
 
-``stream`` is a torch ``IterableDataset`` built from webdataset pipeline stages. Splitting strategy: the
-index's live records are laid out shard by shard, with the shard order shuffled per (seed, epoch); that
-sequence is cut into ``world_size * num_workers`` contiguous, nearly equal slices (sizes differ by at most
-one record) and each (rank, worker) reads its slice, which covers whole shards and at most two partial
-ones, sequentially. So every record is read exactly once per epoch on exactly one rank and worker, with any
-number of shards (fewer shards than consumers included), and no consumer gets nothing unless the store has
-fewer records than consumers. Superseded records (a key rebuilt into a later shard) are never yielded,
-because only index entries are read.
+``stream`` is a torch ``IterableDataset``. Splitting strategy: the index's live records are laid out shard
+by shard (in offset order), with the shard order shuffled per (seed, epoch); that sequence is cut into
+``world_size * num_workers`` contiguous, nearly equal slices (sizes differ by at most one record) and each
+(rank, worker) reads its slice, which covers whole shards and at most two partial ones. The plan is held as
+numpy arrays of index rows and (shard, first, stop) intervals, never as a Python object per record; a
+shuffle buffer permutes row numbers (not decoded samples), so a resumed epoch skips what was delivered
+without reading it. Every record is read exactly once per epoch on exactly one rank and worker, with any
+number of shards, and no consumer gets nothing unless the store has fewer records than consumers.
+Superseded records (a key rebuilt into a later shard) are never yielded, because only index rows are read.
+
+A store may live on object storage (``s3://bucket/prefix`` or any fsspec URL, see docs/object-storage.md):
+``open_store`` then fetches the index once and reads each record with one ranged GET, and ``stream``
+reads each consumer's runs of shards sequentially in large chunks with read-ahead, holding records that
+were read but not yet emitted by the shuffle buffer (so the order is the same as on local disk).
+
+Reads add nothing to the one unavoidable copy: a record is read with ``preadv`` into a fresh aligned buffer
+(shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded tensors are allocated
+in shared memory inside workers, so torch does not copy them again to hand them to the main process.
 """
 
 from __future__ import annotations
 
-import itertools
+import collections
 import logging
 import os
 import random
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
-import webdataset as wds
 
 from featstore.env import dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
+from featstore.formats.aliases import ALIAS_INDEX
 from featstore.formats.index import INDEX_NAME, Index, IndexEntry, local_index_file
 from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path
 from featstore.formats.manifest import (PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest,
                                         read_store_manifest)
 from featstore.formats.perimage import cache_path_for, read_pt
-from featstore.formats.record import FEATURES, Record, decode_record
+from featstore.formats.codecs import dequantize_int8, empty_tensor
+from featstore.formats.record import CHANNEL_SCALE, FEATURES, TOKEN_SCALE, Record, decode_record, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, iter_shard_records
-from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote, local_path_of,
-                                       parse_location)
+from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
+                                       local_path_of, parse_location)
 from featstore.fsutil import is_temp_name
+from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
 DEFAULT_MAX_OPEN = 64
@@ -48,13 +61,24 @@ DEFAULT_SHUFFLE_BUFFER = 1000
 
 # --- samples ---------------------------------------------------------------------------------------------
 def record_to_sample(rec: Record) -> dict[str, Any]:
-    """The training sample of a record: ``key``, ``path``, ``features`` and any other stored tensors."""
+    """The training sample of a record: ``key``, ``path``, ``features`` and any other stored tensors; a sample
+    store's records also give ``frames`` (frame keys in training order) and ``grid`` ((h, w) of the tokens).
+
+    A record read with ``dequantize=False`` keeps each int8-coded tensor ``<name>`` as int8 and adds
+    ``<name>_channel_scale`` (float32 ``[C]``), ``<name>_token_scale`` (float32 ``[..., P, 1]``) and
+    ``quantized`` (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
+    """
     sample: dict[str, Any] = {"key": rec.key, "path": rec.path}
+    if rec.meta.get("context") == "sample":  # a training sample's record: its frames and token grid
+        sample["frames"] = list(rec.meta.get("frames") or [])
+        sample["grid"] = tuple(rec.meta.get("grid") or ())
     sample.update(rec.tensors)
+    if rec.quantized:
+        sample["quantized"] = dict(rec.quantized)
     return sample
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+def decode_sample(sample: dict[str, Any], dequantize: bool = True) -> dict[str, Any]:
     """Decode a webdataset sample (``{"__key__", "fsr": bytes, ...}``) from featstore shards into a training sample.
 
     Usable in any plain pipeline: ``wds.WebDataset(urls).map(featstore.loader.decode_sample)``.
@@ -63,14 +87,82 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     if data is None:
         raise RecordError(f"webdataset sample {sample.get('__key__')!r} has no {RECORD_EXT!r} field (found "
                           f"{sorted(k for k in sample if not k.startswith('__'))}); is this a featstore shard?")
-    return record_to_sample(decode_record(data, verify=False))
+    return record_to_sample(decode_record(data, verify=False, dequantize=dequantize))
+
+
+def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor ``name`` of a sample read with ``dequantize=False``, in ``dtype`` (default: its stored dtype).
+
+    Works on a single sample or a collated batch (leading batch dimensions broadcast), on whatever device
+    the sample's tensors are, so training can move the int8 values to the GPU and dequantize there.
+    A tensor that was not quantized is returned as it is (cast to ``dtype`` when given).
+    """
+    values = sample[name]
+    if values.dtype != torch.int8 or name + CHANNEL_SCALE not in sample:
+        return values if dtype is None else values.to(dtype)
+    if dtype is None:
+        stored = (sample.get("quantized") or {}).get(name, "float32")
+        dtype = parse_dtype(stored if isinstance(stored, str) else stored[0])  # collated: a list of names
+    return dequantize_int8(values, sample[name + CHANNEL_SCALE], sample[name + TOKEN_SCALE], dtype)
 
 
 # --- random access ---------------------------------------------------------------------------------------
-class ShardStore:
+def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
+    """``length`` bytes at ``offset`` of ``fd`` read into a new buffer (no intermediate copy), or None if short."""
+    buf = empty_tensor((length,), torch.uint8)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < length:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            return None
+        got += n
+    return view
+
+
+class SampleLookup:
+    """Sample-store lookups (``featstore build --context sample``): a record per training sample, found by the
+    sample's ordered frames (as the training dataset holds them) or by its annotation ``id``."""
+
+    @property
+    def context(self) -> dict[str, Any]:
+        """The store's context settings: ``{"mode": "image"}`` or ``{"mode": "sample", "reference_frame", ...}``."""
+        return dict(self.manifest.get("context") or {"mode": "image"})  # type: ignore[attr-defined]
+
+    def _require_samples(self) -> None:
+        if self.context.get("mode") != "sample":
+            raise StoreError(f"{self.root} holds one record per image, not per training sample: look images up with "  # type: ignore[attr-defined]
+                             "store.get(image_path), or build a sample store with --context sample")
+
+    def sample_key(self, frames: Sequence[str | os.PathLike[str]]) -> str:
+        """The frame-digest key of a sample (frames in training order, paths or keys, as for ``get``)."""
+        keys = [self.key_for(f) for f in frames]  # type: ignore[attr-defined]
+        return sample_key(keys, str(self.context.get("reference_frame", "first")))
+
+    def _alias_entry(self, key: str) -> IndexEntry | None:
+        return None  # only shard stores hold samples
+
+    def get_sample(self, frames: Sequence[str | os.PathLike[str]] | None = None, *, id: Any = None,
+                   default: Any = None) -> torch.Tensor | Any:
+        """The features ``[1, h*w, C]`` of a training sample, or ``default`` when the store does not hold it.
+
+        ``frames``: the sample's frame paths in training order (chronological, current frame last, before any
+        ``reference_frame: last`` reversal: the store applies its own setting); or ``id``: its annotation id.
+        """
+        if (frames is None) == (id is None):
+            raise TypeError("get_sample takes the sample's frames or its id=, not both or neither")
+        self._require_samples()
+        key = str(id) if id is not None else self.sample_key(frames)  # type: ignore[arg-type]
+        if key in self:  # type: ignore[operator]
+            return self[key]  # type: ignore[index]
+        entry = self._alias_entry(key) if id is None else None
+        return default if entry is None else self.features_at(entry)  # type: ignore[attr-defined]
+
+
+class ShardStore(SampleLookup):
     """Random access to a shard store: index lookup, then one read of just the record's bytes.
 
-    Local stores ``pread`` from cached file handles; remote stores (``s3://...``) send one ranged GET per
+    Local stores ``preadv`` from cached file handles; remote stores (``s3://...``) send one ranged GET per
     record, after fetching the index once (see :func:`featstore.formats.index.local_index_file`).
     """
 
@@ -78,14 +170,16 @@ class ShardStore:
 
     def __init__(self, root: Path | str, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN,
                  storage: Storage | None = None):
-        self.max_open = max(1, int(max_open))
-        self.storage = storage if storage is not None else LocalStorage(Path(root), self.max_open)
+        self.storage = storage if storage is not None else LocalStorage(Path(root))
         self.root: Path | str = Path(root) if self.storage.is_local else self.storage.display
         self.manifest = manifest
         self.data_root = manifest.get("data_root") or None
+        self.max_open = max(1, int(max_open))
         self._lock = threading.Lock()
         self._pid = -1
         self._index: Index | None = None
+        self._aliases: Index | bool | None = None  # False: the store has no alias index
+        self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._index_file: Path | None = None
         if self.storage.is_local and not self.storage.exists(INDEX_NAME):
             raise StoreError(f"shard store {self.root} has no {INDEX_NAME}; run `featstore merge {self.root}`")
@@ -95,7 +189,7 @@ class ShardStore:
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into spawned DataLoader workers: carry the location only, reopen there.
         d = self.__dict__.copy()
-        d.update(_lock=None, _index=None, _pid=-1)
+        d.update(_lock=None, _index=None, _aliases=None, _files=collections.OrderedDict(), _pid=-1)
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -103,11 +197,12 @@ class ShardStore:
         self._lock = threading.Lock()
 
     def _check_pid(self) -> None:
-        # After a fork the parent's index map and lock are shared state: reopen lazily (the storage does
-        # the same for its file handles or connection).
+        # After a fork the parent's file handles are shared state: drop them and reopen lazily.
         if self._pid != os.getpid():
             self._lock = threading.Lock()
+            self._files = collections.OrderedDict()
             self._index = None
+            self._aliases = None
             self._pid = os.getpid()
 
     @property
@@ -122,13 +217,40 @@ class ShardStore:
                     self._index = Index(self._index_file)
         return self._index
 
-    def read_bytes(self, e: IndexEntry) -> bytes:
-        """The stored bytes of one record (exactly ``e.length`` of them, or RecordError)."""
-        data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
-        if len(data) != e.length:
+    def _file(self, shard: str) -> Any:
+        with self._lock:
+            f = self._files.get(shard)
+            if f is not None:
+                self._files.move_to_end(shard)
+                return f
+            f = open(self.root / SHARDS_DIR / shard, "rb", buffering=0)
+            self._files[shard] = f
+            while len(self._files) > self.max_open:
+                # Dropped, not closed: a thread still reading keeps its reference; CPython closes it after.
+                self._files.popitem(last=False)
+            return f
+
+    def read_bytes(self, e: IndexEntry) -> memoryview:
+        """The stored bytes of one record (exactly ``e.length`` of them, or RecordError).
+
+        Read straight into a fresh, aligned, writable buffer (shared memory inside a DataLoader worker, so
+        tensors decoded as views of it cross to the main process without another copy); from a remote store,
+        one ranged GET.
+        """
+        if not self.storage.is_local:
+            data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
+            if len(data) != e.length:
+                raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
+                                  f"{e.offset}; run `featstore verify {self.root}`")
+            return memoryview(data)
+        self._check_pid()
+        f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
+        buf = read_record_into(f.fileno(), e.offset, e.length)
+        del f
+        if buf is None:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
-                              f"{e.offset}, got {len(data)}; run `featstore verify {self.root}`")
-        return data
+                              f"{e.offset}; run `featstore verify {self.root}`")
+        return buf
 
     def entry(self, key: str) -> IndexEntry:
         """The index entry for ``key`` (KeyError if absent)."""
@@ -137,13 +259,28 @@ class ShardStore:
             raise KeyError(key)
         return e
 
-    def record(self, key: str) -> Record:
-        """Every tensor and the metadata of ``key``'s record."""
-        return decode_record(self.read_bytes(self.entry(key)), verify=False)
+    def record(self, key: str, dequantize: bool = True) -> Record:
+        """Every tensor and the metadata of ``key``'s record.
+
+        Lossy (int8) tensors decode to the stored dtype; with ``dequantize=False`` they stay int8 beside their
+        scales (see :func:`record_to_sample` and :func:`dequantize`).
+        """
+        return decode_record(self.read_bytes(self.entry(key)), verify=False, dequantize=dequantize)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        e = self.entry(key)
+        return self.features_at(self.entry(key))
+
+    def features_at(self, e: IndexEntry) -> torch.Tensor:
+        """The ``features`` tensor of the record an index entry points at."""
         return decode_record(self.read_bytes(e), only=(FEATURES,), verify=False).tensors[FEATURES]
+
+    def _alias_entry(self, key: str) -> IndexEntry | None:
+        """The record a frame digest names in a store keyed by annotation ids (``aliases.fsi``)."""
+        self._check_pid()
+        if self._aliases is None:
+            path = self.storage.local_path(ALIAS_INDEX)  # remote stores have no alias index (yet)
+            self._aliases = Index(path) if path is not None and path.is_file() else False
+        return self._aliases.get(key) if self._aliases else None
 
     def __contains__(self, key: object) -> bool:
         return key in self.index
@@ -166,10 +303,14 @@ class ShardStore:
 
     def close(self) -> None:
         """Close open shard files (the store reopens them on next use)."""
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
         self.storage.close()
 
 
-class PerImageStore:
+class PerImageStore(SampleLookup):
     """Random access to per-image ``<image>.vggt_cache.pt`` caches (featstore-written or legacy)."""
 
     layout = "per-image"
@@ -323,6 +464,25 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store |
         return None
 
 
+def load_sample_features(frames: Sequence[str | os.PathLike[str]], store: Store | str | os.PathLike[str] | None = None,
+                         *, id: Any = None) -> torch.Tensor | None:
+    """The cached features ``[1, h*w, C]`` of one training sample, or None: the drop-in for the VGGT loop of a
+    training step. ``frames`` are the sample's frame paths in training order (current frame last); ``store``
+    is an open sample store or its path (default ``$FEATSTORE_STORE``); ``id``: look up by annotation id."""
+    if store is None:
+        store = store_path()
+        if store is None:
+            raise StoreError("load_sample_features needs a sample store: pass store=PATH or set FEATSTORE_STORE "
+                             "to a store built with featstore build --context sample")
+    if not isinstance(store, (ShardStore, PerImageStore)):
+        key = os.fspath(store)
+        if key not in _default_stores:
+            _default_stores[key] = open_store(key)
+        store = _default_stores[key]
+    _announce(f"{store.layout} sample store {store.root}")
+    return store.get_sample(None if id is not None else frames, id=id)
+
+
 # --- streaming -------------------------------------------------------------------------------------------
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -336,114 +496,302 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def epoch_plan(shards: list[tuple[str, list[IndexEntry]]], consumers: int, seed: int, epoch: int,
-               shuffle: bool) -> list[list[IndexEntry]]:
-    """Cut one epoch's records into ``consumers`` contiguous slices of nearly equal size (see module docs)."""
-    order = list(range(len(shards)))
+def shard_rows(ix: Index) -> tuple[np.ndarray, np.ndarray]:
+    """Index rows ordered by (shard, offset), and bounds: shard ``s`` holds ``rows[bounds[s]:bounds[s + 1]]``."""
+    if not ix.count:
+        return np.empty(0, np.int64), np.zeros(len(ix.shards) + 1, np.int64)
+    shard = np.asarray(ix.cols["shard"])
+    rows = np.lexsort((np.asarray(ix.cols["offset"]), shard)).astype(np.int64)
+    bounds = np.searchsorted(shard[rows], np.arange(len(ix.shards) + 1)).astype(np.int64)
+    return rows, bounds
+
+
+def epoch_plan(sizes: np.ndarray, consumer: int, consumers: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """One consumer's share of an epoch as ``[k, 3]`` intervals (shard, first, stop) of shard-local record positions.
+
+    Shards are laid out in an order shuffled per (seed, epoch); that sequence of records is cut into
+    ``consumers`` contiguous slices whose sizes differ by at most one, and this returns slice ``consumer``.
+    """
+    order = list(range(len(sizes)))
     if shuffle:
         random.Random(f"featstore-shards-{seed}-{epoch}").shuffle(order)
-    seq = [e for i in order for e in shards[i][1]]
+    order_arr = np.asarray(order, dtype=np.int64)
+    ends = np.cumsum(np.asarray(sizes, dtype=np.int64)[order_arr]) if len(order) else np.zeros(0, np.int64)
+    starts = ends - np.asarray(sizes, dtype=np.int64)[order_arr] if len(order) else ends
+    n = int(ends[-1]) if len(ends) else 0
+    lo, hi = consumer * n // consumers, (consumer + 1) * n // consumers
+    first, stop = np.maximum(starts, lo) - starts, np.minimum(ends, hi) - starts
+    keep = stop > first
+    return np.stack([order_arr[keep], first[keep], stop[keep]], axis=1) if keep.any() else np.zeros((0, 3), np.int64)
+
+
+def slice_size(records: int, consumer: int, consumers: int) -> int:
+    """How many records ``consumer`` reads per epoch (see :func:`epoch_plan`)."""
+    return (consumer + 1) * records // consumers - consumer * records // consumers
+
+
+def buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a shuffle buffer of ``size`` emits ``seq`` in: fill it, then emit a random slot and refill it."""
     n = len(seq)
-    return [seq[c * n // consumers:(c + 1) * n // consumers] for c in range(consumers)]
+    if size <= 1 or n <= 1:
+        return seq
+    out = np.empty_like(seq)
+    buf = seq[:size].copy()
+    live, nxt = len(buf), len(buf)
+    draws = rng.integers(0, 1 << 62, size=n)
+    for i in range(n):
+        k = int(draws[i] % live)
+        out[i] = buf[k]
+        if nxt < n:
+            buf[k] = seq[nxt]
+            nxt += 1
+        else:
+            live -= 1
+            buf[k] = buf[live]
+    return out
+
+
+def round_robin_taken(counts: list[int], k: int) -> list[int]:
+    """Items taken from each worker after a DataLoader handed out ``k``: it takes one from each active worker in
+    turn (ascending id; a worker drops out when it runs dry), which is torch's order with ``in_order=True``."""
+    taken = [0] * len(counts)
+    active = [w for w, c in enumerate(counts) if c > 0]
+    while k > 0 and active:
+        step = min(counts[w] - taken[w] for w in active)
+        if k >= step * len(active):
+            for w in active:
+                taken[w] += step
+            k -= step * len(active)
+            active = [w for w in active if taken[w] < counts[w]]
+        else:
+            rounds, extra = divmod(k, len(active))
+            for i, w in enumerate(active):
+                taken[w] += rounds + (i < extra)
+            k = 0
+    return taken
+
+
+def items_of(samples: int, batch_size: int | None, drop_last: bool) -> int:
+    """DataLoader items a worker yields for ``samples`` samples."""
+    if batch_size is None:
+        return samples
+    return samples // batch_size if drop_last else -(-samples // batch_size)
 
 
 class FeatureStream(torch.utils.data.IterableDataset):
-    """A DDP- and worker-aware stream over a shard store's live records (see :func:`stream`)."""
+    """A DDP- and worker-aware stream over a shard store's live records (see :func:`stream`).
+
+    The epoch plan is a few numpy arrays (index rows ordered by shard and offset, per-shard bounds, this
+    consumer's intervals): no Python object per record. ``state_dict()`` / ``load_state_dict()`` resume an
+    epoch where a job stopped, each record exactly once across ranks and workers.
+    """
 
     def __init__(self, root: Path | Storage, *, shuffle: bool, seed: int, epoch: int, shuffle_buffer: int,
-                 resampled: bool, read_ahead: int = DEFAULT_READ_AHEAD):
+                 resampled: bool, dequantize: bool = True, read_ahead: int = DEFAULT_READ_AHEAD):
         super().__init__()
-        self.storage = parse_location(root)
-        self.root: Path | str = self.storage.local_path() or self.storage.display
+        storage = parse_location(root)
+        self.root: Path | str = storage.local_path() or storage.display
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
-        self.shuffle_buffer, self.resampled, self.read_ahead = shuffle_buffer, resampled, read_ahead
+        self.shuffle_buffer, self.resampled, self.dequantize = shuffle_buffer, resampled, dequantize
+        self.read_ahead = read_ahead
         self.chunk_bytes = DEFAULT_CHUNK_BYTES  # remote stores: bytes per ranged GET while streaming
-        ix = Index(local_index_file(self.storage))
-        self.shards = [(s, es) for s, es in ix.shard_entries().items() if es]
-        self.num_records = len(ix)
+        if storage.is_local:
+            self.store = ShardStore(self.root, read_manifest(find_manifest(Path(self.root))))
+        else:
+            self.store = ShardStore(storage.display, read_store_manifest(storage), storage=storage)
+        self.num_records = len(self.store.index)
         if self.num_records == 0:
             raise StoreError(f"shard store {self.root} holds no records; nothing to stream")
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None  # (pid, rows, bounds), built lazily per process
+        self._resume: dict[str, Any] | None = None
+        self._loader: tuple[int, int | None, bool] | None = None  # (num_workers, batch_size, drop_last) of .loader()
+        self._consumed = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = self.__dict__.copy()
+        d["_plan"] = None  # each worker builds its own (cheap), so pickling to spawned workers stays small
+        return d
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (changes the order; call before creating the DataLoader iterator)."""
+        if epoch != self.epoch:
+            self._consumed = 0
+            if self._resume is not None and self._resume["epoch"] != epoch:
+                self._resume = None
         self.epoch = epoch
 
-    def _consumer(self) -> tuple[int, int]:
+    def _consumer(self) -> tuple[int, int, int, int]:
         rank, world = _rank_world()
         wid, nworkers = _worker()
-        return rank * nworkers + wid, world * nworkers
+        return rank * nworkers + wid, world * nworkers, rank, world
 
     def __len__(self) -> int:
         """Records this rank yields per epoch (all its DataLoader workers together)."""
         rank, world = _rank_world()
-        n = self.num_records
-        return (rank + 1) * n // world - rank * n // world
+        return slice_size(self.num_records, rank, world)
 
-    def _read(self, entries: list[IndexEntry]) -> Iterator[dict[str, Any]]:
-        if not self.storage.is_local:
-            yield from self._read_remote(entries)
-            return
-        # Sequential reads of a slice; a webdataset-style sample per record.
-        f, cur = None, None
-        try:
-            for e in entries:
-                if e.shard != cur:
-                    if f is not None:
-                        f.close()
-                    cur, f = e.shard, open(self.root / SHARDS_DIR / e.shard, "rb")
-                f.seek(e.offset)
-                data = f.read(e.length)
-                if len(data) != e.length:
-                    raise RecordError(f"shard {e.shard} is truncated at record {e.key!r}; run "
-                                      f"`featstore verify {self.root}`")
-                yield {"__key__": encode_key(e.key), "__url__": str(self.root / SHARDS_DIR / e.shard), RECORD_EXT: data}
-        finally:
-            if f is not None:
-                f.close()
+    def _rows(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._plan is None or self._plan[0] != os.getpid():
+            rows, bounds = shard_rows(self.store.index)
+            self._plan = (os.getpid(), rows, bounds)
+        return self._plan[1], self._plan[2]
 
-    def _read_remote(self, entries: list[IndexEntry]) -> Iterator[dict[str, Any]]:
-        # Whole runs of a shard as a few large ranged GETs, the next chunks fetched while this one is decoded.
-        runs = [(shard, list(group)) for shard, group in itertools.groupby(entries, key=lambda e: e.shard)]
-        for e, data in iter_shard_records(self.storage, runs, chunk_bytes=self.chunk_bytes,
-                                          read_ahead=self.read_ahead):
-            yield {"__key__": encode_key(e.key), "__url__": self.storage.describe(f"{SHARDS_DIR}/{e.shard}"),
-                   RECORD_EXT: data}
+    def epoch_rows(self, epoch: int, me: int, consumers: int) -> np.ndarray:
+        """Index rows consumer ``me`` reads in ``epoch``, in the order it reads them (before any resume skip)."""
+        return self._epoch_orders(epoch, me, consumers)[1]
 
-    def _epoch_pipeline(self, epoch: int, me: int, consumers: int) -> wds.DataPipeline:
-        mine = epoch_plan(self.shards, consumers, self.seed, epoch, self.shuffle)[me]
-        stages: list[Any] = [lambda: self._read(mine)]
+    def _epoch_orders(self, epoch: int, me: int, consumers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Consumer ``me``'s rows in shard order (as stored) and in the order it yields them (shuffle buffer)."""
+        rows, bounds = self._rows()
+        plan = epoch_plan(np.diff(bounds), me, consumers, self.seed, epoch, self.shuffle)
+        seq = np.concatenate([rows[bounds[s] + a:bounds[s] + b] for s, a, b in plan]) if len(plan) else rows[:0]
         if self.shuffle and self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                      rng=random.Random(f"featstore-buffer-{self.seed}-{epoch}-{me}")))
-        stages.append(wds.map(decode_sample))
-        return wds.DataPipeline(*stages)
+            return seq, buffer_shuffle(seq, self.shuffle_buffer, np.random.default_rng([seed_int(self.seed), epoch, me]))
+        return seq, seq
+
+    def _skip(self, epoch: int, rank: int, world: int) -> int:
+        """Records this worker already delivered in ``epoch`` before the saved state (0 without one)."""
+        st = self._resume
+        if st is None or st["epoch"] != epoch:
+            return 0
+        wid, nworkers = _worker()
+        if st["world_size"] != world or max(1, st["num_workers"]) != nworkers:
+            raise StoreError(f"cannot resume: the state was saved with world size {st['world_size']} and "
+                             f"{st['num_workers']} DataLoader workers, this run has {world} and {nworkers}; resume "
+                             f"with the same ones (the epoch plan depends on them)")
+        sizes = [slice_size(self.num_records, rank * nworkers + w, world * nworkers) for w in range(nworkers)]
+        counts = [items_of(n, st["batch_size"], st["drop_last"]) for n in sizes]
+        taken = round_robin_taken(counts, st["consumed"])[wid]
+        per_item = st["batch_size"] or 1
+        return min(taken * per_item, sizes[wid])
+
+    def _samples(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[dict[str, Any]]:
+        ix = self.store.index
+        if self.store.storage.is_local:
+            stored = ((e, self.store.read_bytes(e)) for e in (ix.entry(int(row)) for row in rows))
+        else:
+            stored = self._streamed(rows, stored_order)
+        for e, data in stored:
+            sample = record_to_sample(decode_record(data, verify=False, dequantize=self.dequantize))
+            sample["__key__"] = encode_key(e.key)
+            yield sample
+
+    def _streamed(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[tuple[IndexEntry, bytes]]:
+        """``(entry, bytes)`` of ``rows`` in that order, read from a remote store in ``stored_order`` (whole runs
+        of shards, chunked, with read-ahead); records read ahead of their turn wait in memory."""
+        ix = self.store.index
+        read = stored_order[np.isin(stored_order, rows)]
+        shard_of = np.asarray(ix.cols["shard"])[read] if len(read) else np.empty(0, np.int64)
+        cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(read)]
+        runs = ((ix.shards[int(shard_of[a])], [ix.entry(int(r)) for r in read[a:b]]) for a, b in zip(cuts, cuts[1:])
+                if b > a)
+        arrived = zip(read.tolist(), iter_shard_records(self.store.storage, runs, chunk_bytes=self.chunk_bytes,
+                                                          read_ahead=self.read_ahead))
+        waiting: dict[int, tuple[IndexEntry, bytes]] = {}
+        for row in rows.tolist():
+            while row not in waiting:
+                got = next(arrived, None)
+                if got is None:
+                    raise RecordError(f"stream of {self.root} ended before row {row}; run `featstore verify {self.root}`")
+                waiting[got[0]] = got[1]
+            yield waiting.pop(row)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        me, consumers = self._consumer()
+        me, consumers, rank, world = self._consumer()
         epoch = self.epoch
+        skip = self._skip(epoch, rank, world)  # read now: a loader clears the resume state once iteration starts
+        in_process = torch.utils.data.get_worker_info() is None and self._loader is None
+        return self._epochs(epoch, me, consumers, skip, in_process)
+
+    def _epochs(self, epoch: int, me: int, consumers: int, skip: int, count: bool) -> Iterator[dict[str, Any]]:
         while True:
-            yield from self._epoch_pipeline(epoch, me, consumers)
+            stored_order, rows = self._epoch_orders(epoch, me, consumers)
+            for sample in self._samples(rows[skip:], stored_order):
+                if count:
+                    self._consumed += 1
+                yield sample
             if not self.resampled:
                 return
-            epoch += 1
+            epoch, skip = epoch + 1, 0
+
+    def loader(self, **kwargs: Any) -> "StreamLoader":
+        """A torch DataLoader over this stream that counts what it hands out, so :meth:`state_dict` can resume.
+
+        Takes DataLoader arguments (``batch_size`` defaults to None: one sample at a time).
+        """
+        kwargs.setdefault("batch_size", None)
+        return StreamLoader(self, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is in the epoch: what a restarted job passes to :meth:`load_state_dict`.
+
+        Counts what :meth:`loader` handed out (or samples iterated in this process without a DataLoader).
+        In DDP every rank consumes the same number of batches, so rank 0's state restores every rank.
+        """
+        if self.resampled:
+            raise StoreError("state_dict() needs resampled=False (an epoch to resume within)")
+        workers, batch, drop_last = self._loader or (0, None, False)
+        return {"version": 1, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
+                "shuffle_buffer": self.shuffle_buffer, "records": self.num_records, "world_size": _rank_world()[1],
+                "num_workers": workers, "batch_size": batch, "drop_last": drop_last, "consumed": self._consumed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved epoch with the records not yet delivered (same store, seed, world size and workers)."""
+        mine = {"seed": self.seed, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
+                "records": self.num_records}
+        diff = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diff:
+            raise StoreError(f"cannot resume this stream from the saved state ({'; '.join(diff)}); open the stream "
+                             f"with the saved settings on the same store")
+        self.epoch = int(state["epoch"])
+        self._consumed = int(state["consumed"])
+        self._resume = dict(state)
+
+
+def seed_int(seed: int) -> int:
+    """A non-negative seed for numpy's generator."""
+    return seed % (1 << 63)
+
+
+class StreamLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a :class:`FeatureStream` that counts the items it hands out (for ``state_dict``)."""
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        ds: FeatureStream = self.dataset  # type: ignore[assignment]
+        if getattr(self, "in_order", True) is False:
+            raise StoreError("resumable streams need DataLoader(in_order=True), the default")
+        ds._loader = (self.num_workers, self.batch_size, self.drop_last)
+        resumed = ds._resume is not None and ds._resume["epoch"] == ds.epoch
+        ds._consumed = ds._consumed if resumed else 0
+        it = super().__iter__()  # workers copy the dataset (and its resume state) here
+        ds._resume = None
+        return self._count(it, ds)
+
+    @staticmethod
+    def _count(it: Iterator[Any], ds: FeatureStream) -> Iterator[Any]:
+        for item in it:
+            ds._consumed += 1
+            yield item
 
 
 def stream(path: str | os.PathLike[str], shuffle: bool = True, seed: int = 0, epoch: int = 0,
            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, resampled: bool = False,
-           storage_options: dict[str, Any] | None = None, read_ahead: int = DEFAULT_READ_AHEAD) -> FeatureStream:
+           dequantize: bool = True, storage_options: dict[str, Any] | None = None,
+           read_ahead: int = DEFAULT_READ_AHEAD) -> FeatureStream:
     """A torch IterableDataset over a shard store: each record once per epoch across all ranks and workers.
 
     Order is deterministic for (seed, epoch, world size, workers); ``resampled=True`` repeats forever with
-    the epoch advancing each pass. Samples are dicts with ``key``, ``path``, ``features`` and other tensors.
-    ``path`` may be an fsspec URL (``s3://bucket/prefix``, options in ``storage_options``): whole shards are
-    then streamed in large chunks, ``read_ahead`` of them fetched in the background.
+    the epoch advancing each pass. Samples are dicts with ``key``, ``path``, ``features`` and other tensors;
+    with ``dequantize=False`` int8-coded tensors stay int8 beside their scales (see :func:`dequantize`).
+    ``path`` may be an fsspec URL (``s3://bucket/prefix``, options in ``storage_options``): whole runs of shards
+    are then read in large chunks, ``read_ahead`` of them fetched in the background.
     """
     if is_remote(path):
         storage = parse_location(str(path), storage_options)
         if read_store_manifest(storage).get("layout") != "shards":
             raise StoreError(f"{storage.display} is not a shard store; stream() needs shards")
         return FeatureStream(storage, shuffle=shuffle, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-                             resampled=resampled, read_ahead=read_ahead)
+                             resampled=resampled, dequantize=dequantize, read_ahead=read_ahead)
     mpath = find_manifest(local_path_of(path))
     m = read_manifest(mpath)
     if m.get("layout") != "shards":
@@ -451,8 +799,8 @@ def stream(path: str | os.PathLike[str], shuffle: bool = True, seed: int = 0, ep
                          f"`featstore export {m.get('data_root') or path} --format shards --out DIR`, or use "
                          f"open_store() with a map-style Dataset")
     return FeatureStream(mpath.parent, shuffle=shuffle, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-                         resampled=resampled)
+                         resampled=resampled, dequantize=dequantize)
 
 
-__all__ = ["open_store", "stream", "load_cached_vggt_features", "decode_sample", "ShardStore", "PerImageStore",
-           "FeatureStream", "key_for_path"]
+__all__ = ["open_store", "stream", "load_cached_vggt_features", "decode_sample", "dequantize", "ShardStore",
+           "PerImageStore", "FeatureStream", "StreamLoader", "key_for_path"]

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
+from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, write_index
-from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_MANIFEST, REQUIRED, SHARD_MANIFEST, new_manifest,
-                                        read_manifest, read_store_manifest, shape_key, write_manifest)
+from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, REQUIRED,
+                                        SHARD_MANIFEST, new_manifest, read_manifest, read_store_manifest, shape_key,
+                                        write_manifest)
 from featstore.formats.shards import (SHARDS_DIR, ShardEntry, ShardInfo, parse_shard_name, scan_shard,
                                       sha256_file)
 from featstore.formats.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
@@ -32,7 +34,7 @@ from featstore.fsutil import is_temp_name
 log = logging.getLogger("featstore")
 PARTS_DIR = "parts"
 PER_IMAGE_STATE_DIR = ".featstore"
-PER_IMAGE_FAILURES = "vggt_cache_failures.jsonl"
+PER_IMAGE_FAILURES = PER_IMAGE_FAILURES_LEDGER
 
 
 def part_stem(gid: int) -> str:
@@ -131,6 +133,9 @@ def shard_order(name: str) -> tuple[int, int]:
     return (p[2], p[1]) if p else (0, 0)
 
 
+COUNTED = ("processed", "skipped", "failed", "missing", "stale_rebuilt", "malformed_annotation_lines")
+
+
 def _merge_summaries(parts: list[dict[str, Any]], old: dict[str, Any] | None) -> dict[str, Any]:
     counts: Counter = Counter()
     shapes: Counter = Counter()
@@ -174,11 +179,12 @@ def merge_shard_store(out_dir: Path | Storage) -> dict[str, Any]:
         index_meta = {"name": INDEX_NAME, "records": n, "bytes": index_path.stat().st_size,
                       "sha256": sha256_file(index_path)}
         feat_shapes = _feature_shapes(Index(index_path))
-    shard_meta = _shard_records(store, live, known, old, parts)
+    if ((base.get("context") or {}).get("mode")) == "sample":
+        _write_aliases(store, live, known)
+    shard_meta = _shard_records(store, live, known, old, parts, latest)
     merged = _merge_summaries(parts, old)
     m = _base_manifest("shards", base, old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in ("processed", "skipped", "failed",
-                                                                            "missing", "stale_rebuilt")})
+    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     counts["records"] = n
     if parts:
         _write_ledger(store, FAILURES_LEDGER, merged["failures"])
@@ -213,9 +219,19 @@ def _feature_shapes(ix: Index) -> dict[str, int]:
     return dict(shapes)
 
 
+def _write_aliases(store: Storage, live: list[str], known: dict[str, list[ShardEntry]]) -> None:
+    local = store.local_path()
+    if local is None:
+        log.warning("%s: the alias index (frame-list lookups of id-keyed samples) is not written for remote "
+                    "stores yet; look samples up by their keys", store.display)
+        return
+    write_alias_index(local, live, known)
+
+
 def _shard_records(store: Storage, live: list[str], known: dict[str, list[ShardEntry]], old: dict[str, Any] | None,
-                   parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The manifest's shard list; sha256 reused from earlier manifests and part files, computed otherwise."""
+                   parts: list[dict[str, Any]], latest: dict[str, str]) -> list[dict[str, Any]]:
+    """The manifest's shard list (``records``: the shard's records the index points to, superseded copies not
+    counted); sha256 reused from earlier manifests and part files, computed otherwise."""
     cached: dict[str, dict[str, Any]] = {}
     for s in (old or {}).get("shards", []):
         cached[s["name"]] = s
@@ -228,13 +244,15 @@ def _shard_records(store: Storage, live: list[str], known: dict[str, list[ShardE
         size = sizes[name]
         c = cached.get(name)
         sha = c["sha256"] if c and c.get("bytes") == size else sha256_of(store, f"{SHARDS_DIR}/{name}")
-        out.append({"name": name, "records": len(known[name]), "bytes": size, "sha256": sha})
+        records = sum(1 for e in known[name] if latest[e.key] == name)
+        out.append({"name": name, "records": records, "bytes": size, "sha256": sha})
     return out
 
 
 def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "dtype", "tokens", "source_fingerprint", "cache_root", "context")
+    fields = ("model", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens", "source_fingerprint",
+              "cache_root", "sources", "missing_ledger")
     src = base if parts else (old or {})
     m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),
                      model_path=str(src.get("vggt_model_path", src.get("model_path", ""))),
@@ -271,8 +289,7 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
         return old
     merged = _merge_summaries(parts, old)
     m = _base_manifest("per-image", parts[0], old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in ("processed", "skipped", "failed",
-                                                                            "missing", "stale_rebuilt")})
+    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     done = sum(p.get("done_images", 0) for p in parts)
     counts["records"] = done
     _write_ledger(parse_location(root), PER_IMAGE_FAILURES, merged["failures"])

@@ -29,8 +29,7 @@ from featstore.formats.perimage import cache_path_for, encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
-from featstore.preprocess import open_image, preprocess_image, preprocessed_size
-from featstore.samples import Sample, kept_index
+from featstore.preprocess import UINT8_MODES, open_image, preprocess_image, preprocess_image_u8, preprocessed_size
 
 
 @dataclass(frozen=True)
@@ -39,24 +38,6 @@ class WorkItem:
 
     key: str
     path: str
-
-
-@dataclass(frozen=True)
-class SampleItem:
-    """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
-
-    sample: Sample
-    paths: tuple[str, ...]
-
-    @property
-    def key(self) -> str:
-        """The record key."""
-        return self.sample.key
-
-    @property
-    def kept_path(self) -> str:
-        """Path of the frame whose tokens the record keeps."""
-        return self.paths[kept_index(self.sample)]
 
 
 @dataclass
@@ -107,7 +88,11 @@ class DecodeOptions:
 
 
 def decode_image(path: str, opts: DecodeOptions) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read, optionally hash, decode and preprocess one image; returns ``[3,H,W]`` and its source fingerprint."""
+    """Read, optionally hash, decode and preprocess one image; returns ``[3,H,W]`` and its source fingerprint.
+
+    ``crop`` and ``pad`` images come as uint8 (a quarter of the bytes to move between processes and to the
+    device); :func:`featstore.preprocess.to_unit_float` turns them into the model's exact float input.
+    """
     st = os.stat(path)
     with open(path, "rb") as f:
         data = f.read()
@@ -117,7 +102,8 @@ def decode_image(path: str, opts: DecodeOptions) -> tuple[torch.Tensor, dict[str
         kwargs["max_pixels"] = opts.max_pixels
     with open_image(io.BytesIO(data)) as img:
         img.filename = path  # type: ignore[attr-defined]  # for error messages
-        tensor = preprocess_image(img, opts.mode, **kwargs)
+        preprocess = preprocess_image_u8 if opts.mode in UINT8_MODES else preprocess_image
+        tensor = preprocess(img, opts.mode, **kwargs)
     return tensor, source_fingerprint(st, digest)
 
 
@@ -150,7 +136,7 @@ class DecodedStep:
     """The distinct frames of one context step, decoded (a failed frame is a zero image and an error)."""
 
     index: int
-    images: torch.Tensor  # [distinct frames, 3, H, W]
+    images: torch.Tensor  # [distinct frames, 3, H, W], uint8 for crop/pad (see decode_image)
     errors: dict[str, str]  # frame key -> why it could not be used
     sources: dict[str, dict[str, Any]]  # frame key -> source fingerprint
 
@@ -171,7 +157,8 @@ class StepDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> DecodedStep:
         keys, size = self.frames[i]
-        images = torch.zeros((len(keys), 3, *size), dtype=torch.float32)
+        dtype = torch.uint8 if self.opts.mode in UINT8_MODES else torch.float32
+        images = torch.zeros((len(keys), 3, *size), dtype=dtype)
         errors, sources = {}, {}
         for j, key in enumerate(keys):
             tensor, source, error = decode_or_error(self.paths[key], self.opts)
@@ -237,8 +224,8 @@ def shape_batches(decoded: Iterable[Decoded], batch_size: int, on_failure: Calla
 class ShardSink:
     """Encodes records with a thread pool and appends them, in order, to this rank's shards."""
 
-    def __init__(self, writer: ShardWriter, threads: int, zstd_level: int):
-        self.writer, self.level = writer, zstd_level
+    def __init__(self, writer: ShardWriter, threads: int, zstd_level: int, codec: str = "zstd"):
+        self.writer, self.level, self.codec = writer, zstd_level, codec
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-encode")
         self.bytes_written = 0
         self.seconds: Counter = Counter()  # "append": waiting for encodes + tar append + rollover fsync
@@ -246,7 +233,8 @@ class ShardSink:
     def write(self, records: list[Record]) -> None:
         """Encode and append a batch of records."""
         t0 = time.perf_counter()
-        for rec, data in zip(records, self.pool.map(lambda r: encode_record(r, self.level), records)):
+        encoded = self.pool.map(lambda r: encode_record(r, self.level, self.codec), records)
+        for rec, data in zip(records, encoded):
             self.writer.write(rec.key, data)
             self.bytes_written += len(data)
         self.seconds["append"] += time.perf_counter() - t0

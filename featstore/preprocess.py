@@ -53,6 +53,7 @@ TARGET_SIZE = 518  # the official model's size; the default `image_size`
 JANUSVLN_IMAGE_SIZE = 644  # JanusVLN's copy of load_and_preprocess_images
 PATCH_SIZE = 14
 JANUSVLN_MULTIPLE = 28
+UINT8_MODES = ("crop", "pad")  # modes whose result is exactly uint8 / 255 (see preprocess_image_u8)
 MIN_SIDE = PATCH_SIZE
 MODES = ("crop", "pad", "janusvln")
 # Pillow raises DecompressionBombError above twice its MAX_IMAGE_PIXELS (89,478,485): same default here.
@@ -190,13 +191,13 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(writable).permute(2, 0, 1).to(torch.float32).div(255).contiguous()
 
 
-def _pad_centered(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad a [C,H,W] tensor with 1.0 to (height, width), top = dh//2 and left = dw//2 (official rule)."""
+def _pad_centered(t: torch.Tensor, height: int, width: int, fill: float = 1.0) -> torch.Tensor:
+    """Pad a [C,H,W] tensor with `fill` (1.0: white) to (height, width), top = dh//2 and left = dw//2 (official)."""
     dh, dw = height - t.shape[-2], width - t.shape[-1]
     if dh <= 0 and dw <= 0:
         return t
     dh, dw = max(dh, 0), max(dw, 0)
-    return F.pad(t, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=1.0)
+    return F.pad(t, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="constant", value=fill)
 
 
 def janusvln_resize(t: torch.Tensor) -> torch.Tensor:
@@ -209,11 +210,9 @@ def janusvln_resize(t: torch.Tensor) -> torch.Tensor:
     return F.interpolate(t[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
 
 
-def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int = TARGET_SIZE) -> torch.Tensor:
-    """Load one image (path or PIL image) and return float32 [3,H,W] in [0,1], equal to VGGT's official
-    `load_and_preprocess_images([path], mode)[0]` with target size `image_size` for `crop`/`pad` (644 is
-    JanusVLN's copy); see the module docstring for `janusvln`."""
+def _resized_pixels(source: ImageSource, mode: str, apply_exif: bool, max_pixels: int,
+                    image_size: int) -> np.ndarray:
+    """The image decoded, converted to RGB and resized with Pillow as the official code does: uint8 HWC."""
     _check_mode(mode)
     check_image_size(image_size)
     img = _load_rgb(source, apply_exif, max_pixels)
@@ -222,13 +221,42 @@ def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: boo
         raise ImageError(f"{_describe(source)}: resizing {img.size[0]}x{img.size[1]} for mode {mode!r} "
                          f"needs {new_w}x{new_h} pixels, above the limit of {max_pixels:,}; "
                          "the aspect ratio is too extreme: use mode 'pad' or crop the image")
-    pixels = np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
+    return np.asarray(img.resize((new_w, new_h), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def preprocess_image(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
+                     max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int = TARGET_SIZE) -> torch.Tensor:
+    """Load one image (path or PIL image) and return float32 [3,H,W] in [0,1], equal to VGGT's official
+    `load_and_preprocess_images([path], mode)[0]` with target size `image_size` for `crop`/`pad` (644 is
+    JanusVLN's copy); see the module docstring for `janusvln`."""
+    if mode in UINT8_MODES:
+        return to_unit_float(preprocess_image_u8(source, mode, apply_exif=apply_exif, max_pixels=max_pixels,
+                                                 image_size=image_size))
+    pixels = _resized_pixels(source, mode, apply_exif, max_pixels, image_size)
+    return janusvln_resize(_pad_centered(_to_tensor(pixels), image_size, image_size))
+
+
+def preprocess_image_u8(source: ImageSource, mode: str = "crop", *, apply_exif: bool = False,
+                        max_pixels: int = DEFAULT_MAX_PIXELS, image_size: int = TARGET_SIZE) -> torch.Tensor:
+    """`preprocess_image` for `crop`/`pad` before the division by 255: uint8 [3,H,W] (pad value 255).
+
+    ``to_unit_float(preprocess_image_u8(...))`` equals ``preprocess_image(...)`` bit for bit, so a build can move
+    a quarter of the bytes from its decode workers and divide on the device.
+    """
+    if mode not in UINT8_MODES:
+        raise ValueError(f"mode {mode!r} has no uint8 form (it resizes in float): use one of {', '.join(UINT8_MODES)}")
+    pixels = _resized_pixels(source, mode, apply_exif, max_pixels, image_size)
     if mode == "crop":
         # Same rows as the official crop of the float tensor; cropping the uint8 array first saves memory.
-        top = max(new_h - image_size, 0) // 2
-        return _to_tensor(pixels[top:top + image_size])
-    t = _pad_centered(_to_tensor(pixels), image_size, image_size)
-    return janusvln_resize(t) if mode == "janusvln" else t
+        top = max(pixels.shape[0] - image_size, 0) // 2
+        pixels = pixels[top:top + image_size]
+    t = torch.from_numpy(np.array(pixels, dtype=np.uint8, order="C", copy=True)).permute(2, 0, 1).contiguous()
+    return t if mode == "crop" else _pad_centered(t, image_size, image_size, fill=255)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0,1] (x / 255 in float32, as torchvision's ToTensor); float input unchanged."""
+    return images.to(torch.float32).div_(255) if images.dtype == torch.uint8 else images
 
 
 def stack_batch(images: list[torch.Tensor]) -> torch.Tensor:

@@ -121,3 +121,21 @@ def frames_of_record(record: dict[str, Any]) -> list[str] | None:
     else:
         return None
     return frames or None
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
+
+    sample: Sample
+    paths: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """The record key."""
+        return self.sample.key
+
+    @property
+    def kept_path(self) -> str:
+        """Path of the frame whose tokens the record keeps."""
+        return self.paths[kept_index(self.sample)]

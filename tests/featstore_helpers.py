@@ -12,9 +12,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "examples" / "sample"
 
 
+SAMPLE_FILES = ("*.jpg", "*.png", "train.jsonl", "annotations.json")
+
+
+def copy_sample(dst: Path, src: Path = SAMPLE, patterns: tuple[str, ...] = SAMPLE_FILES) -> Path:
+    """Copy the sample data set's own files (images, annotations) to ``dst``, and nothing a user's run of the
+    README may have written there (stores, caches, manifests, ledgers): tests never depend on the checkout."""
+    for pattern in patterns:
+        for p in src.rglob(pattern):
+            rel = p.relative_to(src)
+            if p.is_file() and "vggt_featstore" not in rel.parts:
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, dst / rel)
+    return dst
+
+
 def copy_images(dst: Path, drop: int = 0) -> Path:
     """Copy the sample images (no store, no annotations) to ``dst``; optionally drop the last ``drop`` images."""
-    shutil.copytree(SAMPLE / "episodes", dst / "episodes")
+    copy_sample(dst, patterns=("*.jpg", "*.png"))
     if drop:
         for p in sorted(dst.rglob("*.*"))[-drop:]:
             p.unlink()

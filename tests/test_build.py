@@ -18,8 +18,8 @@ from featstore.formats.perimage import read_pt
 from featstore.formats.record import decode_record
 from featstore.formats.shards import list_shards, read_member
 from tests.buildutil import REPO, build_args, make_images, run_cli, write_jsonl
+from tests.featstore_helpers import copy_sample
 
-SAMPLE = REPO / "examples" / "sample"
 
 
 def store_records(out: Path) -> dict[str, object]:
@@ -100,11 +100,7 @@ def test_build_jsonl_and_json_sources(tmp_path):
 
 
 def test_build_sample_set_both_formats(tmp_path):
-    import shutil
-
-    data = tmp_path / "sample"
-    shutil.copytree(SAMPLE, data, ignore=shutil.ignore_patterns("vggt_featstore", "*.vggt_cache.pt",
-                                                                "vggt_cache_manifest.json"))
+    data = copy_sample(tmp_path / "sample")
     r = run_cli(*build_args(data, "--format", "per-image"))
     assert r.returncode == 0, r.stderr
     m = read_manifest(data / "vggt_cache_manifest.json")

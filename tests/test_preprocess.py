@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from featstore.errors import ImageError
-from featstore.preprocess import (DEFAULT_MAX_PIXELS, MIN_SIDE, MODES, preprocess_image, preprocessed_size,
+from featstore.preprocess import (DEFAULT_MAX_PIXELS, MIN_SIDE, MODES, preprocess_image, preprocess_image_u8,
+                                  preprocessed_size, to_unit_float,
                                   resize_size, stack_batch)
 
 # The batch order of golden/preprocess (README section 7).
@@ -291,8 +292,10 @@ def test_undecodable_inputs_raise_image_error_naming_the_path(tmp_path, case):
     assert reason in str(e.value)
 
 
-def test_shipped_sample_frames_preprocess():
-    sample = Path(__file__).resolve().parents[1] / "examples" / "sample" / "episodes"
+def test_shipped_sample_frames_preprocess(tmp_path):
+    from tests.featstore_helpers import copy_images
+
+    sample = copy_images(tmp_path / "sample")
     frames = sorted(p for p in sample.rglob("*") if p.is_file())
     assert len(frames) == 12
     for path in frames:
@@ -391,3 +394,21 @@ def test_image_size_must_be_a_positive_multiple_of_14(golden, bad):
         preprocess_image(_path(golden, "rgb_518x518"), "crop", image_size=bad)
     with pytest.raises(ValueError, match="not a positive multiple of 14"):
         preprocessed_size(640, 480, "pad", image_size=bad)
+
+
+# ---------------------------------------------------------------- uint8 form (what build workers send)
+
+@pytest.mark.parametrize("size", [518, 644])
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("name", GOLDEN_NAMES)
+def test_uint8_form_is_the_official_tensor_before_division(golden, name, mode, size):
+    u8 = preprocess_image_u8(_path(golden, name), mode, image_size=size)
+    assert u8.dtype == torch.uint8 and u8.is_contiguous()
+    assert torch.equal(to_unit_float(u8), preprocess_image(_path(golden, name), mode, image_size=size))
+    if size == 518:
+        assert torch.equal(u8, golden["expected"][f"{mode}/{name}"][0])
+
+
+def test_uint8_form_refuses_janusvln(golden):
+    with pytest.raises(ValueError, match="no uint8 form"):
+        preprocess_image_u8(_path(golden, "rgb_518x518"), "janusvln")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from featstore.sources import (AnnotationError, Discovery, ImageItem, auto_annotations, discover_images,
-                               read_annotation_records, record_image_refs)
+from featstore.sources import (AnnotationError, Discovery, ImageItem, ImageResolver, discover_images,
+                               discover_recorded, find_annotation_files, iter_annotation_records,
+                               read_annotation_records, record_image_refs, resolve_image_ref)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.featstore_helpers import copy_sample
 
 
 def touch(path: Path, data: bytes = b"img") -> Path:
@@ -84,7 +85,7 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path):
     ann = tmp_path / "bad.jsonl"
     ann.write_text('{"image": "a.jpg"}\n{"image": broken\n', encoding="utf-8")
     with pytest.raises(AnnotationError, match=r"bad\.jsonl:2: not valid JSON"):
-        discover_images(tmp_path, annotations=[ann])
+        discover_images(tmp_path, annotations=[ann], strict=True)
 
 
 def test_missing_annotation_file_is_an_error(tmp_path):
@@ -200,17 +201,144 @@ def test_empty_annotation_directory_does_not_fall_back_to_scan(tmp_path):
     assert d.items == [] and d.sources == []
 
 
-def test_auto_annotations(tmp_path):
-    assert auto_annotations(tmp_path) == []
-    write_jsonl(tmp_path / "train.jsonl", [])
-    write_jsonl(tmp_path / "val.JSONL", [])
-    (tmp_path / "annotations.json").write_text("[]")
-    (tmp_path / "other.json").write_text("[]")
-    (tmp_path / ".hidden.jsonl").write_text("")
-    write_jsonl(tmp_path / "sub" / "deep.jsonl", [])
-    assert auto_annotations(tmp_path) == [tmp_path / "annotations.json", tmp_path / "train.jsonl",
-                                          tmp_path / "val.JSONL"]
-    assert auto_annotations(tmp_path / "absent") == []
+def test_find_annotation_files_recursive_skipping_hidden_and_featstore_output(tmp_path):
+    assert find_annotation_files(tmp_path) == []
+    wanted = ["train.jsonl", "val.JSONL", "annotations.json", "R2R/annotations.json", "RxR/train.jsonl",
+              "seed/deep/er/x.jsonl"]
+    for name in wanted:
+        write_jsonl(tmp_path / name, [])
+    (tmp_path / "other.json").write_text("[]")                    # only annotations.json among .json files
+    write_jsonl(tmp_path / ".hidden" / "h.jsonl", [])             # hidden folder
+    write_jsonl(tmp_path / "R2R" / ".h.jsonl", [])                # hidden file
+    write_jsonl(tmp_path / "vggt_featstore" / "failures.jsonl", [])  # featstore's default output folder
+    write_jsonl(tmp_path / "vggt_cache_failures.jsonl", [])       # per-image ledgers, wherever they are
+    write_jsonl(tmp_path / "R2R" / "vggt_cache_missing.jsonl", [])
+    (tmp_path / "mystore" / "index.fsi").parent.mkdir()          # a store under another --out
+    (tmp_path / "mystore" / "index.fsi").write_bytes(b"x")
+    write_jsonl(tmp_path / "mystore" / "failures.jsonl", [])
+    (tmp_path / "building" / "shards").mkdir(parents=True)       # a store before its first merge
+    (tmp_path / "building" / "build.json").write_text("{}")
+    write_jsonl(tmp_path / "building" / "missing.jsonl", [])
+    write_jsonl(tmp_path / "elsewhere" / "out.jsonl", [])        # excluded by the caller (a build's --out)
+    os.symlink(tmp_path, tmp_path / "R2R" / "loop")              # a loop ends
+    found = find_annotation_files(tmp_path, exclude=[tmp_path / "elsewhere"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == sorted(wanted)
+    assert find_annotation_files(tmp_path / "absent") == []
+
+
+def test_own_ledger_is_never_an_annotation_source(tmp_path):
+    """Bug: a per-image build's vggt_cache_failures.jsonl at the data root was the next run's only source."""
+    touch(tmp_path / "ep" / "a.jpg")
+    touch(tmp_path / "ep" / "b.jpg")
+    (tmp_path / "vggt_cache_failures.jsonl").write_text(json.dumps({"key": "x.jpg", "error": "bad"}) + "\n")
+    (tmp_path / "vggt_cache_missing.jsonl").write_text(json.dumps({"key": "y.jpg", "path": "y.jpg"}) + "\n")
+    d = discover_images(tmp_path, find_annotations=True)
+    assert d.scanned and keys(d) == ["ep/a.jpg", "ep/b.jpg"]
+    write_jsonl(tmp_path / "anns" / "train.jsonl", [{"images": ["ep/a.jpg"]}])
+    d = discover_images(tmp_path, find_annotations=True)
+    assert d.auto and not d.scanned and keys(d) == ["ep/a.jpg"]
+    assert d.sources == [str(tmp_path / "anns" / "train.jsonl")]
+
+
+def test_annotation_records_carry_file_and_line(tmp_path):
+    jl = tmp_path / "a.jsonl"
+    jl.write_bytes(b'{"image": "1.jpg"}\n\n{"image": broken\n[{"image": "2.jpg"}, {"image": "3.jpg"}]\n'
+                   b'42\n\xff\xfe not utf-8\n{"images": ["4.jpg"]}\n')
+    js = tmp_path / "annotations.json"
+    js.write_text(json.dumps({"data": [{"image": "5.jpg"}, {"image": "6.jpg"}]}))
+    bad_json = tmp_path / "sub" / "annotations.json"
+    bad_json.parent.mkdir()
+    bad_json.write_text('[\n{"image": "7.jpg"},\n{oops}\n]')
+    malformed = []
+    recs = list(iter_annotation_records([jl, js, bad_json], malformed=malformed))
+    assert [(r.file.name, r.line, r.record.get("image") or r.record.get("images")) for r in recs] == [
+        ("a.jsonl", 1, "1.jpg"), ("a.jsonl", 4, "2.jpg"), ("a.jsonl", 4, "3.jpg"), ("a.jsonl", 7, ["4.jpg"]),
+        ("annotations.json", 0, "5.jpg"), ("annotations.json", 1, "6.jpg")]
+    assert [(Path(m.file).name, m.line) for m in malformed] == [("a.jsonl", 3), ("a.jsonl", 5), ("a.jsonl", 6),
+                                                                  ("annotations.json", 3)]
+    assert "not valid JSON" in malformed[0].error and "not a record" in malformed[1].error
+    assert "not UTF-8" in malformed[2].error and "file skipped" in malformed[3].error
+    assert str(malformed[0]).startswith(f"{jl}:3: ")
+    with pytest.raises(AnnotationError, match=rf"{jl}:3: not valid JSON.*--strict-annotations"):
+        list(iter_annotation_records(jl, strict=True))
+
+
+def test_malformed_lines_are_skipped_and_counted_by_discovery(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "b.jpg")
+    ann = tmp_path / "train.jsonl"
+    ann.write_text('{"image": "a.jpg"}\n{"image": "b.jpg"\n{"image": "b.jpg"}\n')
+    d = discover_images(tmp_path, annotations=[ann])
+    assert keys(d) == ["a.jpg", "b.jpg"]
+    assert [(m.file, m.line) for m in d.malformed] == [(str(ann), 2)]
+    assert d.source_stats[0].malformed_lines == 1 and d.source_stats[0].records == 2
+    with pytest.raises(AnnotationError, match=r"train\.jsonl:2:"):
+        discover_images(tmp_path, annotations=[ann], strict=True)
+
+
+def test_resolve_image_ref_rules(tmp_path):
+    root = tmp_path / "root"
+    touch(root / "sub" / "both.jpg")
+    touch(root / "both.jpg")
+    touch(tmp_path / "anns" / "near.jpg")
+    outside = touch(tmp_path / "far" / "o.jpg")
+    ann = tmp_path / "anns" / "a.jsonl"
+    assert resolve_image_ref("both.jpg", root) == ("both.jpg", root / "both.jpg")
+    assert resolve_image_ref("both.jpg", root, data_path="sub") == ("sub/both.jpg", root / "sub" / "both.jpg")
+    assert resolve_image_ref("near.jpg", root) is None
+    assert resolve_image_ref("near.jpg", root, annotation_file=ann) == (
+        (tmp_path / "anns" / "near.jpg").as_posix(), tmp_path / "anns" / "near.jpg")
+    assert resolve_image_ref(str(root / "both.jpg"), root) == ("both.jpg", root / "both.jpg")
+    assert resolve_image_ref(str(outside), root) == (outside.as_posix(), outside)
+    assert resolve_image_ref("gone.jpg", root, data_path="sub", annotation_file=ann) is None
+    r = ImageResolver(root, data_path="sub").resolve("both.jpg")
+    assert r is not None and r.key == "sub/both.jpg" and r.real == str((root / "sub" / "both.jpg").resolve())
+
+
+def test_missing_images_name_their_annotation_file_and_line(tmp_path):
+    touch(tmp_path / "ok.jpg")
+    a = write_jsonl(tmp_path / "R2R" / "train.jsonl", [{"images": ["ok.jpg"]}, {"images": ["lost/1.jpg", "ok.jpg"]},
+                                                      {"image": "lost/1.jpg"}])
+    b = tmp_path / "annotations.json"
+    b.write_text(json.dumps([{"image": "ok.jpg"}, {"history_images": ["lost/2.jpg"], "current_image": "ok.jpg"}]))
+    d = discover_images(tmp_path, annotations=[b, a])
+    assert d.missing == ["lost/1.jpg", "lost/2.jpg"]
+    assert [(m.key, m.path, m.file, m.line, m.references) for m in d.missing_refs] == [
+        ("lost/1.jpg", str(tmp_path / "lost" / "1.jpg"), str(a), 2, 2),
+        ("lost/2.jpg", str(tmp_path / "lost" / "2.jpg"), str(b), 1, 1)]
+    assert d.missing_refs[0].to_json() == {"key": "lost/1.jpg", "path": str(tmp_path / "lost" / "1.jpg"),
+                                           "annotation": str(a), "line": 2, "references": 2}
+    assert [(s.file, s.records, s.images, s.missing) for s in d.source_stats] == [(str(b), 2, 1, 1),
+                                                                                 (str(a), 3, 1, 1)]
+
+
+def test_aliases_map_other_spellings_to_the_stored_key(tmp_path):
+    real = touch(tmp_path / "ep" / "f.jpg")
+    os.symlink(real, tmp_path / "alias.jpg")
+    ann = write_jsonl(tmp_path / "a.jsonl", [{"images": ["ep/f.jpg", "alias.jpg"]}])
+    d = discover_images(tmp_path, annotations=[ann])
+    assert keys(d) == ["alias.jpg"] and d.aliases == {"ep/f.jpg": "alias.jpg"}
+
+
+def test_recorded_discovery_repeats_under_a_moved_root(tmp_path):
+    root = tmp_path / "root"
+    for name in ["R2R/a.jpg", "seed/imgs/b.jpg", "unused/c.jpg"]:
+        touch(root / name)
+    (root / "R2R" / "annotations.json").write_text(json.dumps([{"image": "R2R/a.jpg"}]))
+    write_jsonl(root / "seed" / "train.jsonl", [{"data_path": "seed", "images": ["imgs/b.jpg", "imgs/x.jpg"]}])
+    d = discover_images(root, find_annotations=True)
+    rec = json.loads(json.dumps(d.to_record(root)))
+    assert [a["file"] for a in rec["annotations"]] == ["R2R/annotations.json", "seed/train.jsonl"]
+    assert rec["auto"] and not rec["scan"] and rec["images"] == 2 and rec["missing"] == 1
+    assert [(a["images"], a["missing"]) for a in rec["annotations"]] == [(1, 0), (1, 1)]
+    os.rename(root, tmp_path / "moved")
+    again = discover_recorded(tmp_path / "moved", rec)
+    assert keys(again) == keys(d) == ["R2R/a.jpg", "seed/imgs/b.jpg"] and again.missing == ["seed/imgs/x.jpg"]
+    scan = discover_images(tmp_path / "moved")
+    assert discover_recorded(tmp_path / "moved", scan.to_record(tmp_path / "moved")).items == scan.items
+    (tmp_path / "moved" / "R2R" / "annotations.json").unlink()
+    with pytest.raises(AnnotationError, match="no longer exists"):
+        discover_recorded(tmp_path / "moved", rec)
 
 
 # ---------------------------------------------------------------- image list
@@ -296,9 +424,9 @@ def test_scan_empty_root(tmp_path):
 
 # ---------------------------------------------------------------- the shipped sample set
 
-def test_sample_set_annotations_and_scan_agree():
-    root = REPO_ROOT / "examples" / "sample"
-    anns = auto_annotations(root)
+def test_sample_set_annotations_and_scan_agree(tmp_path):
+    root = copy_sample(tmp_path / "sample")
+    anns = find_annotation_files(root)
     assert [p.name for p in anns] == ["annotations.json", "train.jsonl"]
     from_jsonl = discover_images(root, annotations=[root / "train.jsonl"])
     from_json = discover_images(root, annotations=[root / "annotations.json"])

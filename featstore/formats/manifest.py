@@ -24,6 +24,9 @@ PER_IMAGE_SUFFIX = ".vggt_cache.pt"
 PER_IMAGE_FORMAT = "<image_path>.vggt_cache.pt"
 SHARD_FORMAT = "featstore-shards"
 FAILURES_LEDGER = "failures.jsonl"
+MISSING_LEDGER = "missing.jsonl"  # annotated images that do not exist: {"key", "path", "annotation", "line"}
+PER_IMAGE_FAILURES_LEDGER = "vggt_cache_failures.jsonl"
+PER_IMAGE_MISSING_LEDGER = "vggt_cache_missing.jsonl"
 REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")
 
 
@@ -48,12 +51,21 @@ def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any)
         "layers": [],
         "tensors": {},  # name -> {"layer": int, "dtype": str}
         "preprocess": {"mode": None, "apply_exif": False},
-        "context": None,  # build.py's context settings ({"mode": "image"} when None)
+        # "image": a record per image; "sample": a record per training sample (its frames streamed as causal
+        # context, one frame's tokens kept), with {"reference_frame", "history"}
+        "context": {"mode": "image"},
         "dtype": None,
+        "codec": None,  # shard codec the build or export wrote with (zstd, raw, int8); None: zstd (older stores)
+        "lossy": None,  # {tensor: {"codec", "rel_l2", "max_abs"}}: worst bounds of records decoded from a lossy codec
         "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
         "feature_shapes": {},  # "[1, P, C]" -> count
-        "counts": {"records": 0, "processed": 0, "skipped": 0, "failed": 0, "missing": 0, "stale_rebuilt": 0},
+        "counts": {"records": 0, "processed": 0, "skipped": 0, "failed": 0, "missing": 0, "stale_rebuilt": 0,
+                   "malformed_annotation_lines": 0},
         "failures_ledger": None,
+        "missing_ledger": None,  # MISSING_LEDGER / PER_IMAGE_MISSING_LEDGER when annotated images are missing
+        # how images were chosen (featstore.sources.Discovery.to_record): annotation files with their counts,
+        # image list, data_path, or a scan; verify compares the store with the same sources
+        "sources": None,
         "source_fingerprint": "stat",  # "stat" (size, mtime) or "sha256"
         "times": {"started": None, "finished": None, "seconds": None},
         "world_size": 1,

@@ -1,16 +1,20 @@
-"""The record codec: the one definition of how an image's features are stored.
+"""The record format: the one definition of how an image's features are stored.
 
 A :class:`Record` holds an image's key, its path, named tensors (``features`` first) and JSON metadata.
 Two encodings share this module, so every writer, reader, verifier and exporter agrees:
 
 * shard bytes (one tar member per record)::
 
-      b"FSR1" | u32 header length | header JSON | zstd frame per tensor
+      b"FSR1" | u32 header length | header JSON | one payload per tensor
 
-  The header lists each tensor's name, dtype, shape, raw byte count, compressed byte count, crc32 of the
-  raw bytes and the byte filter. bfloat16 is stored bit-exactly. Decoding checks every size against the
-  header before allocating, so a hostile record cannot make a reader allocate more than it claims
-  (and never more than ``MAX_TENSOR_BYTES``).
+  The header lists each tensor's name, dtype, shape, decoded byte count, stored byte count (``zbytes``),
+  crc32, byte ``filter`` and ``codec`` (see :mod:`featstore.formats.codecs`: ``zstd``, ``raw``, ``int8``;
+  entries without ``codec``, written before codecs existed, are ``zstd``). Each tensor may name its own
+  codec. When any tensor is not ``zstd``, the header is padded with spaces and each payload followed by
+  ``pad`` zero bytes so that every payload starts 64-byte aligned within the record (tar members start
+  512-aligned, so a record read into an aligned buffer yields aligned tensor views). Decoding checks every
+  size against the header before allocating, so a hostile record cannot make a reader allocate more than
+  it claims (and never more than ``MAX_TENSOR_BYTES``).
 * a per-image ``.pt`` dict (``{"features", "path", "featstore": {...}, <other tensors>}``), what existing
   training code loads with ``torch.load(p)["features"]``.
 """
@@ -20,24 +24,27 @@ from __future__ import annotations
 import json
 import math
 import struct
-import threading
-import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-import numpy as np
 import torch
-import zstandard
 
 from featstore.errors import RecordError
+from featstore.formats import codecs
+from featstore.formats.codecs import DEFAULT_ZSTD_LEVEL, Quantized, crc32_of, tensor_bytes
+
+__all__ = ["Record", "TensorSpec", "encode_record", "decode_record", "decode_header", "record_to_pt",
+           "record_from_pt", "crc32_of", "tensor_bytes", "dtype_name", "parse_dtype", "DEFAULT_ZSTD_LEVEL"]
 
 MAGIC = b"FSR1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # records whose tensors are all zstd: the layout every featstore version reads
+ALIGNED_VERSION = 2  # records with raw/int8 tensors: aligned payloads
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_BYTES = 1 << 32  # 4 GiB: far above any feature map, far below a hostile claim
-DEFAULT_ZSTD_LEVEL = 1  # with byte shuffling, level 1 compresses bf16 features better than 3 and 2x faster
 PT_META_KEY = "featstore"
 FEATURES = "features"
+CHANNEL_SCALE = "_channel_scale"  # sample/record key suffixes of an int8 tensor read with dequantize=False
+TOKEN_SCALE = "_token_scale"
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -47,20 +54,26 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,
+    "int8": torch.int8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-_tls = threading.local()
 
 
 @dataclass
 class Record:
-    """One image's stored features: tensors by name (``features`` first) plus metadata."""
+    """One image's stored features: tensors by name (``features`` first) plus metadata.
+
+    ``bounds`` holds, per lossy tensor, the error bound it was written with (``{"codec", "rel_l2",
+    "max_abs"}``); ``quantized`` names the tensors returned still quantized (``dequantize=False``), each
+    with its dtype, and their scales are the tensors ``<name>_channel_scale`` and ``<name>_token_scale``.
+    """
 
     key: str
     path: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    bounds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quantized: dict[str, str] = field(default_factory=dict)
 
     @property
     def features(self) -> torch.Tensor:
@@ -70,7 +83,7 @@ class Record:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """What a record header says about one stored tensor."""
+    """What a record header says about one stored tensor (``fields`` is its whole header entry)."""
 
     name: str
     dtype: str
@@ -79,11 +92,13 @@ class TensorSpec:
     zbytes: int
     crc32: int
     filter: str
+    codec: str = codecs.DEFAULT_CODEC
+    pad: int = 0
+    fields: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """The header JSON form."""
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes,
-                "zbytes": self.zbytes, "crc32": self.crc32, "filter": self.filter}
+        return dict(self.fields)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -102,102 +117,69 @@ def parse_dtype(name: str) -> torch.dtype:
         raise RecordError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}") from None
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's raw little-endian C-order bytes, without a copy when it is already contiguous on CPU."""
-    t = t.detach().to("cpu").contiguous()
-    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+def _codec_for(name: str, codec: str | Mapping[str, str]) -> str:
+    return codec if isinstance(codec, str) else codec.get(name, codecs.DEFAULT_CODEC)
 
 
-def crc32_of(buf: bytes | memoryview) -> int:
-    """crc32 (zlib) of a buffer."""
-    return zlib.crc32(buf) & 0xFFFFFFFF
+def encode_tensor(name: str, t: torch.Tensor, level: int = DEFAULT_ZSTD_LEVEL,
+                  codec: str = codecs.DEFAULT_CODEC) -> tuple[dict[str, Any], list[Any]]:
+    """Encode one tensor; returns its header entry and payload buffers."""
+    fields, parts = codecs.encode(name, t, codec, level)
+    entry = {"name": name, "dtype": dtype_name(t.dtype), "shape": list(t.shape), "nbytes": t.numel() * t.element_size()}
+    entry.update(fields)
+    return entry, parts
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    # ZstdCompressor objects are not thread-safe: one per thread and level.
-    cache = getattr(_tls, "cctx", None)
-    if cache is None:
-        cache = _tls.cctx = {}
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return cache[level]
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    d = getattr(_tls, "dctx", None)
-    if d is None:
-        d = _tls.dctx = zstandard.ZstdDecompressor()
-    return d
-
-
-def _shuffle(raw: memoryview, itemsize: int) -> bytes | memoryview:
-    # Byte-plane shuffle: the sign/exponent bytes of floats cluster, so zstd finds far more to compress.
-    # Plane-by-plane strided copies are ~5x faster than a transposed copy of the whole array.
-    if itemsize == 1:
-        return raw
-    a = np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize)
-    out = np.empty((itemsize, a.shape[0]), dtype=np.uint8)
-    for j in range(itemsize):
-        out[j] = a[:, j]
-    return out.data
-
-
-def _unshuffle(buf: bytes, itemsize: int) -> np.ndarray:
-    a = np.frombuffer(buf, dtype=np.uint8)
-    if itemsize == 1:
-        return a.copy()
-    planes = a.reshape(itemsize, -1)
-    out = np.empty((planes.shape[1], itemsize), dtype=np.uint8)
-    for j in range(itemsize):
-        out[:, j] = planes[j]
-    return out.reshape(-1)
-
-
-def encode_tensor(name: str, t: torch.Tensor, level: int = DEFAULT_ZSTD_LEVEL) -> tuple[TensorSpec, bytes]:
-    """Compress one tensor; returns its header spec and the zstd frame."""
-    raw = tensor_bytes(t)
-    itemsize = t.element_size()
-    filt = "byteshuffle" if itemsize > 1 else "none"
-    payload = _shuffle(raw, itemsize) if filt == "byteshuffle" else raw
-    z = _compressor(level).compress(payload)
-    spec = TensorSpec(name, dtype_name(t.dtype), tuple(t.shape), len(raw), len(z), crc32_of(raw), filt)
-    return spec, z
-
-
-def encode_record(rec: Record, level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
-    """Serialise a record to the shard byte format."""
+def encode_record(rec: Record, level: int = DEFAULT_ZSTD_LEVEL, codec: str | Mapping[str, str] = "zstd") -> bytes:
+    """Serialise a record to the shard byte format; ``codec`` is one codec name or a name per tensor."""
     if FEATURES not in rec.tensors:
         raise RecordError(f"record {rec.key!r} has no 'features' tensor (has {list(rec.tensors)})")
     names = [FEATURES] + [n for n in rec.tensors if n != FEATURES]
-    specs, frames = [], []
+    entries, payloads = [], []
     for n in names:
-        spec, z = encode_tensor(n, rec.tensors[n], level)
-        specs.append(spec.to_json())
-        frames.append(z)
-    header = {"v": FORMAT_VERSION, "key": rec.key, "path": rec.path, "meta": rec.meta, "tensors": specs}
+        entry, parts = encode_tensor(n, rec.tensors[n], level, _codec_for(n, codec))
+        entries.append(entry)
+        payloads.append(parts)
+    aligned = any(e["codec"] != "zstd" for e in entries)
+    if aligned:
+        for e in entries:
+            e["pad"] = codecs.padding_for(e["zbytes"])
+    header = {"v": ALIGNED_VERSION if aligned else FORMAT_VERSION, "key": rec.key, "path": rec.path, "meta": rec.meta,
+              "tensors": entries}
     hb = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-    return b"".join([MAGIC, struct.pack("<I", len(hb)), hb, *frames])
+    if aligned:
+        hb += b" " * codecs.padding_for(8 + len(hb))  # JSON allows trailing spaces; payloads start aligned
+    out = [MAGIC, struct.pack("<I", len(hb)), hb]
+    for e, parts in zip(entries, payloads):
+        out += parts
+        if e.get("pad"):
+            out.append(bytes(e["pad"]))
+    return b"".join(out)
 
 
 def _spec_from_json(d: dict[str, Any]) -> TensorSpec:
     try:
         spec = TensorSpec(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]), int(d["nbytes"]),
-                          int(d["zbytes"]), int(d["crc32"]), str(d.get("filter", "none")))
+                          int(d["zbytes"]), int(d["crc32"]), str(d.get("filter", "none")), codecs.codec_of(d),
+                          int(d.get("pad", 0)), d)
     except (KeyError, TypeError, ValueError) as e:
         raise RecordError(f"malformed tensor entry in record header: {d!r} ({e})") from None
     itemsize = torch.empty((), dtype=parse_dtype(spec.dtype)).element_size()
     if any(s < 0 for s in spec.shape) or math.prod(spec.shape) * itemsize != spec.nbytes:
         raise RecordError(f"tensor {spec.name!r}: shape {list(spec.shape)} x {spec.dtype} does not match "
                           f"its byte count {spec.nbytes}")
-    if spec.nbytes > MAX_TENSOR_BYTES or spec.zbytes < 0:
-        raise RecordError(f"tensor {spec.name!r} claims {spec.nbytes} bytes (limit {MAX_TENSOR_BYTES})")
-    if spec.filter not in ("none", "byteshuffle"):
-        raise RecordError(f"tensor {spec.name!r}: unknown filter {spec.filter!r}")
+    if spec.nbytes > MAX_TENSOR_BYTES or spec.zbytes < 0 or not 0 <= spec.pad < codecs.ALIGN:
+        raise RecordError(f"tensor {spec.name!r} claims {spec.nbytes} bytes (limit {MAX_TENSOR_BYTES}), "
+                          f"{spec.zbytes} stored and {spec.pad} padding")
+    try:
+        codecs.validate_fields(d, spec.shape, spec.nbytes)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordError(f"malformed {spec.codec} entry for tensor {spec.name!r}: {e}") from None
     return spec
 
 
 def decode_header(buf: bytes | memoryview) -> tuple[dict[str, Any], list[TensorSpec], int]:
-    """Parse a record's header; returns (header dict, tensor specs, offset of the first zstd frame)."""
+    """Parse a record's header; returns (header dict, tensor specs, offset of the first payload)."""
     mv = memoryview(buf)
     if len(mv) < 8 or bytes(mv[:4]) != MAGIC:
         raise RecordError(f"not a featstore record: expected magic {MAGIC!r}, found {bytes(mv[:4])!r}")
@@ -215,45 +197,72 @@ def decode_header(buf: bytes | memoryview) -> tuple[dict[str, Any], list[TensorS
     return header, specs, 8 + hlen
 
 
-def _decode_tensor(spec: TensorSpec, z: memoryview, verify: bool) -> torch.Tensor:
-    claimed = zstandard.frame_content_size(z)
-    if claimed != spec.nbytes:
-        raise RecordError(f"tensor {spec.name!r}: zstd frame claims {claimed} bytes, header says {spec.nbytes}")
-    try:
-        raw = _decompressor().decompress(z, max_output_size=spec.nbytes)
-    except zstandard.ZstdError as e:
-        raise RecordError(f"tensor {spec.name!r}: zstd data is corrupt ({e})") from None
-    if len(raw) != spec.nbytes:
-        raise RecordError(f"tensor {spec.name!r}: decompressed {len(raw)} bytes, expected {spec.nbytes}")
-    itemsize = spec.nbytes // max(1, math.prod(spec.shape)) if math.prod(spec.shape) else 1
-    arr = _unshuffle(raw, itemsize) if spec.filter == "byteshuffle" else np.frombuffer(raw, np.uint8).copy()
-    if verify and crc32_of(arr.data) != spec.crc32:
-        raise RecordError(f"tensor {spec.name!r}: crc32 mismatch (stored {spec.crc32:08x}, "
-                          f"computed {crc32_of(arr.data):08x})")
-    return torch.from_numpy(arr).view(parse_dtype(spec.dtype)).reshape(spec.shape)
+def _bound_of(spec: TensorSpec) -> dict[str, Any] | None:
+    bound = spec.fields.get("bound")
+    return dict(bound, codec=spec.codec) if isinstance(bound, dict) else None
 
 
-def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[str, ...] | None = None) -> Record:
+def _add_tensor(rec: Record, spec: TensorSpec, value: torch.Tensor | Quantized) -> None:
+    if isinstance(value, Quantized):
+        rec.tensors[spec.name] = value.values
+        rec.tensors[spec.name + CHANNEL_SCALE] = value.channel_scale
+        rec.tensors[spec.name + TOKEN_SCALE] = value.token_scale
+        rec.quantized[spec.name] = spec.dtype
+    else:
+        rec.tensors[spec.name] = value
+
+
+def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[str, ...] | None = None,
+                  dequantize: bool = True) -> Record:
     """Parse shard record bytes back into a :class:`Record`.
 
-    Every zstd frame carries its own xxh64 content checksum, which is always checked, so a corrupt payload
-    never decodes. ``verify=True`` also checks the crc32 of the decoded bytes against the header (what
-    ``featstore verify`` does); the loader's hot path skips that second, redundant pass.
+    zstd frames carry an xxh64 content checksum, always checked, so a corrupt zstd payload never decodes.
+    ``verify=True`` also checks each tensor's crc32 (what ``featstore verify`` does; the loader's hot path
+    skips it). Lossy tensors decode to their stored dtype, or with ``dequantize=False`` stay int8 next to
+    their scales (see :class:`Record`). Tensors of ``raw`` records are views of ``buf`` when it is writable
+    and aligned.
     """
     header, specs, pos = decode_header(buf)
     mv = memoryview(buf)
-    tensors: dict[str, torch.Tensor] = {}
+    rec = Record(header["key"], header["path"], {}, header.get("meta") or {})
     for spec in specs:
         end = pos + spec.zbytes
-        if end > len(mv):
+        if end + spec.pad > len(mv):
             raise RecordError(f"record {header['key']!r} is truncated: tensor {spec.name!r} needs bytes up to "
-                              f"{end}, record has {len(mv)}")
+                              f"{end + spec.pad}, record has {len(mv)}")
+        bound = _bound_of(spec)
+        if bound is not None:
+            rec.bounds[spec.name] = bound
         if only is None or spec.name in only:
-            tensors[spec.name] = _decode_tensor(spec, mv[pos:end], verify)
-        pos = end
+            value = codecs.decode(spec.fields, mv[pos:end], parse_dtype(spec.dtype), spec.shape, verify=verify,
+                                  dequantize=dequantize)
+            _add_tensor(rec, spec, value)
+        pos = end + spec.pad
     if pos != len(mv):
         raise RecordError(f"record {header['key']!r} has {len(mv) - pos} unexpected trailing bytes")
-    return Record(header["key"], header["path"], tensors, header.get("meta") or {})
+    return rec
+
+
+def with_lossy_provenance(rec: Record) -> Record:
+    """``rec`` with the error bounds it was decoded with folded into ``meta["lossy"]`` (per tensor: codec,
+    relative L2 and max abs error, summed over every lossy encoding on its way), so a lossless copy of a
+    dequantized record (a per-image cache, a zstd re-export) still says it is not the model's exact output.
+    """
+    if not rec.bounds:
+        return rec
+    lossy = {n: dict(b) for n, b in (rec.meta.get("lossy") or {}).items()}
+    for name, b in rec.bounds.items():
+        old = lossy.get(name, {})
+        lossy[name] = {"codec": b["codec"], "rel_l2": old.get("rel_l2", 0.0) + b["rel_l2"],
+                       "max_abs": old.get("max_abs", 0.0) + b["max_abs"]}
+    return Record(rec.key, rec.path, rec.tensors, dict(rec.meta, lossy=lossy))
+
+
+def lossy_max_abs(rec: Record, name: str) -> float:
+    """The max abs error ``rec``'s tensor ``name`` may have against the model's output: its own codec's bound
+    plus what earlier lossy encodings recorded in ``meta["lossy"]`` (0 for an exact tensor)."""
+    own = float((rec.bounds.get(name) or {}).get("max_abs", 0.0))
+    return own + float(((rec.meta.get("lossy") or {}).get(name) or {}).get("max_abs", 0.0))
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -264,6 +273,9 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
 
 def record_to_pt(rec: Record) -> dict[str, Any]:
     """The per-image ``.pt`` dict for a record: ``features`` and ``path`` first, then metadata and other tensors."""
+    if rec.quantized:
+        raise RecordError(f"record {rec.key!r} holds quantized tensors {sorted(rec.quantized)}: decode it with "
+                          f"dequantize=True before writing a per-image cache")
     tensors = {n: _own_storage(t) for n, t in rec.tensors.items()}
     checks = {n: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "crc32": crc32_of(tensor_bytes(t))}
               for n, t in tensors.items()}

@@ -7,16 +7,18 @@ its final name only once it is complete and fsynced, so readers never see a torn
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import io
 import os
 import re
+import struct
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
@@ -224,6 +226,23 @@ def read_member(f: BinaryIO, offset: int, length: int) -> bytes:
     return data
 
 
+def read_record_meta(fd: int, offset: int) -> dict:
+    """The metadata of the record stored at ``offset`` of an open shard (reads its header only)."""
+    head = os.pread(fd, 8, offset)
+    (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
+    header, _, _ = decode_header(head + os.pread(fd, hlen, offset + 8))
+    return dict(header.get("meta") or {})
+
+
+def read_record_meta_at(storage: "Storage", shard: str, offset: int) -> dict:
+    """:func:`read_record_meta` for a shard of any store (two small ranged reads on a remote one)."""
+    name = f"{SHARDS_DIR}/{shard}"
+    head = storage.read_range(name, offset, 8)
+    (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
+    header, _, _ = decode_header(head + storage.read_range(name, offset + 8, hlen))
+    return dict(header.get("meta") or {})
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 hex digest of a file, streamed."""
     h = hashlib.sha256()
@@ -233,32 +252,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def iter_shard_records(storage: "Storage", runs: Sequence[tuple[str, Sequence[Any]]], *,
+def iter_shard_records(storage: "Storage", runs: Iterable[tuple[str, Sequence[Any]]], *,
                        chunk_bytes: int = 8 << 20, read_ahead: int = 2) -> Iterator[tuple[Any, bytes]]:
     """``(entry, record bytes)`` for every entry of each ``(shard, entries sorted by offset)`` run, in order.
 
     Each run is fetched as one contiguous byte range (first record to last) in chunks, the next chunks (also
-    of the next shard) arriving in the background; the tar headers between records are skipped. Entries
-    need ``offset`` and ``length`` (index entries do).
+    of the next runs) arriving in the background; tar headers and skipped records between the entries are
+    dropped. ``runs`` may be a generator (taken lazily); entries need ``key``, ``offset`` and ``length``.
     """
-    runs = [(shard, es) for shard, es in runs if es]
-    ranges = [(f"{SHARDS_DIR}/{shard}", es[0].offset, es[-1].offset + es[-1].length) for shard, es in runs]
-    chunks = storage.iter_ranges(ranges, chunk_bytes=chunk_bytes, read_ahead=read_ahead)
+    taken: dict[int, tuple[str, Sequence[Any]]] = {}
+
+    def ranges() -> Iterator[tuple[str, int, int]]:
+        for i, (shard, es) in enumerate(r for r in runs if r[1]):
+            taken[i] = (shard, es)
+            yield f"{SHARDS_DIR}/{shard}", es[0].offset, es[-1].offset + es[-1].length
+
+    chunks = storage.iter_ranges(ranges(), chunk_bytes=chunk_bytes, read_ahead=read_ahead)
+    shard, todo, buf, base, cur = "", collections.deque(), bytearray(), 0, -1
     try:
-        for (shard, es), (_, start, _) in zip(runs, ranges):
-            buf, base = bytearray(), start
-            for e in es:
+        for i, data in chunks:
+            if i != cur:
+                if todo:
+                    break  # the previous run ended early
+                cur = i
+                shard, es = taken.pop(i)
+                todo, buf, base = collections.deque(es), bytearray(), es[0].offset
+            buf += data
+            while todo and todo[0].offset + todo[0].length - base <= len(buf):
+                e = todo.popleft()
                 end = e.offset + e.length - base
-                while len(buf) < end:
-                    nxt = next(chunks, None)
-                    if nxt is None:
-                        raise RecordError(f"shard {shard} ended before record {e.key!r} (offset {e.offset}); run "
-                                          f"`featstore verify` on the store")
-                    buf += nxt[1]
                 yield e, bytes(buf[e.offset - base:end])
                 del buf[:end]
                 base += end
+        if todo:
+            raise RecordError(f"shard {shard} ended before record {todo[0].key!r} (offset {todo[0].offset}); run "
+                              f"`featstore verify` on the store")
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        chunks.close()

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 from featstore.errors import StoreError
 from featstore.fsutil import atomic_open, atomic_write_bytes, fsync_dir
@@ -253,7 +253,7 @@ class Storage:
         """Bytes ``[start, end)`` of ``name`` as consecutive chunks, the next ``read_ahead`` fetched in the background."""
         raise NotImplementedError
 
-    def iter_ranges(self, ranges: Sequence[tuple[str, int, int]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    def iter_ranges(self, ranges: Iterable[tuple[str, int, int]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                     read_ahead: int = DEFAULT_READ_AHEAD) -> Iterator[tuple[int, bytes]]:
         """(range number, chunk) for consecutive chunks of each ``(name, start, end)`` in turn."""
         for i, (name, start, end) in enumerate(ranges):
@@ -592,7 +592,7 @@ class FsspecStorage(Storage):
         for _, data in self.iter_ranges([(name, start, end)], chunk_bytes=chunk_bytes, read_ahead=read_ahead):
             yield data
 
-    def iter_ranges(self, ranges: Sequence[tuple[str, int, int]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    def iter_ranges(self, ranges: Iterable[tuple[str, int, int]], *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                     read_ahead: int = DEFAULT_READ_AHEAD) -> Iterator[tuple[int, bytes]]:
         """(range number, chunk) for consecutive chunks of each ``(name, start, end)`` in turn.
 

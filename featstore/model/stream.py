@@ -70,5 +70,6 @@ def stack_caches(parts: "list[StreamCache]") -> StreamCache:
         if entry is None:
             kv.append(None)
             continue
-        kv.append((torch.cat([p.kv[i][0] for p in parts]), torch.cat([p.kv[i][1] for p in parts])))  # type: ignore[index]
+        entries = [p.kv[i] for p in parts]
+        kv.append((torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries])))  # type: ignore[index]
     return first._like(kv, sum(p.batch_size or 0 for p in parts))

@@ -1,0 +1,142 @@
+"""Codecs in real stores: build --codec, mixed codecs, export re-encoding, lossy per-image export, verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import featstore
+from featstore.cli import main
+from featstore.formats.record import Record, decode_header, encode_record
+from featstore.formats.shards import SHARDS_DIR, ShardWriter
+from featstore.loader import open_store, stream
+from featstore.merge import merge_shard_store
+from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codecs")
+    data = copy_images(root / "data")
+    for codec in ("zstd", "int8"):
+        build(data, "--out", str(root / codec), "--shard-size", "700KB", "--dtype", "bfloat16", "--codec", codec)
+    assert main(["export", str(root / "zstd"), "--format", "shards", "--codec", "raw", "--out", str(root / "raw"),
+                 "--no-fsync"]) == 0
+    return root
+
+
+def header_codecs(store, key: str) -> list[str]:
+    return [s.codec for s in decode_header(store.read_bytes(store.entry(key)))[1]]
+
+
+def test_build_records_the_codec_and_reads_need_no_flag(stores):
+    exact, lossy, raw = (open_store(stores / c) for c in ("zstd", "int8", "raw"))
+    assert lossy.manifest["codec"] == "int8" and lossy.manifest["tensors"]["features"]["codec"] == "int8"
+    assert exact.manifest["codec"] == "zstd" and raw.manifest["codec"] == "raw"
+    assert exact.keys() == lossy.keys() == raw.keys()
+    for key in exact.keys():
+        want = exact.record(key)
+        assert torch.equal(raw.record(key).features, want.features) and header_codecs(raw, key) == ["raw"]
+        got = lossy.record(key)
+        bound = got.bounds["features"]
+        assert header_codecs(lossy, key) == ["int8"] and got.features.dtype == torch.bfloat16
+        err = (got.features.float() - want.features.float())
+        assert float(err.abs().max()) <= bound["max_abs"] and bound["rel_l2"] <= 0.01
+        assert float(err.norm() / want.features.float().norm()) == pytest.approx(bound["rel_l2"], rel=1e-5)
+    shard_bytes = {c: sum(p.stat().st_size for p in (stores / c / SHARDS_DIR).glob("*.tar")) for c in ("zstd", "int8")}
+    assert shard_bytes["int8"] < shard_bytes["zstd"]
+
+
+def test_per_image_build_refuses_a_shard_codec(stores, tmp_path):
+    data = copy_images(tmp_path / "data", drop=10)
+    assert main(["build", "--data-root", str(data), "--model", "tiny", "--device", "cpu", "--format", "per-image",
+                 "--codec", "int8", "--no-progress"]) == 2
+    assert not list(data.rglob("*.pt")) and not (data / "vggt_cache_manifest.json").exists()
+
+
+def test_mixed_codecs_in_one_store_read_stream_and_verify(stores, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(stores / "zstd", store)
+    st = open_store(store)
+    keys = st.keys()
+    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 50, fsync=False)
+    for key, codec in zip(keys[:4], ("int8", "raw", "int8", "raw")):
+        w.write(key, encode_record(st.record(key), codec=codec))
+    w.close_shard()
+    merge_shard_store(store)
+    mixed = open_store(store)
+    assert sorted(c for k in keys for c in header_codecs(mixed, k)) == sorted(["int8"] * 2 + ["raw"] * 2 + ["zstd"] * 8)
+    samples = {s["key"]: s for s in torch.utils.data.DataLoader(stream(store, dequantize=False), batch_size=None,
+                                                                num_workers=2)}
+    assert sorted(samples) == keys
+    for k in keys:
+        assert torch.equal(featstore.dequantize(samples[k]), mixed[k])
+        assert (samples[k]["features"].dtype == torch.int8) == ("int8" in header_codecs(mixed, k))
+    rc, rep = run_verify(store, tmp_path, "--data-root", str(stores / "data"))
+    assert rc == 0, rep["problems"]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "raw", "int8"])
+def test_verify_catches_a_flipped_byte_in_each_codec(stores, tmp_path, codec):
+    store = tmp_path / "store"
+    shutil.copytree(stores / codec, store)
+    st = open_store(store)
+    key = st.keys()[3]
+    e = st.entry(key)
+    _, specs, first = decode_header(st.read_bytes(e))
+    with open(store / SHARDS_DIR / e.shard, "r+b") as f:
+        pos = e.offset + first + specs[0].zbytes // 2
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x10]))
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 1 and key in problem_keys(rep, "corrupt")
+
+
+def test_export_reencodes_and_writes_lossy_per_image_caches(stores, tmp_path):
+    lossy = open_store(stores / "int8")
+    caches = tmp_path / "caches"
+    assert main(["export", str(stores / "int8"), "--format", "per-image", "--out", str(caches), "--no-fsync"]) == 0
+    per_image = open_store(caches)
+    m = json.loads((caches / "vggt_cache_manifest.json").read_text())
+    assert m["lossy"]["features"]["codec"] == "int8" and m["lossy"]["features"]["rel_l2"] <= 0.01
+    for key in lossy.keys():
+        rec, want = per_image.record(key), lossy.record(key)
+        assert torch.equal(rec.features, want.features) and rec.features.dtype == torch.bfloat16
+        assert rec.meta["lossy"]["features"]["max_abs"] == want.bounds["features"]["max_abs"]
+        plain = torch.load(caches / (key + ".vggt_cache.pt"), weights_only=True)
+        assert plain["featstore"]["meta"]["lossy"]["features"]["codec"] == "int8"  # visible to any reader
+    # the dequantized caches back into zstd shards: still marked lossy; re-encoding a shard store works too
+    back = tmp_path / "back"
+    assert main(["export", str(caches), "--format", "shards", "--out", str(back), "--no-fsync"]) == 0
+    assert json.loads((back / "manifest.json").read_text())["lossy"]["features"]["codec"] == "int8"
+    again = tmp_path / "again"
+    assert main(["export", str(stores / "zstd"), "--format", "shards", "--codec", "int8", "--out", str(again),
+                 "--no-fsync"]) == 0
+    assert all(header_codecs(open_store(again), k) == ["int8"] for k in lossy.keys())
+    for path in (caches, back, again):
+        rc, rep = run_verify(path, tmp_path)
+        assert rc == 0, rep["problems"]
+    assert main(["export", str(stores / "zstd"), "--format", "shards", "--out", str(stores / "zstd")]) == 2
+
+
+@pytest.mark.slow
+def test_verify_recompute_compares_within_the_stored_bound(stores, tmp_path):
+    rc, rep = run_verify(stores / "int8", tmp_path, "--recompute", "3", "--model", "tiny")
+    assert rc == 0 and rep["recompute"]["checked"] == 3, rep["problems"]
+    store = tmp_path / "store"
+    shutil.copytree(stores / "int8", store)
+    st = open_store(store)
+    key = st.keys()[0]
+    rec = st.record(key)
+    off = rec.features.float() + 8 * rec.bounds["features"]["max_abs"]  # beyond its bound
+    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 60, fsync=False)
+    w.write(key, encode_record(Record(key, rec.path, {"features": off.to(torch.bfloat16)}, rec.meta), codec="int8"))
+    w.close_shard()
+    merge_shard_store(store)
+    rc, rep = run_verify(store, tmp_path, "--recompute", "12", "--model", "tiny")
+    assert rc == 1 and problem_keys(rep, "recompute") == {key}
