@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import io
 import json
@@ -40,8 +41,8 @@ from featstore.formats.manifest import (PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, fi
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, crc32_of, decode_record, dtype_name, lossy_max_abs
 from featstore.formats.shards import SHARDS_DIR, parse_shard_name
-from featstore.formats.storage import (FsspecStorage, Storage, add_storage_options_argument, is_remote, local_path_of,
-                                       parse_location, redact, storage_options_of)
+from featstore.formats.storage import (FsspecStorage, Storage, add_storage_options_argument, is_remote, local_copy,
+                                       local_path_of, parse_location, redact, storage_options_of)
 from featstore.fsutil import is_temp_name
 from featstore.staleness import frames_changed, is_checkable, source_changed
 
@@ -714,9 +715,19 @@ def verify_shard_store(location: Path | Storage, m: dict[str, Any], *, data_root
         report.skip("missing", "--sample checks records only")
     elif ix is not None:
         found, why_not = source_listing(m, data_root)
-        ledger = root / m["failures_ledger"] if m.get("failures_ledger") else None
-        _compare_listing(report, found, why_not, set(ix.keys()) if found is not None else set(), m, ledger)
+        with _local_ledger(storage, m.get("failures_ledger")) as ledger:
+            _compare_listing(report, found, why_not, set(ix.keys()) if found is not None else set(), m, ledger)
     return report
+
+
+@contextlib.contextmanager
+def _local_ledger(storage: Storage, name: str | None) -> Iterator[Path | None]:
+    """A local file holding the store's failures ledger (a temporary copy for a remote store), or None."""
+    if not name or not storage.exists(name):
+        yield None
+        return
+    with local_copy(storage, name) as path:
+        yield path
 
 
 def _scan_with_other_keys(storage: Storage, shard: str, indexed: dict[str, tuple[str, int, int, int]], ex: dict[str, Any],

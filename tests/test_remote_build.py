@@ -38,6 +38,11 @@ def objects(url: str, options: dict) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return copy_images(tmp_path_factory.mktemp("remote-images") / "data")
+
+
+@pytest.fixture(scope="module")
 def local_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("remote-build")
     data = copy_images(root / "data")
@@ -45,6 +50,7 @@ def local_build(tmp_path_factory):
     return data, root / "local"
 
 
+@pytest.mark.slow
 def test_build_to_s3_matches_local_publishes_last_and_resumes(local_build, monkeypatch, tmp_path):
     data, local = local_build
     server = s3_server()
@@ -78,8 +84,8 @@ def test_build_to_s3_matches_local_publishes_last_and_resumes(local_build, monke
     assert open_store(url, storage_options=server.storage_options()).keys() == want.keys()
 
 
-def test_second_builder_is_refused_by_a_conditional_write(local_build, capsys):
-    data, _ = local_build
+def test_second_builder_is_refused_by_a_conditional_write(images, capsys):
+    data = images
     server = s3_server()
     url = f"s3://{new_bucket(server)}/s"
     st = parse_location(url, server.storage_options())
@@ -97,6 +103,7 @@ def test_second_builder_is_refused_by_a_conditional_write(local_build, capsys):
     assert not any(n.startswith("shards/") for n in objects(url, server.storage_options()))
 
 
+@pytest.mark.slow
 def test_two_parts_without_a_shared_folder_merge_into_one_remote_store(local_build, monkeypatch, tmp_path):
     data, local = local_build
     server = s3_server()
@@ -108,6 +115,7 @@ def test_two_parts_without_a_shared_folder_merge_into_one_remote_store(local_bui
                          "--storage-options", opts) == 0
     names = objects(url, server.storage_options())
     assert {"parts/rank-00000.json", "parts/rank-00001.json"} <= set(names)
+    assert all(SECRET.encode() not in blob and ACCESS_KEY.encode() not in blob for blob in names.values())
     assert main(["merge", url, "--storage-options", opts]) == 0
     store = open_store(url, storage_options=server.storage_options())
     assert store.keys() == open_store(local).keys()
@@ -117,6 +125,7 @@ def test_two_parts_without_a_shared_folder_merge_into_one_remote_store(local_bui
     assert main(["verify", url, "--storage-options", opts, "--no-progress", "--workers", "1"]) == 0
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_any_object_log_or_output(local_build, monkeypatch, tmp_path, capfd):
     data, _ = local_build
     server = s3_server()
@@ -185,3 +194,13 @@ def test_sigkill_mid_upload_then_resume_every_record_once(local_build, tmp_path)
     assert sorted(s["key"] for s in stream(url, storage_options=server.storage_options())) == store.keys()
     assert main(["verify", url, "--storage-options", json.dumps(server.storage_options()), "--no-progress",
                  "--workers", "1"]) == 0
+
+
+def test_url_output_needs_the_shard_layout(images, capsys):
+    data = images
+    server = s3_server()
+    url = f"s3://{new_bucket(server)}/pi"
+    assert build_cli(data, url, "--format", "per-image", "--storage-options", json.dumps(server.storage_options())) == 2
+    err = capsys.readouterr().err
+    assert "needs --format shards" in err and "Traceback" not in err
+    assert objects(url, server.storage_options()) == {}

@@ -103,6 +103,7 @@ def test_remote_store_errors_are_actionable_and_redacted(remote):
         stream(missing, storage_options=server.storage_options())
 
 
+@pytest.mark.slow
 def test_local_use_imports_no_fsspec_and_env_credentials_reach_s3(remote):
     """One fresh process: a local store is served without importing fsspec; then the standard AWS
     environment alone (no storage_options) reaches the remote store."""
