@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from featstore.build import Build, BuildOptions  # noqa: E402
+from featstore.build import DECODE_CHUNK, Build, BuildOptions  # noqa: E402
 from featstore.context import PlanExecutor  # noqa: E402
 from featstore.pipeline import (DecodeOptions, ImageDataset, StepDataset, WorkItem, make_loader,  # noqa: E402
                                 shape_batches)
@@ -62,7 +62,7 @@ def sync(device: torch.device) -> None:
 
 def decode_only(items: list[WorkItem], mode: str, workers: int, batch: int) -> float:
     """images/s of the build's decode stage alone (workers decode, main thread forms batches)."""
-    loader = make_loader(ImageDataset(items, DecodeOptions(mode)), workers)
+    loader = make_loader(ImageDataset(items, DecodeOptions(mode), chunk=DECODE_CHUNK if workers else 1), workers)
     t = time.perf_counter()
     n = sum(b.images.shape[0] for b in shape_batches(loader, batch, lambda d: None))
     return n / (time.perf_counter() - t)

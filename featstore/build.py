@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from featstore.env import dist_env
-from featstore.errors import AnnotationError, CheckpointError, FeatstoreError, LockError, StoreError
+from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.extract import Extractor, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
@@ -41,6 +41,7 @@ from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_l
                                        reset_staging_dir, staging_dir)
 from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
 from featstore.lock import LOCK_NAME, BuildLock, StorageLock
+from featstore.options import check_build_options, check_output_writable, shown
 from featstore.staleness import frames_changed, is_checkable, source_changed
 from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, list_store_shards, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
@@ -53,6 +54,7 @@ from featstore.samples import SampleItem, kept_index, stream_order
 from featstore.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
+DECODE_CHUNK = 4  # images a decode worker sends at once
 NAMED_MODELS = ("tiny", "vggt-1b-random")
 BUILD_CONFIG = "build.json"
 DEFAULT_OUT_NAME = "vggt_featstore"
@@ -98,6 +100,7 @@ class BuildOptions:
     max_pixels: int | None = None
     fsync: bool = True
     progress: bool = True
+    origins: dict[str, str] = field(default_factory=dict)  # option -> the flag or variable that set it (messages)
     storage_options: dict[str, Any] | None = None  # for an --out URL (s3://...); never written anywhere
 
 
@@ -170,17 +173,9 @@ class Build:
         self.opts = opts
         d = dist_env()
         self.dist = d
-        if not 0 <= opts.part < opts.num_parts:
-            raise ValueError(f"--part {opts.part} is outside --num-parts {opts.num_parts}")
         self.gid = opts.part * d.world_size + d.rank
         self.gworld = opts.num_parts * d.world_size
         self.is_leader = self.gid == 0 and opts.num_parts == 1
-        if opts.context not in ("image", "sample"):
-            raise ValueError(f"--context {opts.context!r}: expected image or sample")
-        if opts.context == "sample" and opts.format != "shards":
-            raise ValueError("--context sample writes shard stores only: a per-image cache file beside an image "
-                             "cannot hold a sample's features, which depend on every frame of the sample; drop "
-                             "--format per-image")
         self.unit = opts.context  # "image" or "sample": what one record is
         self.stats = RunStats()
         self.done_before = 0
@@ -194,7 +189,7 @@ class Build:
         self.data_root = Path(opts.data_root).resolve()
         self.remote = opts.out is not None and is_remote(opts.out)
         if self.remote and opts.format != "shards":
-            raise ValueError(f"--out {redact(str(opts.out))}: per-image caches are local files; a URL output needs "
+            raise OptionError(f"--out {redact(str(opts.out))}: per-image caches are local files; a URL output needs "
                              f"--format shards")
         if opts.format == "shards":
             # A remote store's shards are written in a local staging folder and uploaded once complete.
@@ -221,7 +216,10 @@ class Build:
         dev = self.resolve_device()
         self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev))
         self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
-        self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
+        try:
+            self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
+        except ValueError as e:
+            raise OptionError(f"{shown(self.opts, 'layers')}: {e}") from None
         forward = torch.compile(self.model) if self.opts.compile else None
         self.extractor = Extractor(self.model, self.layers, self.store_dtype, self.opts.tokens, forward)
 
@@ -328,20 +326,33 @@ class Build:
                              f"every record with the new settings")
 
     def _previous_settings(self) -> dict[str, Any] | None:
-        if self.remote:
-            for name in (BUILD_CONFIG, SHARD_MANIFEST):
-                try:
-                    return parse_manifest(self.store.read_bytes(name), self.store.describe(name))
-                except (FileNotFoundError, StoreError):
-                    continue
-            return None
-        for p in (self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST,
-                  per_image_manifest_path(self.data_root, self.cache_root)):
+        """The settings the store's records were built with; None for a store without records, whose settings
+        bind nothing (a rerun with other settings into it just builds)."""
+        if self.opts.format == "shards":
+            if not list_store_shards(self.store):
+                return None
+            if self.remote:
+                return self._remote_settings()
+            paths = [self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST]
+        else:
+            paths = [per_image_manifest_path(self.data_root, self.cache_root)]
+        for p in paths:
             if p.is_file():
                 try:
-                    return read_manifest(p)
+                    m = read_manifest(p)
                 except StoreError:
                     continue
+                if self.opts.format == "per-image" and not (m.get("processed_images") or 0):
+                    return None
+                return m
+        return None
+
+    def _remote_settings(self) -> dict[str, Any] | None:
+        for name in (BUILD_CONFIG, SHARD_MANIFEST):
+            try:
+                return parse_manifest(self.store.read_bytes(name), self.store.describe(name))
+            except (FileNotFoundError, StoreError):
+                continue
         return None
 
     def prepare_output(self) -> None:
@@ -581,8 +592,9 @@ class Build:
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
         cuda = self.device.type == "cuda"
-        dataset = ImageDataset(todo, self.decode_options())
-        loader = make_loader(dataset, self.opts.num_workers if len(todo) > 1 else 0)
+        workers = self.opts.num_workers if len(todo) > 1 else 0
+        dataset = ImageDataset(todo, self.decode_options(), chunk=DECODE_CHUNK if workers else 1)
+        loader = make_loader(dataset, workers)
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
         self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
@@ -787,35 +799,60 @@ def _barrier(distributed: bool) -> None:
         torch.distributed.barrier()
 
 
+def _check_inputs(opts: BuildOptions) -> Build:
+    """Every check that needs neither the model nor the images, before anything is read or written."""
+    check_build_options(opts)
+    if _model_path_problem(opts.model) is not None:
+        raise OptionError(f"{shown(opts, 'model')} not found: pass the VGGT-1B checkpoint (a folder with "
+                          f"model.safetensors or model.pt, or the file), or --model tiny for the built-in test model")
+    root = Path(opts.data_root)
+    if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
+        raise OptionError(f"{shown(opts, 'data_root')} is not a readable directory; check the path and its "
+                          f"permissions")
+    b = Build(opts)
+    check_output_writable(opts, b.out)
+    return b
+
+
 def run_build(opts: BuildOptions) -> int:
-    """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run)."""
+    """Run a build; returns the process exit status (0 ok, 1 failures or no images, 2 could not run).
+
+    A build that cannot run (exit 2) leaves nothing behind: options, environment, data root, output folder,
+    model and the store's settings are all checked before the first output is written.
+    """
     started = time.time()
-    problem = _model_path_problem(opts.model)
-    if problem is not None:
-        log.error("VGGT_MODEL_PATH not found: %s", problem)
-        log.error("Pass --model /path/to/VGGT-1B (a folder with model.safetensors or model.pt), or set "
-                  "VGGT_MODEL_PATH; use --model tiny for the built-in test model")
-        return 2
     try:
-        b = Build(opts)
-    except ValueError as e:
-        log.error("%s", e)
+        b = _check_inputs(opts)
+    except FeatstoreError as e:
+        log.error("%s", _one_line(e))
         return 2
     distributed = _setup_distributed(b.dist.world_size)
+    out_existed = b.out.exists()
     try:
         return _run(b, opts, started, distributed)
-    except (CheckpointError, LockError, StoreError, AnnotationError) as e:
-        log.error("%s", e)
+    except FeatstoreError as e:
+        log.error("%s", _one_line(e))
         return 2
     finally:
+        if not out_existed:
+            _remove_if_empty(b.out)
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove an output folder this run created and left empty (a build that stopped before writing)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int:
-    if not Path(opts.data_root).is_dir() or not os.access(opts.data_root, os.R_OK | os.X_OK):
-        log.error("DATA_ROOT is not a readable directory: %s; check the path and its permissions", opts.data_root)
-        return 2
     b.resolve_device()
     if opts.context == "sample":
         found = b.discover_samples()
@@ -832,14 +869,14 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
     b.stats.total_images = len(items) + len(found.missing)
     lock_name = f"build-{b.gid:05d}"
     with _build_lock(b, lock_name):
-        b.prepare_output()
-        b.write_missing_ledger(found)
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
             b.load_model()
             b.check_settings()
         else:
             log.info("nothing left to build for this rank; the store's settings match (model not loaded)")
+        b.prepare_output()  # the first write: everything above only reads
+        b.write_missing_ledger(found)
         b.record_settings()
         _barrier(distributed)  # every rank has read the store state before anyone writes
         if b.gid == 0:

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 from featstore import __version__
-from featstore.env import build_defaults
+from featstore.env import resolve_build_env
 from featstore.formats.storage import add_storage_options_argument, is_remote, storage_options_of
 
 SUCCESS = 25
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
 
 
@@ -41,27 +42,40 @@ def parse_layers(text: str) -> tuple[int, ...]:
     try:
         layers = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {text!r}: expected comma-separated integers such as -2 or 22,23") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of layer indices: use comma-separated integers "
+                                         f"such as -2 or 22,23") from None
     if not layers:
         raise argparse.ArgumentTypeError("--layers needs at least one layer")
     return layers
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` only where it informs: not for on/off flags, None, or helps that say it already."""
+    """Shows ``(default: X)`` in the form users type (``-2``, ``1GB``; ``none`` for an unset value), but not for
+    on/off flags or helps that state their default themselves (environment stand-ins, machine-dependent ones)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) or action.default is None
-                or "default" in text):
+        if (isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                                argparse._VersionAction, argparse._HelpAction)) or "default" in text or not action.option_strings):
             return text
+        if action.default is None:
+            return text + " (default: none)"
         return super()._get_help_string(action)
 
 
-def _bool_env_flag(p: argparse._ActionsContainer, name: str, default: bool, help_on: str, help_off: str) -> None:
-    dest = name.replace("-", "_")
-    p.add_argument(f"--{name}", dest=dest, action="store_true", default=default, help=help_on)
-    p.add_argument(f"--no-{name}", dest=dest, action="store_false", help=help_off)
+class Parser(argparse.ArgumentParser):
+    """argparse with one ``[ERROR]`` line (exit 2) for a bad command line instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"[ERROR] {message}; see `{self.prog} --help`\n")
+        raise SystemExit(2)
+
+
+def _skip_existing_flags(p: argparse._ActionsContainer) -> None:
+    p.add_argument("--skip-existing", dest="skip_existing", action="store_const", const=True, default=None,
+                   help="skip images whose features are already stored (default: on, or $SKIP_EXISTING)")
+    p.add_argument("--no-skip-existing", dest="skip_existing", action="store_const", const=False,
+                   help="rebuild every image")
 
 
 #: Option values a preset stands for; options the user passes explicitly win over them.
@@ -81,24 +95,26 @@ def apply_preset(args: argparse.Namespace) -> None:
 
 def add_build_parser(sub: argparse._SubParsersAction) -> None:
     """Define ``featstore build`` and its options."""
-    env = build_defaults()
     p = sub.add_parser(
         "build", help="precompute features for a data set into a store",
         formatter_class=HelpFormatter,
         description="Discover images, run batched VGGT inference in a pipelined loop, and write per-image "
                     ".vggt_cache.pt files or zstd tar shards with an index. Resumable: re-running skips finished "
-                    "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`.")
+                    "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`. "
+                    "DATA_ROOT, VGGT_MODEL_PATH, BATCH_SIZE, DEVICE and SKIP_EXISTING stand in for their flags.")
     g = p.add_argument_group("inputs")
-    g.add_argument("--data-root", type=Path, default=env.data_root, required=env.data_root is None,
+    g.add_argument("--data-root", type=Path,
                    help="root folder of the training images; relative image paths resolve against it "
-                        "(default: $DATA_ROOT)")
-    g.add_argument("--model", default=env.model_path, required=env.model_path is None,
+                        "(required, default: $DATA_ROOT: the environment variable stands in for the flag)")
+    g.add_argument("--model",
                    help="VGGT checkpoint: a folder or a model.safetensors / model.pt / sharded index file; "
-                        "'tiny' for the built-in test model (default: $VGGT_MODEL_PATH)")
+                        "'tiny' for the built-in test model (required, default: $VGGT_MODEL_PATH: the environment "
+                        "variable stands in for the flag)")
     g.add_argument("--annotations", type=Path, action="append", default=[],
-                   help="a .jsonl or .json annotation file (or a folder of them) listing images; repeatable. "
-                        "Without it and without --image-list, .jsonl/annotations.json files at the data root are "
-                        "used, else the data root is scanned for jpg/jpeg/png/webp/bmp")
+                   help="a .jsonl or .json annotation file (or a folder of them) listing images; repeatable "
+                        "(default: every *.jsonl and annotations.json found under the data root, featstore's own "
+                        "files excluded; with none there and no --image-list, the data root is scanned for "
+                        "jpg/jpeg/png/webp/bmp)")
     g.add_argument("--image-list", type=Path, help="text file with one image path per line (relative to the data root)")
     g.add_argument("--data-path", help="sub-folder of the data root that relative annotation paths resolve against "
                                        "first (as in JanusVLN data configs)")
@@ -114,16 +130,18 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                                                      "s3://bucket/prefix (see docs/object-storage.md; shards default: "
                                                      "DATA_ROOT/vggt_featstore; per-image default: beside the images)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="storage dtype (default: bfloat16 on GPU, float16 on GPUs without bf16, float32 on CPU)")
+                   help="storage dtype (default, machine-dependent: bfloat16 on GPUs with bf16, float16 on older "
+                        "GPUs, float32 on CPU)")
     g.add_argument("--layers", type=parse_layers, default=None,
-                   help="comma-separated aggregator layers to store, written --layers=-2,-1 when the first is negative; the first is stored as 'features', others "
-                        "as 'layer_<i>'; -2 is the layer JanusVLN uses")
+                   help="comma-separated aggregator layers to store, written --layers=-2,-1 when the first is "
+                        "negative; the first is stored as 'features', others as 'layer_<i>'; -2 is the layer "
+                        "JanusVLN uses (default: -2)")
     g.add_argument("--tokens", choices=("patch", "all"), default="patch",
                    help="patch: patch tokens only [1, P, 2C] (JanusVLN); all: camera + register + patch tokens")
-    g.add_argument("--shard-size", type=parse_size, default=1_000_000_000,
+    g.add_argument("--shard-size", type=parse_size, default="1GB",
                    help="target shard size, e.g. 512MB or 2GB")
     g.add_argument("--shard-prefix", default="vggt", help="shard file name prefix: <prefix>-<rank>-<n>.tar")
-    g.add_argument("--zstd-level", type=int, default=1, help="zstd level (1 is fastest and, with byte "
+    g.add_argument("--zstd-level", type=int, default=1, help="zstd level, 1-22 (1 is fastest and, with byte "
                                                               "shuffling, compresses bf16 features best)")
     g.add_argument("--codec", choices=("zstd", "raw", "int8"), default="zstd",
                    help="shard codec per tensor: zstd (lossless, byte-shuffled), raw (uncompressed, fastest "
@@ -140,15 +158,19 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--apply-exif", action="store_true",
                    help="rotate images by their EXIF orientation (the official code ignores it; only use this if "
                         "your training code does the same)")
-    g.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (decompression bombs)")
-    g.add_argument("--device", default=env.device,
-                   help="torch device; falls back to cpu with a warning when CUDA is absent; under torchrun each "
-                        "rank uses cuda:LOCAL_RANK (default: $DEVICE or cuda:0)")
-    g.add_argument("--batch-size", type=int, default=env.batch_size,
-                   help="images per forward pass; halved automatically on CUDA out of memory (default: $BATCH_SIZE or 16)")
+    g.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (decompression-bomb "
+                                                  "guard; default: 178956970, Pillow's own limit)")
+    g.add_argument("--device",
+                   help="torch device: cpu, cuda or cuda:N; falls back to cpu with a warning when CUDA is absent; "
+                        "under torchrun each rank uses cuda:LOCAL_RANK (default: cuda:0, or $DEVICE)")
+    g.add_argument("--batch-size", type=int,
+                   help="images per forward pass; halved automatically on CUDA out of memory (default: 16, or "
+                        "$BATCH_SIZE)")
     g.add_argument("--compile", action="store_true", help="run the model under torch.compile (faster on GPU after warm-up)")
-    g.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: decode in the main process); one decodes roughly 30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6")
+    g.add_argument("--num-workers", type=int, default=DEFAULT_WORKERS,
+                   help="DataLoader processes decoding images (0: decode in the main process); one decodes roughly "
+                        "30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6 (default, machine-dependent: "
+                        "the number of CPUs, at most 8)")
     g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
     g = p.add_argument_group("training samples (records with causal context, as JanusVLN computes them)")
     g.add_argument("--context", choices=("image", "sample"), default=None,
@@ -168,9 +190,7 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="janusvln = --context sample --image-size 644 --preprocess crop --layers=-2 "
                         "--reference-frame first; flags given explicitly win")
     g = p.add_argument_group("resume and incremental builds")
-    _bool_env_flag(g, "skip-existing", env.skip_existing,
-                   "skip images whose features are already stored (default: $SKIP_EXISTING or true)",
-                   "rebuild every image")
+    _skip_existing_flags(g)
     g.add_argument("--rebuild-stale", action="store_true",
                    help="rebuild records whose source image changed since they were built: for records built "
                         "with --hash-inputs the content (sha256) decides, for the others size and mtime; "
@@ -199,44 +219,35 @@ def _out_location(text: str) -> Path | str:
 def _cmd_build(args: argparse.Namespace) -> int:
     from featstore.build import BuildOptions, run_build
 
-    if args.batch_size < 1:
-        logging.getLogger("featstore").error("--batch-size must be at least 1 (got %d)", args.batch_size)
+    log = logging.getLogger("featstore")
+    flags = {"model": args.model, "data_root": args.data_root, "batch_size": args.batch_size,
+             "device": args.device, "skip_existing": args.skip_existing}
+    try:
+        env, origins = resolve_build_env(flags)
+    except ValueError as e:
+        log.error("%s", e)
         return 2
+    if args.skip_existing is False:
+        origins["skip_existing"] = "--no-skip-existing"
     apply_preset(args)
-    if args.image_size <= 0 or args.image_size % 14:
-        logging.getLogger("featstore").error("--image-size %d is not a positive multiple of 14 (the patch size): use "
-                                             "518 (official VGGT) or 644 (JanusVLN)", args.image_size)
-        return 2
-    if args.history is not None and args.history < 0:
-        logging.getLogger("featstore").error("--history %d is negative: give the number of history frames, e.g. 8",
-                                             args.history)
-        return 2
-    if (args.history is not None or args.history_pad) and args.context != "sample":
-        logging.getLogger("featstore").error("--history and --history-pad make training samples: add --context sample "
-                                             "(or --preset janusvln)")
-        return 2
-    if args.codec != "zstd" and args.format != "shards":
-        logging.getLogger("featstore").error("--codec %s needs --format shards (per-image caches are torch.save "
-                                             "files); drop --codec or write shards", args.codec)
-        return 2
     try:
         storage_options = storage_options_of(args)
     except ValueError as e:
-        logging.getLogger("featstore").error("%s", e)
+        log.error("%s", e)
         return 2
     opts = BuildOptions(
-        data_root=args.data_root, model=str(args.model), out=args.out, format=args.format,
-        annotations=list(args.annotations), image_list=args.image_list, data_path=args.data_path,
-        strict_annotations=args.strict_annotations,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, layers=args.layers,
-        preprocess=args.preprocess, image_size=args.image_size, context=args.context,
-        reference_frame=args.reference_frame, history=args.history, history_pad=args.history_pad,
-        apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size,
-        shard_prefix=args.shard_prefix, skip_existing=args.skip_existing, rebuild_stale=args.rebuild_stale,
-        hash_inputs=args.hash_inputs, allow_failures=args.allow_failures, num_workers=args.num_workers,
-        writer_threads=args.writer_threads, zstd_level=args.zstd_level, codec=args.codec, compile=args.compile,
-        num_parts=args.num_parts, part=args.part, max_pixels=args.max_pixels, fsync=args.fsync,
-        progress=args.progress, storage_options=storage_options)
+        data_root=Path(env["data_root"]) if env["data_root"] else None, model=env["model"], out=args.out,
+        format=args.format, annotations=list(args.annotations), image_list=args.image_list,
+        data_path=args.data_path, strict_annotations=args.strict_annotations, batch_size=env["batch_size"],
+        device=env["device"], dtype=args.dtype, layers=args.layers, preprocess=args.preprocess,
+        image_size=args.image_size, context=args.context, reference_frame=args.reference_frame,
+        history=args.history, history_pad=args.history_pad,
+        apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size, shard_prefix=args.shard_prefix,
+        skip_existing=env["skip_existing"], rebuild_stale=args.rebuild_stale, hash_inputs=args.hash_inputs,
+        allow_failures=args.allow_failures, num_workers=args.num_workers, writer_threads=args.writer_threads,
+        zstd_level=args.zstd_level, codec=args.codec, compile=args.compile, num_parts=args.num_parts,
+        part=args.part, max_pixels=args.max_pixels, fsync=args.fsync, progress=args.progress, origins=origins,
+        storage_options=storage_options)
     return run_build(opts)
 
 
@@ -311,8 +322,8 @@ def _add_optional(sub: argparse._SubParsersAction, module: str, name: str) -> No
 
 def make_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="featstore",
+    parser = Parser(
+        prog="featstore", formatter_class=HelpFormatter,
         description="Precompute frozen-backbone (VGGT) image features, store them compactly, prove they are "
                     "right, and stream them into training.")
     parser.add_argument("--version", action="version", version=f"featstore {__version__}")

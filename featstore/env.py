@@ -1,8 +1,9 @@
 """The one place that maps environment variables to option defaults.
 
 ``VGGT_MODEL_PATH``, ``DATA_ROOT``, ``BATCH_SIZE`` (16), ``DEVICE`` (cuda:0), ``SKIP_EXISTING`` (true) are
-what users' existing precompute scripts read; ``USE_VGGT_CACHE`` switches training code to the cache;
-``FEATSTORE_STORE`` names the store it reads. torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` decide
+what users' existing precompute scripts read (a flag always wins); ``USE_VGGT_CACHE`` switches training code
+to the cache; ``FEATSTORE_STORE`` names the store it reads and ``FEATSTORE_DATA_ROOT`` where its images are
+now, when the data moved. torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` decide
 the part of the data each process builds.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 TRUE = {"1", "true", "yes", "on", "y", "t"}
 FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -50,25 +51,63 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None)
 
 
 @dataclass(frozen=True)
-class BuildEnvDefaults:
-    """Defaults for ``featstore build`` taken from the environment."""
+class EnvOption:
+    """A ``featstore build`` option whose default users' scripts set through an environment variable."""
 
-    model_path: str | None
-    data_root: str | None
-    batch_size: int
-    device: str
-    skip_existing: bool
+    dest: str
+    flag: str
+    var: str
+    default: Any
+    kind: str  # "str", "int" or "bool"
 
 
-def build_defaults(environ: Mapping[str, str] | None = None) -> BuildEnvDefaults:
-    """Read the precompute variables users already set (names and defaults of the original scripts)."""
-    return BuildEnvDefaults(
-        model_path=env_str("VGGT_MODEL_PATH", None, environ),
-        data_root=env_str("DATA_ROOT", None, environ),
-        batch_size=env_int("BATCH_SIZE", 16, environ),
-        device=env_str("DEVICE", "cuda:0", environ) or "cuda:0",
-        skip_existing=env_bool("SKIP_EXISTING", True, environ),
-    )
+BUILD_ENV_OPTIONS = (
+    EnvOption("model", "--model", "VGGT_MODEL_PATH", None, "str"),
+    EnvOption("data_root", "--data-root", "DATA_ROOT", None, "str"),
+    EnvOption("batch_size", "--batch-size", "BATCH_SIZE", 16, "int"),
+    EnvOption("device", "--device", "DEVICE", "cuda:0", "str"),
+    EnvOption("skip_existing", "--skip-existing", "SKIP_EXISTING", True, "bool"),
+)
+
+
+def _parse_env_value(opt: EnvOption, text: str) -> Any:
+    if opt.kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{opt.var}={text!r} is not an integer: set it to a whole number such as "
+                             f"{opt.var}={opt.default}, or pass {opt.flag}") from None
+    if opt.kind == "bool":
+        try:
+            return parse_bool(text, opt.var)
+        except ValueError:
+            raise ValueError(f"{opt.var}={text!r} is not a boolean: set it to true or false, or pass "
+                             f"{opt.flag} / --no-{opt.flag[2:]}") from None
+    return text
+
+
+def resolve_build_env(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values of the environment-backed build options, and where each came from (the flag or the variable,
+    so messages name what the user actually set). A flag (a value other than None) always wins; a variable
+    is read (and must parse) only when its flag is absent. Raises ValueError naming the variable."""
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for opt in BUILD_ENV_OPTIONS:
+        given = flags.get(opt.dest)
+        text = env_str(opt.var, None, environ)
+        if given is not None:
+            values[opt.dest], origins[opt.dest] = given, opt.flag
+        elif text is not None:
+            values[opt.dest], origins[opt.dest] = _parse_env_value(opt, text), opt.var
+        else:
+            values[opt.dest], origins[opt.dest] = opt.default, opt.flag
+    return values, origins
+
+
+def data_root_override(environ: Mapping[str, str] | None = None) -> str | None:
+    """Where the images of the default store are now (``FEATSTORE_DATA_ROOT``), when it moved."""
+    return env_str("FEATSTORE_DATA_ROOT", None, environ)
 
 
 @dataclass(frozen=True)

@@ -29,3 +29,22 @@ class LockError(StoreError):
 
 class AnnotationError(FeatstoreError):
     """An annotation or image-list file is missing or cannot be parsed."""
+
+
+class OptionError(FeatstoreError):
+    """A flag or environment value is invalid (the message names it as the user set it)."""
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` refused a file: objects that could run code,
+    a corrupt or truncated file, or an OS error."""
+    text = str(e)
+    if isinstance(e, OSError) and not isinstance(e, EOFError):
+        return f"it cannot be read ({e.strerror or type(e).__name__})"
+    if "Unsupported global" in text or "is not an allowed global" in text or "GLOBAL" in text:
+        return ("it contains objects other than tensors and plain data, which featstore refuses to unpickle "
+                "(it could run code)")
+    if (isinstance(e, EOFError) or "Weights only load failed" in text or "PytorchStreamReader" in text
+            or "invalid load key" in text or "zip archive" in text):
+        return "the file is corrupt or truncated (not a complete torch.save file)"
+    return (text.splitlines() or [type(e).__name__])[0]

@@ -185,7 +185,7 @@ def test_missing_model_and_no_images(tmp_path):
     make_images(tmp_path / "d", 1)
     r = run_cli("build", "--data-root", str(tmp_path / "d"), "--model", str(tmp_path / "nope"), "--device", "cpu")
     assert r.returncode == 2
-    assert f"[ERROR] VGGT_MODEL_PATH not found: {tmp_path / 'nope'}" in r.stderr
+    assert f"[ERROR] --model {tmp_path / 'nope'} not found" in r.stderr
     (tmp_path / "empty").mkdir()
     r = run_cli(*build_args(tmp_path / "empty"))
     assert r.returncode == 1 and "[WARN] No images found!" in r.stderr and str(tmp_path / "empty") in r.stderr

@@ -156,7 +156,7 @@ def test_missing_and_broken_frames_fail_their_samples_only(tmp_path):
 def test_per_image_format_and_bad_options_refused(tmp_path):
     root = copy_sample(tmp_path / "d")
     for extra, text in [(("--format", "per-image"), "shard stores only"),
-                        (("--history", "-1"), "--history -1 is negative")]:
+                        (("--history", "-1"), "--history=-1: expected a number of history frames")]:
         r = run_inproc(*context_args(root, *extra))
         assert r.returncode == 2 and text in r.stderr and "Traceback" not in r.stderr
     r = run_inproc("build", "--data-root", str(root), "--model", "tiny", "--device", "cpu", "--history", "2")

@@ -7,8 +7,14 @@
 # Several GPUs: NPROC=8 bash tools/run_precompute.sh   (runs under torchrun, one rank per GPU)
 set -euo pipefail
 
-: "${VGGT_MODEL_PATH:?set VGGT_MODEL_PATH to the VGGT checkpoint folder (model.safetensors or model.pt)}"
-: "${DATA_ROOT:?set DATA_ROOT to the training data root}"
+if [[ -z "${VGGT_MODEL_PATH:-}" ]]; then
+  echo "[ERROR] VGGT_MODEL_PATH is not set: set it to the VGGT-1B checkpoint folder (model.safetensors or model.pt), e.g. VGGT_MODEL_PATH=/models/VGGT-1B bash $0" >&2
+  exit 2
+fi
+if [[ -z "${DATA_ROOT:-}" ]]; then
+  echo "[ERROR] DATA_ROOT is not set: set it to the training data root (the folder holding the images and annotations), e.g. DATA_ROOT=/data/train bash $0" >&2
+  exit 2
+fi
 export VGGT_MODEL_PATH DATA_ROOT
 export BATCH_SIZE="${BATCH_SIZE:-16}" DEVICE="${DEVICE:-cuda:0}" SKIP_EXISTING="${SKIP_EXISTING:-true}"
 PYTHON="${PYTHON:-python3}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from featstore.errors import RecordError
+from featstore.errors import RecordError, describe_load_error
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import PER_IMAGE_SUFFIX
 from featstore.formats.record import Record, record_from_pt, record_to_pt
@@ -52,9 +52,6 @@ def read_pt(path: Path, *, key: str | None = None, verify: bool = True) -> Recor
     except FileNotFoundError:
         raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            msg = ("it contains objects other than tensors and plain data, which featstore refuses to unpickle "
-                   "(it could run code)")
-        raise RecordError(f"cannot load per-image cache {path}: {msg}; delete it and re-run `featstore build`") from None
+        raise RecordError(f"cannot load per-image cache {path}: {describe_load_error(e)}; delete it and re-run "
+                          "`featstore build`") from None
     return record_from_pt(obj, key=key, verify=verify)

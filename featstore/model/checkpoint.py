@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from featstore.errors import CheckpointError
+from featstore.errors import CheckpointError, describe_load_error
 from featstore.model.aggregator import VGGTAggregator
 from featstore.model.config import VGGTConfig, get_config
 from featstore.model.weights import fill_module_with_rule_
@@ -146,8 +146,8 @@ def _torch_reader(path: Path) -> Reader:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as e:
-        raise CheckpointError(f"cannot read VGGT checkpoint {path} with torch.load(weights_only=True): {e}. "
-                              "The file is corrupt or not a state dict; re-download or re-save it.") from e
+        raise CheckpointError(f"cannot read VGGT checkpoint {path}: {describe_load_error(e)}; re-download it or "
+                              "re-save the state dict, or pass another --model") from e
     sd = _unwrap(obj)
     if sd is None:
         raise CheckpointError(f"VGGT checkpoint {path} holds no state dict (found {type(obj).__name__}): "

@@ -1,0 +1,115 @@
+"""Checks of ``featstore build`` options that run before anything is read or written.
+
+Each problem is an :class:`~featstore.errors.OptionError` whose message names the value as the user set it
+(``--zstd-level 99`` or ``BATCH_SIZE=0``, see ``BuildOptions.origins``), what was expected, and what to do.
+Checks that need the model (a layer index against its depth) happen when the model is loaded, still before
+any output is created.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from featstore.errors import OptionError
+
+MAX_ZSTD_LEVEL = 22
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def shown(opts: Any, dest: str, value: Any = None) -> str:
+    """How the user set option ``dest``: ``--flag value``, or ``VAR=value`` when it came from the environment."""
+    origin = getattr(opts, "origins", {}).get(dest) or "--" + dest.replace("_", "-")
+    value = getattr(opts, dest) if value is None else value
+    if isinstance(value, (tuple, list)):
+        value = ",".join(map(str, value))
+    return f"{origin}={value}" if not origin.startswith("-") or str(value).startswith("-") else f"{origin} {value}"
+
+
+def _at_least(opts: Any, dest: str, low: int, meaning: str) -> None:
+    value = getattr(opts, dest)
+    if value is not None and value < low:
+        raise OptionError(f"{shown(opts, dest)}: expected {meaning}, at least {low}")
+
+
+def check_device(opts: Any) -> None:
+    """The device must be one torch knows (cpu, cuda, cuda:N, mps) and, for cuda:N, a GPU that exists."""
+    import torch
+
+    try:
+        dev = torch.device(str(opts.device))
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise OptionError(f"{shown(opts, 'device')}: not a device featstore can use; use cpu, cuda or cuda:N "
+                          f"(the GPU index)")
+    if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise OptionError(f"{shown(opts, 'device')}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+
+
+def check_layers(opts: Any) -> None:
+    """At least one layer, none requested twice as written (ranges are checked against the model's depth)."""
+    layers = list(opts.layers)
+    if not layers:
+        raise OptionError(f"{shown(opts, 'layers', '')}: expected at least one layer index, e.g. --layers=-2")
+    repeated = sorted({i for i in layers if layers.count(i) > 1})
+    if repeated:
+        raise OptionError(f"{shown(opts, 'layers')}: layer {repeated[0]} is requested twice; list each layer once")
+
+
+def check_output_writable(opts: Any, out: Path) -> None:
+    """The output folder (or the nearest folder that exists above it) must be writable by this process."""
+    probe = Path(out)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise OptionError(f"output folder {out} is not writable ({probe} does not allow this user to write); "
+                          f"choose a writable --out or fix the folder's permissions")
+
+
+def check_build_options(opts: Any) -> None:
+    """Every check that needs neither the model nor the data: raises OptionError at the first problem."""
+    if not opts.model:
+        raise OptionError("--model is required: pass the VGGT checkpoint (a folder or file), 'tiny' for the "
+                          "built-in test model, or set VGGT_MODEL_PATH")
+    if not opts.data_root:
+        raise OptionError("--data-root is required: pass the folder of training images, or set DATA_ROOT")
+    _at_least(opts, "batch_size", 1, "a whole number of images per forward pass")
+    _at_least(opts, "num_workers", 0, "a number of decoding processes (0 decodes in the main process)")
+    _at_least(opts, "writer_threads", 1, "a number of writer threads")
+    _at_least(opts, "allow_failures", 0, "a number of images allowed to fail")
+    _at_least(opts, "num_parts", 1, "a number of job-array parts")
+    _at_least(opts, "max_pixels", 1, "a pixel count")
+    if not 1 <= opts.zstd_level <= MAX_ZSTD_LEVEL:
+        raise OptionError(f"{shown(opts, 'zstd_level')}: expected a zstd level from 1 to {MAX_ZSTD_LEVEL} (1 is "
+                          f"fastest and compresses features about as well as higher levels)")
+    if not 0 <= opts.part < opts.num_parts:
+        raise OptionError(f"{shown(opts, 'part')}: expected a part index from 0 to {opts.num_parts - 1} "
+                          f"(--num-parts {opts.num_parts})")
+    check_layers(opts)
+    check_device(opts)
+    check_context(opts)
+
+
+def check_context(opts: Any) -> None:
+    """Image size, codec and the training-sample options (--context sample, --history) fit together."""
+    size = opts.image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 14:
+        raise OptionError(f"{shown(opts, 'image_size')}: expected a positive multiple of 14 (the patch size): use "
+                          f"518 (official VGGT) or 644 (JanusVLN)")
+    if opts.context not in ("image", "sample"):
+        raise OptionError(f"{shown(opts, 'context')}: expected image or sample")
+    _at_least(opts, "history", 0, "a number of history frames, e.g. 8")
+    if (opts.history is not None or opts.history_pad) and opts.context != "sample":
+        raise OptionError("--history and --history-pad make training samples: add --context sample (or "
+                          "--preset janusvln)")
+    if opts.context == "sample" and opts.format != "shards":
+        raise OptionError("--context sample writes shard stores only: a per-image cache file beside an image cannot "
+                          "hold a sample's features, which depend on every frame of the sample; drop --format "
+                          "per-image")
+    if getattr(opts, "codec", "zstd") != "zstd" and opts.format != "shards":
+        raise OptionError(f"{shown(opts, 'codec')} needs --format shards (per-image caches are torch.save files); "
+                          f"drop --codec or write shards")
