@@ -1,6 +1,7 @@
 """Loader benchmark: every codec against per-image `torch.load`, on the same features in the same run.
 
     python benchmarks/loader_bench.py [--records 200] [--tokens 1369] [--dim 2048] [--json OUT] [--quick]
+    python benchmarks/loader_bench.py --url s3://bucket/prefix [--storage-options JSON] | --s3-local
 
 Writes per-image caches of smooth random bf16 features, then one shard store per codec (`featstore export
 --format shards --codec C`). Sections, each with its baseline measured in the same run:
@@ -11,7 +12,11 @@ Writes per-image caches of smooth random bf16 features, then one shard store per
    codec, int8 with `dequantize=False`, vs per-image `torch.load` in the same kind of DataLoader; the cost
    of dequantizing the int8 samples on the consumer is timed separately;
 4. cold reads: the page cache of every file dropped (`posix_fadvise(DONTNEED)`) before each reader; MB/s
-   read from disk and records/s, per-image vs each codec, one process.
+   read from disk and records/s, per-image vs each codec, one process;
+5. object storage (``--url s3://bucket/prefix [--storage-options JSON]``, or ``--s3-local`` for a moto S3
+   server on 127.0.0.1 started here): the zstd store uploaded there, then ``open_store`` random access (one
+   process) and ``stream`` (DataLoader) from the URL vs the same readers on local disk, and the number of
+   S3 requests one random-access record costs (goal: one ranged GET).
 
 `--quick` is a smoke run (few small records) that checks the script end to end, not a measurement.
 """
@@ -38,6 +43,7 @@ from featstore.export import export_to_shards  # noqa: E402
 from featstore.formats.codecs import CODECS, unshuffle_into, unzstd  # noqa: E402
 from featstore.formats.manifest import PER_IMAGE_MANIFEST, new_manifest, write_manifest  # noqa: E402
 from featstore.formats.perimage import write_pt  # noqa: E402
+from featstore.formats.storage import parse_location, storage_options_from_json  # noqa: E402
 from featstore.formats.record import Record, decode_header  # noqa: E402
 from featstore.loader import open_store, stream  # noqa: E402
 
@@ -195,6 +201,64 @@ def table(title: str, results: dict[str, tuple[float, int]], base: str, extra: d
     return rows
 
 
+def upload(store: Path, url: str, options: dict) -> None:
+    """Copy a local shard store to ``url`` as a build publishes it: shards, then the index, the manifest last."""
+    dest = parse_location(url, options)
+    for p in sorted((store / "shards").glob("*.tar")):
+        dest.publish_file(f"shards/{p.name}", p)
+    for name in ("index.fsi", "manifest.json"):
+        dest.publish_file(name, store / name)
+
+
+def local_s3() -> tuple[str, dict]:
+    """Start moto's S3 server on 127.0.0.1 (a free port) in this process; returns (url, storage options)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from s3server import new_bucket, s3_server
+
+    server = s3_server()
+    return f"s3://{new_bucket(server)}/loader-bench", server.storage_options()
+
+
+def requests_per_record(url: str, options: dict, order: list[str], n: int = 50) -> float | None:
+    """S3 requests sent per random-access lookup (after opening), counted with a botocore event hook."""
+    store = open_store(url, storage_options=options)
+    fs = store.storage.fs
+    if not hasattr(fs, "connect"):
+        return None
+    sent: list[int] = []
+    fs.connect().meta.events.register("before-send.s3", lambda **kw: sent.append(1))
+    keys = order[:n]
+    for k in keys:
+        store.get(k)
+    return len(sent) / max(1, len(keys))
+
+
+def object_storage(tmp: Path, order: list[str], url: str, options: dict, workers: int, repeats: int) -> dict[str, Any]:
+    """Section 5: the zstd store read from ``url`` vs from local disk, random access and stream."""
+    upload(tmp / "zstd", url, options)
+    local, remote = open_store(tmp / "zstd"), open_store(url, storage_options=options)
+
+    def stream_run(where: Any, **kw: Any) -> Callable[[], int]:
+        def run() -> int:
+            dl = torch.utils.data.DataLoader(stream(where, shuffle_buffer=64, **kw), batch_size=None,
+                                             num_workers=workers)
+            return sum(1 for _ in dl)
+        return run
+
+    ra = {"open_store local disk": best_of(lambda: sum(1 for k in order if local.get(k) is not None), repeats),
+          "open_store URL": best_of(lambda: sum(1 for k in order if remote.get(k) is not None), repeats)}
+    st = {"stream local disk": best_of(stream_run(tmp / "zstd"), repeats),
+          "stream URL": best_of(stream_run(url, storage_options=options), repeats)}
+    where = parse_location(url).display
+    out = {"random_access": table(f"5a. open_store from {where}, one process (vs local disk)", ra,
+                                  "open_store local disk"),
+           "stream": table(f"5b. stream from {where}, DataLoader {workers} workers (vs local disk)", st,
+                           "stream local disk"),
+           "requests_per_random_record": requests_per_record(url, options, order)}
+    print(f"   S3 requests per random-access record: {out['requests_per_random_record']}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=200)
@@ -206,7 +270,15 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--work", type=Path, help="keep the data here and reuse it next run (default: a temp folder)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 12 small records, one repeat")
+    ap.add_argument("--url", help="section 5: also read the zstd store from this fsspec URL (uploaded there first)")
+    ap.add_argument("--storage-options", default="{}", help="JSON options for --url's backend (see docs/object-storage.md)")
+    ap.add_argument("--s3-local", action="store_true", help="section 5 against a moto S3 server started here")
     args = ap.parse_args()
+    url, options = args.url, storage_options_from_json(args.storage_options)
+    if args.s3_local:
+        url, options = local_s3()
+    if url and "zstd" not in args.codecs.split(","):
+        ap.error("--url / --s3-local read the zstd store: keep zstd in --codecs")
     if args.quick:
         args.records, args.tokens, args.dim, args.repeats = 12, 64, 128, 1
     codecs = [c for c in args.codecs.split(",") if c]
@@ -243,6 +315,8 @@ def main() -> None:
         out["cold"] = table("4. cold page cache (posix_fadvise DONTNEED before each run), one process", res4,
                             "per-image torch.load",
                             extra={name: float(sum(p.stat().st_size for p in files[name])) for name in ra})
+        if url:
+            out["object_storage"] = object_storage(tmp, order, url, options, args.workers, args.repeats)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
 

@@ -19,6 +19,7 @@ import json
 import contextlib
 import logging
 import os
+import shutil
 import time
 import zlib
 from collections import Counter
@@ -38,16 +39,18 @@ from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.faults import crash_point
 from featstore.formats.index import INDEX_NAME
 from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_SUFFIX, SHARD_MANIFEST,
-                                        read_manifest, shape_key)
+                                        parse_manifest, read_manifest, shape_key)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import (SHARDS_DIR, ShardWriter, list_shards, parse_shard_name, read_record_meta,
-                                      salvage_shard)
-from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name, remove_dead_temps
-from featstore.lock import BuildLock
+from featstore.formats.shards import (SHARDS_DIR, ShardWriter, parse_shard_name, read_record_meta,
+                                      read_record_meta_at, salvage_shard)
+from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_location, publish_json, redact,
+                                       reset_staging_dir, staging_dir)
+from featstore.fsutil import atomic_write_bytes, is_temp_name, remove_dead_temps
+from featstore.lock import LOCK_NAME, BuildLock, StorageLock
 from featstore.options import check_build_options, check_output_writable, shown
 from featstore.staleness import frames_changed, is_checkable, source_changed
-from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, merge_per_image_store,
+from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, list_store_shards, merge_per_image_store,
                              merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
@@ -106,6 +109,7 @@ class BuildOptions:
     fsync: bool = True
     progress: bool = True
     origins: dict[str, str] = field(default_factory=dict)  # option -> the flag or variable that set it (messages)
+    storage_options: dict[str, Any] | None = None  # for an --out URL (s3://...); never written anywhere
 
 
 @dataclass
@@ -191,14 +195,26 @@ class Build:
         self._settings: dict[str, Any] | None = None
         self.device: torch.device | None = None
         self.data_root = Path(opts.data_root).resolve()
+        self.remote = opts.out is not None and is_remote(opts.out)
+        if self.remote and opts.format != "shards":
+            raise OptionError(f"--out {redact(str(opts.out))}: per-image caches are local files; a URL output needs "
+                             f"--format shards")
         if opts.format == "shards":
-            self.out = Path(opts.out).resolve() if opts.out else self.data_root / DEFAULT_OUT_NAME
+            # A remote store's shards are written in a local staging folder and uploaded once complete.
+            self.store: Storage = (parse_location(str(opts.out), opts.storage_options) if self.remote else
+                                   LocalStorage(Path(opts.out).resolve() if opts.out else
+                                                self.data_root / DEFAULT_OUT_NAME))
+            self.out = staging_dir(self.store, self.gid) if self.remote else self.store.local_path()
             self.cache_root = None
             self.state_dir = self.out / PARTS_DIR
+            self.parts: Storage = self.store.sub(PARTS_DIR)
         else:
             self.cache_root = Path(opts.out).resolve() if opts.out else None
             self.out = self.cache_root or self.data_root
             self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
+            self.store = LocalStorage(self.out)
+            self.parts = LocalStorage(self.state_dir)
+        self.where = self.store.display  # the output, safe for messages
 
     # --- setup -------------------------------------------------------------------------------------------
     def load_model(self, model: torch.nn.Module | None = None) -> None:
@@ -331,7 +347,7 @@ class Build:
         if pctx != mine["context"]:
             diffs.append(f"context: store has {pctx}, this run {mine['context']}")
         if diffs:
-            raise StoreError(f"the store at {self.out} was built with other settings ({'; '.join(diffs)}). Mixing "
+            raise StoreError(f"the store at {self.where} was built with other settings ({'; '.join(diffs)}). Mixing "
                              f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
                              f"every record with the new settings")
 
@@ -339,8 +355,10 @@ class Build:
         """The settings the store's records were built with; None for a store without records, whose settings
         bind nothing (a rerun with other settings into it just builds)."""
         if self.opts.format == "shards":
-            if not list_shards(self.out / SHARDS_DIR):
+            if not list_store_shards(self.store):
                 return None
+            if self.remote:
+                return self._remote_settings()
             paths = [self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST]
         else:
             paths = [per_image_manifest_path(self.data_root, self.cache_root)]
@@ -355,8 +373,21 @@ class Build:
                 return m
         return None
 
+    def _remote_settings(self) -> dict[str, Any] | None:
+        for name in (BUILD_CONFIG, SHARD_MANIFEST):
+            try:
+                return parse_manifest(self.store.read_bytes(name), self.store.describe(name))
+            except (FileNotFoundError, StoreError):
+                continue
+        return None
+
     def prepare_output(self) -> None:
         """Create the output, remove this rank's leftover temporary files, write the build settings."""
+        if self.remote:
+            reset_staging_dir(self.out)  # this rank's lock is held: leftovers are a killed run's
+            mine = f"{SHARDS_DIR}/{self.opts.shard_prefix}-{self.gid:05d}-"
+            if n := self.store.abort_incomplete_uploads(mine):
+                log.info("aborted %d unfinished shard uploads left by an interrupted build", n)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -376,8 +407,8 @@ class Build:
         """Keep the complete records of this rank's shard that a crash left unfinished (before planning, so
         they count as done): a crash loses only the records still on their way to the disk."""
         shard_dir = self.out / SHARDS_DIR
-        if self.opts.format != "shards" or not shard_dir.is_dir():
-            return
+        if self.opts.format != "shards" or self.remote or not shard_dir.is_dir():
+            return  # a remote build stages shards locally and uploads them complete: nothing half-written there
         mine = f"-{self.gid:05d}-"
         for e in os.scandir(shard_dir):
             if is_temp_name(e.name) and mine in e.name:
@@ -388,7 +419,7 @@ class Build:
     def record_settings(self) -> None:
         """Write the store's build settings (shard stores), which a later resume is checked against."""
         if self.opts.format == "shards" and (self.is_leader or self.opts.num_parts > 1):
-            atomic_write_json(self.out / BUILD_CONFIG, self.settings())
+            publish_json(self.store, BUILD_CONFIG, self.settings())
 
     # --- sources -----------------------------------------------------------------------------------------
     def output_dirs(self) -> list[Path]:
@@ -409,7 +440,7 @@ class Build:
         self.missing_examples = list(found.missing[:20])
         if self.gid == 0:
             self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
-            _log_discovery(found, self.data_root, self.missing_ledger_path())
+            _log_discovery(found, self.data_root, self.missing_ledger_where())
         return found
 
     def discover_samples(self) -> Any:
@@ -424,7 +455,7 @@ class Build:
         self.missing_examples = [m["key"] for m in found.missing[:20]]
         if self.gid == 0:
             self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
-            _log_sample_discovery(found, self.missing_ledger_path())
+            _log_sample_discovery(found, self.missing_ledger_where())
         return found
 
     def missing_ledger_path(self) -> Path:
@@ -433,12 +464,24 @@ class Build:
             return self.out / MISSING_LEDGER
         return per_image_manifest_path(self.data_root, self.cache_root).parent / PER_IMAGE_MISSING_LEDGER
 
+    def missing_ledger_where(self) -> str:
+        """The missing-images ledger's location, for messages."""
+        return self.store.describe(MISSING_LEDGER) if self.remote else str(self.missing_ledger_path())
+
     def write_missing_ledger(self, found: Any) -> None:
         """(rank 0) List each annotated image that does not exist, with the file and line naming it."""
         if self.gid != 0:
             return
         path = self.missing_ledger_path()
         missing = [m.to_json() for m in found.missing_refs] if hasattr(found, "missing_refs") else found.missing
+        if self.remote:
+            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
+            if missing:
+                self.store.publish_bytes(MISSING_LEDGER, text.encode("utf-8"))
+                self.missing_ledger = MISSING_LEDGER
+            else:
+                self.store.delete(MISSING_LEDGER)
+            return
         if missing:
             text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
             atomic_write_bytes(path, text.encode("utf-8"), fsync=self.opts.fsync)
@@ -450,7 +493,7 @@ class Build:
     def done_sources(self, keys: list[str]) -> dict[str, tuple[str, int]]:
         """For the keys of this rank, where the stored record is: key -> (shard, offset), or (cache file, 0)."""
         if self.opts.format == "shards":
-            _, known = collect_entries(self.out)
+            _, known = collect_entries(self.store)
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
             return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
@@ -480,6 +523,8 @@ class Build:
         """The metadata of a stored record (per-image file, or the record header in its shard)."""
         if self.opts.format == "per-image":
             return dict(read_pt(Path(where[0]), verify=False).meta)
+        if self.remote:
+            return read_record_meta_at(self.store, where[0], where[1])
         f = shard_files.get(where[0])
         if f is None:
             f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
@@ -532,12 +577,19 @@ class Build:
 
     def _sink(self) -> ShardSink | PerImageSink:
         if self.opts.format == "shards":
-            existing = [parse_shard_name(n) for n in list_shards(self.out / SHARDS_DIR)]
+            existing = [parse_shard_name(n) for n in list_store_shards(self.store)]
             first_n = max((p[2] for p in existing if p), default=-1) + 1
             writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
-                                 self.opts.shard_size, fsync=self.opts.fsync)
+                                 self.opts.shard_size, fsync=self.opts.fsync,
+                                 publish=self._upload_shard if self.remote else None)
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
         return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
+
+    def _upload_shard(self, name: str, path: Path) -> None:
+        """Upload a closed shard under its final name (multipart when large), then drop the local copy."""
+        crash_point("shard-before-upload")
+        self.store.publish_file(f"{SHARDS_DIR}/{name}", path, move=True)
+        crash_point("shard-after-upload")
 
     def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
         """Metadata every record of this run shares."""
@@ -852,7 +904,7 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
             return 1
     b.stats.total_images = len(items) + len(found.missing)
     lock_name = f"build-{b.gid:05d}"
-    with BuildLock(b.out, command=f"featstore build (rank {b.gid})") if b.gid == 0 else _RankLock(b.out, lock_name):
+    with _build_lock(b, lock_name):
         b.salvage_unfinished_shards()
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
@@ -874,20 +926,22 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
         if b.device.type == "cuda":
             torch.cuda.synchronize()
         finished = time.time()
-        write_part(b.state_dir, b.gid, b.summary(started, finished), b.closed)
+        write_part(b.parts, b.gid, b.summary(started, finished), b.closed)
         _barrier(distributed)
         manifest = None
         if b.is_leader:
             if b.gworld > 1 and not distributed:
-                wait_for_parts(b.state_dir, b.gworld)
+                wait_for_parts(b.parts, b.gworld)
             manifest = _merge(b)
+        if b.remote:
+            shutil.rmtree(b.out, ignore_errors=True)  # the local staging folder (every shard is uploaded)
     return _report(b, opts, started, manifest)
 
 
 SHOW_SOURCES = 20
 
 
-def _log_discovery(found: Any, data_root: Path, ledger: Path) -> None:
+def _log_discovery(found: Any, data_root: Path, ledger: Path | str) -> None:
     """Say which sources were used, how many images each named, and what was missing or malformed."""
     def rel(p: str) -> str:
         return os.path.relpath(p, data_root) if p.startswith(str(data_root) + os.sep) else p
@@ -914,7 +968,7 @@ def _log_discovery(found: Any, data_root: Path, ledger: Path) -> None:
                     first.line, ledger)
 
 
-def _log_sample_discovery(found: Any, ledger: Path) -> None:
+def _log_sample_discovery(found: Any, ledger: Path | str) -> None:
     """Say where the samples came from and which could not be built for want of a frame."""
     rec = found.record
     if rec.get("method") == "episodes":
@@ -933,6 +987,15 @@ def _log_sample_discovery(found: Any, ledger: Path) -> None:
                     "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
 
 
+def _build_lock(b: Build, lock_name: str) -> BuildLock | StorageLock:
+    if b.remote:
+        name = LOCK_NAME if b.gid == 0 else f"{LOCK_NAME}-{lock_name}"
+        return StorageLock(b.store, name, command=f"featstore build (rank {b.gid})")
+    if b.gid == 0:
+        return BuildLock(b.out, command=f"featstore build (rank {b.gid})")
+    return _RankLock(b.out, lock_name)
+
+
 class _RankLock(BuildLock):
     """The lock of a non-zero rank (same mechanism, one file per rank)."""
 
@@ -943,7 +1006,7 @@ class _RankLock(BuildLock):
 
 def _merge(b: Build) -> dict[str, Any]:
     if b.opts.format == "shards":
-        return merge_shard_store(b.out)
+        return merge_shard_store(b.store)
     return merge_per_image_store(b.out, per_image_manifest_path(b.data_root, b.cache_root))
 
 
@@ -952,7 +1015,8 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
     secs = max(time.time() - started, 1e-9)
     if b.gid == 0:
         log.log(25, "Processed %d %ss", s.processed, b.unit)
-        where = (f"{b.out}/{SHARDS_DIR}/*.tar (index {b.out / INDEX_NAME})" if opts.format == "shards"
+        where = (f"{b.store.describe(SHARDS_DIR)}/*.tar (index {b.store.describe(INDEX_NAME)})"
+                 if opts.format == "shards"
                  else "<image_path>.vggt_cache.pt" + (f" under {b.cache_root}" if b.cache_root else ""))
         log.info("Cache files stored as: %s", where)
         log.info("Summary: processed %d, skipped %d, failed %d, missing %d, stale rebuilt %d | %.1f s, %.2f %ss/s, "
@@ -963,7 +1027,7 @@ def _report(b: Build, opts: BuildOptions, started: float, manifest: dict[str, An
             log.info("Pipeline seconds (main thread waiting for decode / model launch / waiting for the writer; "
                      "writer thread): %s", ", ".join(f"{k} {v:.1f}" for k, v in sorted(s.stage_seconds.items())))
         if manifest is not None and manifest.get("failures_ledger") and s.failed:
-            log.warning("%d %ss failed; see %s", s.failed, b.unit, b.out / manifest["failures_ledger"])
+            log.warning("%d %ss failed; see %s", s.failed, b.unit, b.store.describe(manifest["failures_ledger"]))
     if s.failed > opts.allow_failures:
         log.error("%d %ss failed (allowed: %d); the exit status is 1. Fix or remove them, or pass "
                   "--allow-failures N", s.failed, b.unit, opts.allow_failures)

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from featstore import __version__
 from featstore.env import resolve_build_env
+from featstore.formats.storage import add_storage_options_argument, is_remote, storage_options_of
 
 SUCCESS = 25
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -125,8 +126,9 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
                         "<image>.vggt_cache.pt beside each image (or mirrored under --out), what existing "
                         "training code loads")
-    g.add_argument("--out", type=Path, help="output folder (default: DATA_ROOT/vggt_featstore for shards; beside "
-                                            "the images for per-image)")
+    g.add_argument("--out", type=_out_location, help="output folder, or for shards an fsspec URL such as "
+                                                     "s3://bucket/prefix (see docs/object-storage.md; shards default: "
+                                                     "DATA_ROOT/vggt_featstore; per-image default: beside the images)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="storage dtype (default, machine-dependent: bfloat16 on GPUs with bf16, float16 on older "
                         "GPUs, float32 on CPU)")
@@ -210,7 +212,13 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync after writes (faster on some network filesystems; less safe on power loss)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_storage_options_argument(g)
     p.set_defaults(func=_cmd_build)
+
+
+def _out_location(text: str) -> Path | str:
+    """``--out``: a local folder (Path) or an fsspec URL kept as text."""
+    return text if is_remote(text) else Path(text)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -227,6 +235,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.skip_existing is False:
         origins["skip_existing"] = "--no-skip-existing"
     apply_preset(args)
+    try:
+        storage_options = storage_options_of(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     opts = BuildOptions(
         data_root=Path(env["data_root"]) if env["data_root"] else None, model=env["model"], out=args.out,
         format=args.format, annotations=list(args.annotations), image_list=args.image_list,
@@ -238,7 +251,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         skip_existing=env["skip_existing"], rebuild_stale=args.rebuild_stale, hash_inputs=args.hash_inputs,
         allow_failures=args.allow_failures, num_workers=args.num_workers, writer_threads=args.writer_threads,
         zstd_level=args.zstd_level, codec=args.codec, compile=args.compile, num_parts=args.num_parts,
-        part=args.part, max_pixels=args.max_pixels, fsync=args.fsync, progress=args.progress, origins=origins)
+        part=args.part, max_pixels=args.max_pixels, fsync=args.fsync, progress=args.progress, origins=origins,
+        storage_options=storage_options)
     return run_build(opts)
 
 
@@ -247,7 +261,9 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="join the parts of a job-array build into one index and manifest",
                        description="Merge the part files that `featstore build --num-parts K --part i` jobs leave "
                                    "into one index and manifest. Safe to re-run.")
-    p.add_argument("store", type=Path, help="the shard store folder (--out of the builds), or the per-image root")
+    p.add_argument("store", type=_out_location, help="the shard store folder or URL (--out of the builds), or the "
+                                                     "per-image root")
+    add_storage_options_argument(p)
     p.set_defaults(func=_cmd_merge)
 
 
@@ -258,6 +274,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from featstore.merge import PARTS_DIR, PER_IMAGE_STATE_DIR, merge_per_image_store, merge_shard_store
 
     log = logging.getLogger("featstore")
+    if isinstance(args.store, str):  # a URL: a remote shard store
+        return _merge_remote(args.store, args)
     store: Path = args.store
     if not any((store / p).exists() for p in (SHARDS_DIR, PARTS_DIR, SHARD_MANIFEST, PER_IMAGE_STATE_DIR)):
         log.error("%s is not a featstore store: expected %s/, %s/ or %s there (the --out of `featstore build`, "
@@ -269,6 +287,26 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         else:
             m = merge_shard_store(store)
     except StoreError as e:
+        log.error("%s", e)
+        return 2
+    log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])
+    return 0
+
+
+def _merge_remote(url: str, args: argparse.Namespace) -> int:
+    from featstore.errors import StoreError
+    from featstore.formats.storage import parse_location
+    from featstore.merge import PARTS_DIR, list_store_shards, merge_shard_store
+
+    log = logging.getLogger("featstore")
+    try:
+        store = parse_location(url, storage_options_of(args))
+        if not (list_store_shards(store) or store.list(PARTS_DIR)):
+            log.error("%s is not a featstore store: expected shards/ or parts/ there (the --out of `featstore "
+                      "build`)", store.display)
+            return 2
+        m = merge_shard_store(store)
+    except (StoreError, ValueError) as e:
         log.error("%s", e)
         return 2
     log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])

@@ -23,20 +23,22 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from featstore.errors import FeatstoreError, RecordError, StoreError
 from featstore.formats.aliases import write_alias_index
-from featstore.formats.index import INDEX_NAME, Index, write_index
+from featstore.formats.index import INDEX_NAME, Index, IndexEntry, write_index
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find_manifest, new_manifest,
                                         read_manifest, shape_key, write_manifest)
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.codecs import CODECS, check_codec
-from featstore.formats.record import Record, encode_record, with_lossy_provenance
-from featstore.formats.shards import DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, parse_shard_name, sha256_file
+from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
+from featstore.formats.shards import (DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, iter_shard_records,
+                                      parse_shard_name, sha256_file)
+from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
 
@@ -90,9 +92,31 @@ def _same_record(path: Path, rec: Record) -> bool:
                for o, t in zip(old.tensors.values(), rec.tensors.values()))
 
 
-def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: bool = True) -> ExportResult:
-    """Write every live record of a shard store as a per-image cache, plus the per-image manifest."""
-    store = open_store(store_path)
+def _stored_records(store: ShardStore) -> Iterator[tuple[IndexEntry, bytes | memoryview | Exception]]:
+    """Every live record's stored bytes (or the error reading them), shard by shard, read sequentially.
+
+    A remote shard arrives as a few large ranged GETs; a shard that turns out truncated falls back to
+    reading its remaining records one by one, so each unreadable record is reported on its own.
+    """
+    for shard, entries in store.index.shard_entries().items():
+        done = 0
+        try:
+            for e, data in iter_shard_records(store.storage, [(shard, entries)]):
+                done += 1
+                yield e, data
+        except (FeatstoreError, OSError):
+            for e in entries[done:]:
+                try:
+                    yield e, store.read_bytes(e)
+                except (FeatstoreError, OSError) as err:
+                    yield e, err
+
+
+def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsync: bool = True,
+                        storage_options: dict[str, Any] | None = None) -> ExportResult:
+    """Write every live record of a shard store (local or an fsspec URL) as a per-image cache, plus the
+    per-image manifest."""
+    store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
     if store.context.get("mode") == "sample":
@@ -109,7 +133,7 @@ def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: boo
     res = ExportResult(out=root)
     shapes: Counter = Counter()
     lossy: dict[str, dict[str, Any]] = {}
-    for e in store.index.entries():
+    for e, data in _stored_records(store):
         try:
             dest = safe_destination(e.key, root)
         except RecordError as err:
@@ -117,8 +141,10 @@ def export_to_per_image(store_path: Path, out: Path | None = None, *, fsync: boo
             log.error("%s", err)
             continue
         try:
-            rec = with_lossy_provenance(store.record(e.key))
-        except FeatstoreError as err:
+            if isinstance(data, Exception):
+                raise data
+            rec = with_lossy_provenance(decode_record(data, verify=False))
+        except (FeatstoreError, OSError) as err:
             res.failed.append((e.key, str(err)))
             log.error("cannot read record %r: %s", e.key, err)
             continue
@@ -311,8 +337,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                     "store with another codec. Lossy (int8) records are exported dequantized, marked lossy "
                     "with their error bound. Exit 0 when every record was "
                     "exported, 1 when some were refused or unreadable, 2 when the export could not run.")
-    p.add_argument("source", type=Path, help="a shard store (for --format per-image or shards) or a data root "
-                                             "holding per-image caches (for --format shards)")
+    p.add_argument("source", help="a shard store folder, or for --format per-image its URL (s3://bucket/prefix, "
+                                  "any fsspec URL); or a data root holding per-image caches (for --format shards)")
     p.add_argument("--format", required=True, choices=("per-image", "shards"), help="the layout to write")
     p.add_argument("--out", type=Path, help="per-image: mirror caches under this folder instead of beside the "
                                             "images; shards: the new store folder (required)")
@@ -322,20 +348,26 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help="shards only: codec of every tensor (zstd lossless, raw uncompressed, int8 lossy with its "
                         "error stored per record); re-encodes a shard store or packs per-image caches")
     p.add_argument("--no-fsync", dest="fsync", action="store_false", help="skip fsync after writes")
+    add_storage_options_argument(p)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
         if args.format == "per-image":
-            res = export_to_per_image(args.source, args.out, fsync=args.fsync)
+            res = export_to_per_image(args.source, args.out, fsync=args.fsync,
+                                      storage_options=storage_options_of(args))
         else:
+            if is_remote(args.source):
+                log.error("--format shards reads a local store or data root, not %s; export the remote store with "
+                          "--format per-image, or copy it to local disk first", redact(args.source))
+                return 2
             if args.out is None:
                 log.error("--format shards needs --out DIR (the new shard store folder)")
                 return 2
-            res = export_to_shards(args.source, args.out, shard_size=args.shard_size, prefix=args.shard_prefix,
+            res = export_to_shards(Path(args.source), args.out, shard_size=args.shard_size, prefix=args.shard_prefix,
                                    fsync=args.fsync, codec=args.codec)
-    except (FeatstoreError, OSError) as e:
+    except (FeatstoreError, OSError, ValueError) as e:
         log.error("%s", e)
         return 2
     log.info("exported to %s: %d written, %d unchanged, %d refused, %d unreadable", res.out, res.written,

@@ -15,6 +15,11 @@ without reading it. Every record is read exactly once per epoch on exactly one r
 number of shards, and no consumer gets nothing unless the store has fewer records than consumers.
 Superseded records (a key rebuilt into a later shard) are never yielded, because only index rows are read.
 
+A store may live on object storage (``s3://bucket/prefix`` or any fsspec URL, see docs/object-storage.md):
+``open_store`` then fetches the index once and reads each record with one ranged GET, and ``stream``
+reads each consumer's runs of shards sequentially in large chunks with read-ahead, holding records that
+were read but not yet emitted by the shuffle buffer (so the order is the same as on local disk).
+
 Reads add nothing to the one unavoidable copy: a record is read with ``preadv`` into a fresh aligned buffer
 (shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded tensors are allocated
 in shared memory inside workers, so torch does not copy them again to hand them to the main process.
@@ -36,13 +41,16 @@ import torch
 from featstore.env import data_root_override, dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
 from featstore.formats.aliases import ALIAS_INDEX
-from featstore.formats.index import INDEX_NAME, Index, IndexEntry
+from featstore.formats.index import INDEX_NAME, Index, IndexEntry, local_index_file
 from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path, key_under, root_prefixes
-from featstore.formats.manifest import PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest
+from featstore.formats.manifest import (PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest,
+                                        read_store_manifest)
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scales
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
-from featstore.formats.shards import SHARDS_DIR
+from featstore.formats.shards import SHARDS_DIR, iter_shard_records
+from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
+                                       local_path_of, parse_location)
 from featstore.fsutil import is_temp_name
 from featstore.samples import sample_key
 
@@ -226,13 +234,18 @@ class SampleLookup:
 
 
 class ShardStore(SampleLookup, _Lookup):
-    """Random access to a shard store: index lookup, then one ``pread`` of the record's bytes."""
+    """Random access to a shard store: index lookup, then one read of just the record's bytes.
+
+    Local stores ``preadv`` from cached file handles; remote stores (``s3://...``) send one ranged GET per
+    record, after fetching the index once (see :func:`featstore.formats.index.local_index_file`).
+    """
 
     layout = "shards"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN,
-                 data_root: str | os.PathLike[str] | None = None):
-        self.root = Path(root)
+    def __init__(self, root: Path | str, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN,
+                 storage: Storage | None = None, data_root: str | os.PathLike[str] | None = None):
+        self.storage = storage if storage is not None else LocalStorage(Path(root))
+        self.root: Path | str = Path(root) if self.storage.is_local else self.storage.display
         self.manifest = manifest
         self.data_root = os.path.abspath(data_root) if data_root else (manifest.get("data_root") or None)
         self.max_open = max(1, int(max_open))
@@ -241,8 +254,11 @@ class ShardStore(SampleLookup, _Lookup):
         self._index: Index | None = None
         self._aliases: Index | bool | None = None  # False: the store has no alias index
         self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        if not (self.root / INDEX_NAME).is_file():
+        self._index_file: Path | None = None
+        if self.storage.is_local and not self.storage.exists(INDEX_NAME):
             raise StoreError(f"shard store {self.root} has no {INDEX_NAME}; run `featstore merge {self.root}`")
+        if not self.storage.is_local:
+            self._index_file = local_index_file(self.storage)  # fetched once, now: a missing index fails here
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into spawned DataLoader workers: carry the location only, reopen there.
@@ -270,7 +286,9 @@ class ShardStore(SampleLookup, _Lookup):
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = Index(self.root / INDEX_NAME)
+                    if self._index_file is None or not self._index_file.is_file():
+                        self._index_file = local_index_file(self.storage)
+                    self._index = Index(self._index_file)
         return self._index
 
     def _file(self, shard: str) -> Any:
@@ -290,8 +308,15 @@ class ShardStore(SampleLookup, _Lookup):
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError).
 
         Read straight into a fresh, aligned, writable buffer (shared memory inside a DataLoader worker, so
-        tensors decoded as views of it cross to the main process without another copy).
+        tensors decoded as views of it cross to the main process without another copy); from a remote store,
+        one ranged GET.
         """
+        if not self.storage.is_local:
+            data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
+            if len(data) != e.length:
+                raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
+                                  f"{e.offset}; run `featstore verify {self.root}`")
+            return memoryview(data)
         self._check_pid()
         f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
         buf = read_record_into(f.fileno(), e.offset, e.length)
@@ -328,8 +353,8 @@ class ShardStore(SampleLookup, _Lookup):
         """The record a frame digest names in a store keyed by annotation ids (``aliases.fsi``)."""
         self._check_pid()
         if self._aliases is None:
-            path = self.root / ALIAS_INDEX
-            self._aliases = Index(path) if path.is_file() else False
+            path = self.storage.local_path(ALIAS_INDEX)  # remote stores have no alias index (yet)
+            self._aliases = Index(path) if path is not None and path.is_file() else False
         return self._aliases.get(key) if self._aliases else None
 
     def _has_key(self, key: str) -> bool:
@@ -348,6 +373,7 @@ class ShardStore(SampleLookup, _Lookup):
             for f in self._files.values():
                 f.close()
             self._files.clear()
+        self.storage.close()
 
 
 class PerImageStore(SampleLookup, _Lookup):
@@ -420,15 +446,30 @@ def scan_per_image(root: Path) -> Iterator[str]:
                 yield rel[: -len(PER_IMAGE_SUFFIX)]
 
 
+def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *, max_open: int = DEFAULT_MAX_OPEN,
+                      data_root: str | os.PathLike[str] | None = None) -> ShardStore:
+    """Open a shard store on object storage (any fsspec URL): its manifest and index are fetched once."""
+    storage = parse_location(url, storage_options)
+    m = read_store_manifest(storage)
+    if m.get("layout") != "shards":
+        raise StoreError(f"{storage.display} holds a per-image manifest; remote stores must be shard stores "
+                         f"(build them with `featstore build --out {storage.display}`)")
+    return ShardStore(storage.display, m, max_open=max_open, storage=storage, data_root=data_root)
+
+
 def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN,
-               data_root: str | os.PathLike[str] | None = None) -> Store:
+               data_root: str | os.PathLike[str] | None = None,
+               storage_options: dict[str, Any] | None = None) -> Store:
     """Open a shard store or a per-image cache root (found from its manifest) for random access.
 
     ``data_root``: where the images are now, when the data moved (another machine, another mount): image paths
     under it are looked up as the keys they had under the manifest's data root. A data root with legacy caches
-    and no manifest opens as a per-image store rooted there.
+    and no manifest opens as a per-image store rooted there. ``path`` may be an fsspec URL of a shard store
+    (``s3://bucket/prefix``); ``storage_options`` go to its backend.
     """
-    path = Path(path)
+    if is_remote(path):
+        return open_remote_store(str(path), storage_options, max_open=max_open, data_root=data_root)
+    path = local_path_of(path)
     if not path.exists():
         raise StoreError(f"store {path} does not exist; pass a shard store folder or a data root with caches")
     if data_root is not None and not Path(data_root).is_dir():
@@ -615,13 +656,19 @@ class FeatureStream(torch.utils.data.IterableDataset):
     epoch where a job stopped, each record exactly once across ranks and workers.
     """
 
-    def __init__(self, root: Path, *, shuffle: bool, seed: int, epoch: int, shuffle_buffer: int, resampled: bool,
-                 dequantize: bool = True):
+    def __init__(self, root: Path | Storage, *, shuffle: bool, seed: int, epoch: int, shuffle_buffer: int,
+                 resampled: bool, dequantize: bool = True, read_ahead: int = DEFAULT_READ_AHEAD):
         super().__init__()
-        self.root = Path(root)
+        storage = parse_location(root)
+        self.root: Path | str = storage.local_path() or storage.display
         self.shuffle, self.seed, self.epoch = shuffle, seed, epoch
         self.shuffle_buffer, self.resampled, self.dequantize = shuffle_buffer, resampled, dequantize
-        self.store = ShardStore(self.root, read_manifest(find_manifest(self.root)))
+        self.read_ahead = read_ahead
+        self.chunk_bytes = DEFAULT_CHUNK_BYTES  # remote stores: bytes per ranged GET while streaming
+        if storage.is_local:
+            self.store = ShardStore(self.root, read_manifest(find_manifest(Path(self.root))))
+        else:
+            self.store = ShardStore(storage.display, read_store_manifest(storage), storage=storage)
         self.num_records = len(self.store.index)
         if self.num_records == 0:
             raise StoreError(f"shard store {self.root} holds no records; nothing to stream")
@@ -661,12 +708,16 @@ class FeatureStream(torch.utils.data.IterableDataset):
 
     def epoch_rows(self, epoch: int, me: int, consumers: int) -> np.ndarray:
         """Index rows consumer ``me`` reads in ``epoch``, in the order it reads them (before any resume skip)."""
+        return self._epoch_orders(epoch, me, consumers)[1]
+
+    def _epoch_orders(self, epoch: int, me: int, consumers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Consumer ``me``'s rows in shard order (as stored) and in the order it yields them (shuffle buffer)."""
         rows, bounds = self._rows()
         plan = epoch_plan(np.diff(bounds), me, consumers, self.seed, epoch, self.shuffle)
         seq = np.concatenate([rows[bounds[s] + a:bounds[s] + b] for s, a, b in plan]) if len(plan) else rows[:0]
         if self.shuffle and self.shuffle_buffer > 1:
-            seq = buffer_shuffle(seq, self.shuffle_buffer, np.random.default_rng([seed_int(self.seed), epoch, me]))
-        return seq
+            return seq, buffer_shuffle(seq, self.shuffle_buffer, np.random.default_rng([seed_int(self.seed), epoch, me]))
+        return seq, seq
 
     def _skip(self, epoch: int, rank: int, world: int) -> int:
         """Records this worker already delivered in ``epoch`` before the saved state (0 without one)."""
@@ -684,14 +735,36 @@ class FeatureStream(torch.utils.data.IterableDataset):
         per_item = st["batch_size"] or 1
         return min(taken * per_item, sizes[wid])
 
-    def _samples(self, rows: np.ndarray) -> Iterator[dict[str, Any]]:
+    def _samples(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[dict[str, Any]]:
         ix = self.store.index
-        for row in rows:
-            e = ix.entry(int(row))
-            sample = record_to_sample(decode_record(self.store.read_bytes(e), verify=False,
-                                                    dequantize=self.dequantize))
+        if self.store.storage.is_local:
+            stored = ((e, self.store.read_bytes(e)) for e in (ix.entry(int(row)) for row in rows))
+        else:
+            stored = self._streamed(rows, stored_order)
+        for e, data in stored:
+            sample = record_to_sample(decode_record(data, verify=False, dequantize=self.dequantize))
             sample["__key__"] = encode_key(e.key)
             yield sample
+
+    def _streamed(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[tuple[IndexEntry, bytes]]:
+        """``(entry, bytes)`` of ``rows`` in that order, read from a remote store in ``stored_order`` (whole runs
+        of shards, chunked, with read-ahead); records read ahead of their turn wait in memory."""
+        ix = self.store.index
+        read = stored_order[np.isin(stored_order, rows)]
+        shard_of = np.asarray(ix.cols["shard"])[read] if len(read) else np.empty(0, np.int64)
+        cuts = [0, *(np.flatnonzero(np.diff(shard_of)) + 1).tolist(), len(read)]
+        runs = ((ix.shards[int(shard_of[a])], [ix.entry(int(r)) for r in read[a:b]]) for a, b in zip(cuts, cuts[1:])
+                if b > a)
+        arrived = zip(read.tolist(), iter_shard_records(self.store.storage, runs, chunk_bytes=self.chunk_bytes,
+                                                          read_ahead=self.read_ahead))
+        waiting: dict[int, tuple[IndexEntry, bytes]] = {}
+        for row in rows.tolist():
+            while row not in waiting:
+                got = next(arrived, None)
+                if got is None:
+                    raise RecordError(f"stream of {self.root} ended before row {row}; run `featstore verify {self.root}`")
+                waiting[got[0]] = got[1]
+            yield waiting.pop(row)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         me, consumers, rank, world = self._consumer()
@@ -702,7 +775,8 @@ class FeatureStream(torch.utils.data.IterableDataset):
 
     def _epochs(self, epoch: int, me: int, consumers: int, skip: int, count: bool) -> Iterator[dict[str, Any]]:
         while True:
-            for sample in self._samples(self.epoch_rows(epoch, me, consumers)[skip:]):
+            stored_order, rows = self._epoch_orders(epoch, me, consumers)
+            for sample in self._samples(rows[skip:], stored_order):
                 if count:
                     self._consumed += 1
                 yield sample
@@ -772,14 +846,23 @@ class StreamLoader(torch.utils.data.DataLoader):
 
 def stream(path: str | os.PathLike[str], shuffle: bool = True, seed: int = 0, epoch: int = 0,
            shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, resampled: bool = False,
-           dequantize: bool = True) -> FeatureStream:
+           dequantize: bool = True, storage_options: dict[str, Any] | None = None,
+           read_ahead: int = DEFAULT_READ_AHEAD) -> FeatureStream:
     """A torch IterableDataset over a shard store: each record once per epoch across all ranks and workers.
 
     Order is deterministic for (seed, epoch, world size, workers); ``resampled=True`` repeats forever with
     the epoch advancing each pass. Samples are dicts with ``key``, ``path``, ``features`` and other tensors;
     with ``dequantize=False`` int8-coded tensors stay int8 beside their scales (see :func:`dequantize`).
+    ``path`` may be an fsspec URL (``s3://bucket/prefix``, options in ``storage_options``): whole runs of shards
+    are then read in large chunks, ``read_ahead`` of them fetched in the background.
     """
-    mpath = find_manifest(Path(path))
+    if is_remote(path):
+        storage = parse_location(str(path), storage_options)
+        if read_store_manifest(storage).get("layout") != "shards":
+            raise StoreError(f"{storage.display} is not a shard store; stream() needs shards")
+        return FeatureStream(storage, shuffle=shuffle, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+                             resampled=resampled, dequantize=dequantize, read_ahead=read_ahead)
+    mpath = find_manifest(local_path_of(path))
     m = read_manifest(mpath)
     if m.get("layout") != "shards":
         raise StoreError(f"{path} is a per-image store; stream() needs shards. Convert it with "

@@ -8,6 +8,7 @@ taken over (by rename, so two jobs racing for a stale lock cannot both win).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from featstore.errors import LockError
+from featstore.formats.storage import Storage
+
+log = logging.getLogger("featstore")
 
 LOCK_NAME = ".featstore.lock"
 
@@ -114,6 +118,65 @@ class BuildLock:
                 self.held = False
 
     def __enter__(self) -> "BuildLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class StorageLock:
+    """The build lock of a store on object storage: an object created only if absent (S3 ``If-None-Match: *``).
+
+    Where the backend cannot create conditionally, a warning says that a second builder cannot be refused
+    reliably. A lock left by a dead process on this host is taken over; one from another host must be
+    deleted by hand (the message names it).
+    """
+
+    def __init__(self, storage: Storage, name: str = LOCK_NAME, command: str = "featstore build"):
+        self.storage, self.name, self.command = storage, name, command
+        self.held = False
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.storage.read_bytes(self.name))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"host": "?", "pid": -1, "started": "?", "unreadable": True}
+
+    def acquire(self) -> None:
+        """Create the lock object; raise LockError naming the live holder when it exists."""
+        if not self.storage.atomic_create:
+            log.warning("%s cannot create objects conditionally: a second builder writing the same store at the "
+                        "same time cannot be refused; run one build per store", self.storage.display)
+        me = {"host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": self.command}
+        for _ in range(3):
+            if self.storage.create_exclusive(self.name, json.dumps(me).encode()):
+                self.held = True
+                return
+            owner = self._owner()
+            if owner is None:
+                continue
+            if not is_stale(owner):
+                where = self.storage.describe(self.name)
+                raise LockError(f"another featstore job is writing {self.storage.display} ({describe(owner)}). "
+                                f"Wait for it to finish; if it is dead on another host, delete {where}")
+            self.storage.delete(self.name)  # stale: its owner on this host is gone
+        raise LockError(f"could not take the build lock {self.storage.describe(self.name)}; retry")
+
+    def release(self) -> None:
+        """Delete the lock object if this process holds it."""
+        if self.held:
+            try:
+                owner = self._owner()
+                if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                    self.storage.delete(self.name)
+            finally:
+                self.held = False
+
+    def __enter__(self) -> "StorageLock":
         self.acquire()
         return self
 

@@ -10,9 +10,9 @@ atomically before the part files are removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,11 +21,15 @@ from typing import Any, Iterable
 from featstore.errors import StoreError
 from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import INDEX_NAME, Index, write_index
-from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, SHARD_MANIFEST,
-                                        new_manifest, read_manifest, shape_key, write_manifest)
-from featstore.formats.shards import SHARDS_DIR, ShardEntry, ShardInfo, list_shards, scan_shard, sha256_file
+from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, REQUIRED,
+                                        SHARD_MANIFEST, new_manifest, read_manifest, read_store_manifest, shape_key,
+                                        write_manifest)
+from featstore.formats.shards import (SHARDS_DIR, ShardEntry, ShardInfo, parse_shard_name, scan_shard,
+                                      sha256_file)
+from featstore.formats.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
+                                       read_json, sha256_of)
 from featstore.faults import crash_point
-from featstore.fsutil import atomic_write_bytes, atomic_write_json, is_temp_name
+from featstore.fsutil import is_temp_name
 
 log = logging.getLogger("featstore")
 PARTS_DIR = "parts"
@@ -38,68 +42,93 @@ def part_stem(gid: int) -> str:
     return f"rank-{gid:05d}"
 
 
-def write_part(parts_dir: Path, gid: int, summary: dict[str, Any],
+def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any],
                closed: Iterable[tuple[ShardInfo, list[ShardEntry]]] = ()) -> None:
-    """Record what one rank did: its closed shards' index entries (shard stores) and its summary."""
+    """Record what one rank did: its closed shards' index entries (shard stores) and its summary.
+
+    ``parts_dir`` may be a remote prefix: the part index is uploaded first, the summary (which marks the
+    part as finished) last.
+    """
+    parts = parse_location(parts_dir)
     closed = list(closed)
     summary = dict(summary, shards=[s.__dict__ for s, _ in closed])
-    if closed or (parts_dir / SHARDS_DIR).exists() or summary.get("layout") == "shards":
+    if closed or summary.get("layout") == "shards":
         names = [s.name for s, _ in closed]
-        write_index(parts_dir / f"{part_stem(gid)}.fsi", names,
-                    ((i, e) for i, (_, es) in enumerate(closed) for e in es))
+        with local_file_to_publish(parts, f"{part_stem(gid)}.fsi") as path:
+            write_index(path, names, ((i, e) for i, (_, es) in enumerate(closed) for e in es))
     crash_point("part-index-written")
-    atomic_write_json(parts_dir / f"{part_stem(gid)}.json", summary)
+    publish_json(parts, f"{part_stem(gid)}.json", summary)
 
 
-def read_parts(parts_dir: Path) -> list[dict[str, Any]]:
-    """All part summaries in ``parts_dir``, by rank id."""
+def _part_names(parts: Storage, ext: str) -> list[str]:
+    return sorted(n for n in parts.list() if n.startswith("rank-") and n.endswith(ext) and not is_temp_name(n))
+
+
+def read_parts(parts_dir: Path | Storage) -> list[dict[str, Any]]:
+    """All part summaries in ``parts_dir`` (a folder or remote prefix), by rank id."""
+    parts = parse_location(parts_dir)
     out = []
-    if parts_dir.is_dir():
-        for p in sorted(parts_dir.glob("rank-*.json")):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, ValueError) as e:
-                raise StoreError(f"part summary {p} is unreadable ({e}); delete it and re-run the build") from None
+    for name in _part_names(parts, ".json"):
+        try:
+            out.append(read_json(parts, name))
+        except (OSError, ValueError) as e:
+            raise StoreError(f"part summary {parts.describe(name)} is unreadable ({e}); delete it and re-run the "
+                             f"build") from None
     return out
 
 
-def _known_entries(out_dir: Path, shards: list[str]) -> dict[str, list[ShardEntry]]:
+def _entries_of_index(store: Storage, name: str) -> dict[str, list[ShardEntry]]:
+    """Entries per shard from one index file of the store (empty, with a warning, when unreadable)."""
+    per: dict[str, list[ShardEntry]] = {}
+    try:
+        with local_copy(store, name) as path:
+            for e in Index(path).entries():
+                per.setdefault(e.shard, []).append(ShardEntry(e.key, e.offset, e.length, e.crc32, e.tensors,
+                                                              e.source))
+    except FileNotFoundError:
+        return {}
+    except StoreError as e:
+        log.warning("ignoring unreadable index %s (%s); its shards will be rescanned", store.describe(name), e)
+        return {}
+    return per
+
+
+def _known_entries(store: Storage, shards: list[str]) -> dict[str, list[ShardEntry]]:
     """Entries per shard name from the current index and the part indexes (only for shards that exist)."""
     known: dict[str, list[ShardEntry]] = {}
-    sources = [out_dir / INDEX_NAME] + sorted((out_dir / PARTS_DIR).glob("rank-*.fsi"))
+    sources = [INDEX_NAME] + [f"{PARTS_DIR}/{n}" for n in _part_names(store.sub(PARTS_DIR), ".fsi")]
     wanted = set(shards)
     for src in sources:
-        if not src.is_file():
+        if store.is_local and not store.exists(src):
             continue
-        try:
-            ix = Index(src)
-        except StoreError as e:
-            log.warning("ignoring unreadable index %s (%s); its shards will be rescanned", src, e)
-            continue
-        per: dict[str, list[ShardEntry]] = {}
-        for e in ix.entries():
-            per.setdefault(e.shard, []).append(ShardEntry(e.key, e.offset, e.length, e.crc32, e.tensors, e.source))
-        for name, es in per.items():
+        for name, es in _entries_of_index(store, src).items():
             if name in wanted:
                 known[name] = sorted(es, key=lambda x: x.offset)
     return known
 
 
-def collect_entries(out_dir: Path) -> tuple[list[str], dict[str, list[ShardEntry]]]:
+def list_store_shards(store: Path | Storage) -> dict[str, int]:
+    """The complete shards of a store (temporary files excluded): name -> size in bytes."""
+    st = parse_location(store)
+    return {n.rsplit("/", 1)[-1]: size for n, size in st.list(SHARDS_DIR).items()
+            if parse_shard_name(n.rsplit("/", 1)[-1])}
+
+
+def collect_entries(out_dir: Path | Storage) -> tuple[list[str], dict[str, list[ShardEntry]]]:
     """Every complete shard and its entries (from indexes where known, else by scanning the shard)."""
-    shards = list_shards(out_dir / SHARDS_DIR)
-    known = _known_entries(out_dir, shards)
+    store = parse_location(out_dir)
+    shards = sorted(list_store_shards(store))
+    known = _known_entries(store, shards)
     for name in shards:
         if name not in known:
             log.info("scanning shard %s (not yet indexed)", name)
-            known[name] = scan_shard(out_dir / SHARDS_DIR / name)
+            with local_copy(store, f"{SHARDS_DIR}/{name}") as path:
+                known[name] = scan_shard(path)
     return shards, known
 
 
 def shard_order(name: str) -> tuple[int, int]:
     # Later shards of a rank supersede earlier ones; across ranks a key has one owner per world size.
-    from featstore.formats.shards import parse_shard_name
-
     p = parse_shard_name(name)
     return (p[2], p[1]) if p else (0, 0)
 
@@ -119,19 +148,23 @@ def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"counts": dict(counts), "shapes": dict(shapes), "failures": failures}
 
 
-def _write_ledger(path: Path, failures: list[dict[str, Any]]) -> None:
+def _write_ledger(store: Storage, name: str, failures: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    store.publish_bytes(name, text.encode("utf-8"))
 
 
-def merge_shard_store(out_dir: Path) -> dict[str, Any]:
-    """Rebuild ``index.fsi`` and ``manifest.json`` of a shard store from its shards and part files."""
-    out_dir = Path(out_dir)
-    parts_dir = out_dir / PARTS_DIR
-    parts = read_parts(parts_dir)
-    old = read_manifest(out_dir / SHARD_MANIFEST) if (out_dir / SHARD_MANIFEST).is_file() else None
+def _old_manifest(store: Storage) -> dict[str, Any] | None:
+    return read_store_manifest(store) if store.exists(SHARD_MANIFEST) else None
+
+
+def merge_shard_store(out_dir: Path | Storage) -> dict[str, Any]:
+    """Rebuild ``index.fsi`` and ``manifest.json`` of a shard store (local or remote) from its shards and
+    part files. Index and manifest are replaced last, after every shard they name exists."""
+    store = parse_location(out_dir)
+    parts = read_parts(store.sub(PARTS_DIR))
+    old = _old_manifest(store)
     base = parts[0] if parts else (old or {})
-    shards, known = collect_entries(out_dir)
+    shards, known = collect_entries(store)
     shards.sort(key=shard_order)
     # Drop shards whose every record is superseded by a later shard (a rebuild): their data lives on elsewhere.
     latest: dict[str, str] = {}
@@ -140,40 +173,61 @@ def merge_shard_store(out_dir: Path) -> dict[str, Any]:
             latest[e.key] = name
     live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
     crash_point("merge-before-index")
-    n = write_index(out_dir / INDEX_NAME, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
+    with local_file_to_publish(store, INDEX_NAME) as index_path:
+        n = write_index(index_path, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
+        index_meta = {"name": INDEX_NAME, "records": n, "bytes": index_path.stat().st_size,
+                      "sha256": sha256_file(index_path)}
+        feat_shapes = _feature_shapes(Index(index_path))
     if ((base.get("context") or {}).get("mode")) == "sample":
-        write_alias_index(out_dir, live, known)
-    shard_meta = _shard_records(out_dir, live, known, old, parts, latest)
+        _write_aliases(store, live, known)
+    shard_meta = _shard_records(store, live, known, old, parts, latest)
     merged = _merge_summaries(parts)
-    ix = Index(out_dir / INDEX_NAME)
-    feat_shapes = Counter()
-    for row in range(len(ix)):
-        spec = ix.specs[int(ix.cols["spec"][row])]
-        feat_shapes[shape_key(spec[0][2])] += 1
     m = _base_manifest("shards", base, old, parts)
     counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     counts["records"] = n
-    ledger = out_dir / FAILURES_LEDGER
     if parts:
-        _write_ledger(ledger, merged["failures"])
+        _write_ledger(store, FAILURES_LEDGER, merged["failures"])
     total = max([p.get("total_images", 0) for p in parts] or [m.get("total_images", 0)])
-    m.update(total_images=total, processed_images=n, counts=counts, feature_shapes=dict(feat_shapes),
-             shards=shard_meta, failures_ledger=FAILURES_LEDGER if ledger.exists() else None,
+    m.update(total_images=total, processed_images=n, counts=counts, feature_shapes=feat_shapes,
+             shards=shard_meta, failures_ledger=FAILURES_LEDGER if store.exists(FAILURES_LEDGER) else None,
              complete=bool(total) and n >= total - counts.get("failed", 0) - counts.get("missing", 0),
-             index={"name": INDEX_NAME, "records": n, "bytes": (out_dir / INDEX_NAME).stat().st_size,
-                    "sha256": sha256_file(out_dir / INDEX_NAME)})
+             index=index_meta)
     crash_point("merge-before-manifest")
-    write_manifest(out_dir / SHARD_MANIFEST, m)
+    publish_json(store, SHARD_MANIFEST, _checked(m))
     crash_point("merge-before-cleanup")
     for s in shards:
         if s not in live:
             log.info("removing fully superseded shard %s", s)
-            os.unlink(out_dir / SHARDS_DIR / s)
-    _remove_parts(parts_dir)
+            store.delete(f"{SHARDS_DIR}/{s}")
+    _remove_parts(store.sub(PARTS_DIR))
     return m
 
 
-def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEntry]], old: dict[str, Any] | None,
+def _checked(m: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in REQUIRED if k not in m]
+    if missing:
+        raise ValueError(f"manifest lacks required fields {missing}")
+    return m
+
+
+def _feature_shapes(ix: Index) -> dict[str, int]:
+    shapes: Counter = Counter()
+    for row in range(len(ix)):
+        spec = ix.specs[int(ix.cols["spec"][row])]
+        shapes[shape_key(spec[0][2])] += 1
+    return dict(shapes)
+
+
+def _write_aliases(store: Storage, live: list[str], known: dict[str, list[ShardEntry]]) -> None:
+    local = store.local_path()
+    if local is None:
+        log.warning("%s: the alias index (frame-list lookups of id-keyed samples) is not written for remote "
+                    "stores yet; look samples up by their keys", store.display)
+        return
+    write_alias_index(local, live, known)
+
+
+def _shard_records(store: Storage, live: list[str], known: dict[str, list[ShardEntry]], old: dict[str, Any] | None,
                    parts: list[dict[str, Any]], latest: dict[str, str]) -> list[dict[str, Any]]:
     """The manifest's shard list (``records``: the shard's records the index points to, superseded copies not
     counted); sha256 reused from earlier manifests and part files, computed otherwise."""
@@ -183,11 +237,12 @@ def _shard_records(out_dir: Path, live: list[str], known: dict[str, list[ShardEn
     for p in parts:
         for s in p.get("shards", []):
             cached[s["name"]] = s
+    sizes = list_store_shards(store)
     out = []
     for name in live:
-        size = (out_dir / SHARDS_DIR / name).stat().st_size
+        size = sizes[name]
         c = cached.get(name)
-        sha = c["sha256"] if c and c.get("bytes") == size else sha256_file(out_dir / SHARDS_DIR / name)
+        sha = c["sha256"] if c and c.get("bytes") == size else sha256_of(store, f"{SHARDS_DIR}/{name}")
         records = sum(1 for e in known[name] if latest[e.key] == name)
         out.append({"name": name, "records": records, "bytes": size, "sha256": sha})
     return out
@@ -213,15 +268,14 @@ def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None
     return m
 
 
-def _remove_parts(parts_dir: Path) -> None:
-    if parts_dir.is_dir():
-        for p in parts_dir.iterdir():
-            if p.name.startswith("rank-") or is_temp_name(p.name):
-                p.unlink()
-        try:
-            parts_dir.rmdir()
-        except OSError:
-            pass
+def _remove_parts(parts: Storage) -> None:
+    for name in parts.list():
+        if name.startswith("rank-") or is_temp_name(name):
+            parts.delete(name)
+    local = parts.local_path()
+    if local is not None:
+        with contextlib.suppress(OSError):
+            local.rmdir()
 
 
 def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
@@ -238,8 +292,7 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
     counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
     done = sum(p.get("done_images", 0) for p in parts)
     counts["records"] = done
-    ledger = root / PER_IMAGE_FAILURES
-    _write_ledger(ledger, merged["failures"])
+    _write_ledger(parse_location(root), PER_IMAGE_FAILURES, merged["failures"])
     shapes = Counter((old or {}).get("feature_shapes", {}))
     shapes.update(merged["shapes"])
     total = max(p.get("total_images", 0) for p in parts)
@@ -247,7 +300,7 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
              failures_ledger=PER_IMAGE_FAILURES,
              complete=bool(total) and done >= total - counts.get("failed", 0) - counts.get("missing", 0))
     write_manifest(manifest_path, m)
-    _remove_parts(parts_dir)
+    _remove_parts(parse_location(parts_dir))
     try:
         (root / PER_IMAGE_STATE_DIR).rmdir()
     except OSError:
@@ -255,12 +308,13 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
     return m
 
 
-def wait_for_parts(parts_dir: Path, expected: int, timeout_s: float = 7 * 24 * 3600) -> None:
+def wait_for_parts(parts_dir: Path | Storage, expected: int, timeout_s: float = 7 * 24 * 3600) -> None:
     """Block until ``expected`` part summaries exist (used when no process group is available)."""
+    parts = parse_location(parts_dir)
     deadline = time.time() + timeout_s
-    while len(list(parts_dir.glob("rank-*.json"))) < expected:
+    while len(_part_names(parts, ".json")) < expected:
         if time.time() > deadline:
-            raise StoreError(f"timed out waiting for {expected} part files in {parts_dir}")
+            raise StoreError(f"timed out waiting for {expected} part files in {parts.display}")
         time.sleep(1.0)
 
 

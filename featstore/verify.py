@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import io
 import json
@@ -33,13 +34,15 @@ import torch
 from tqdm import tqdm
 
 from featstore.errors import AnnotationError, FeatstoreError, StoreError
-from featstore.formats.index import INDEX_NAME, Index, IndexEntry
+from featstore.formats.index import INDEX_NAME, Index, IndexEntry, local_index_file
 from featstore.formats.keys import key_from_member
 from featstore.formats.manifest import (PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, find_manifest, read_manifest,
-                                        shape_key)
+                                        read_store_manifest, shape_key)
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, crc32_of, decode_record, dtype_name, lossy_max_abs
-from featstore.formats.shards import SHARDS_DIR, list_shards
+from featstore.formats.shards import SHARDS_DIR, parse_shard_name
+from featstore.formats.storage import (FsspecStorage, Storage, add_storage_options_argument, is_remote, local_copy,
+                                       local_path_of, parse_location, redact, storage_options_of)
 from featstore.fsutil import is_temp_name
 from featstore.staleness import frames_changed, is_checkable, source_changed
 
@@ -249,7 +252,7 @@ class _HashingReader(io.RawIOBase):
         return len(data)
 
 
-def scan_shard_file(path: str, shard: str, indexed: dict[str, tuple[str, int, int, int]], ex: dict[str, Any],
+def scan_shard_file(storage: Storage, shard: str, indexed: dict[str, tuple[str, int, int, int]], ex: dict[str, Any],
                     full: bool) -> dict[str, Any]:
     """Check one shard in a single sequential pass; ``indexed`` maps key -> (shard, offset, length, crc32)."""
     probs: list[tuple[str, str, str, str]] = []
@@ -259,7 +262,7 @@ def scan_shard_file(path: str, shard: str, indexed: dict[str, tuple[str, int, in
                  f"its records")
     records = 0
     members: Counter = Counter()
-    with open(path, "rb") as f:
+    with storage.open_sequential(f"{SHARDS_DIR}/{shard}") as f:  # remote: chunked GETs with read-ahead
         hr = _HashingReader(f)
         try:
             with tarfile.open(fileobj=hr, mode="r|") as tar:  # type: ignore[call-overload]
@@ -315,15 +318,15 @@ def scan_shard_file(path: str, shard: str, indexed: dict[str, tuple[str, int, in
             "sha256": hr.sha.hexdigest(), "bytes": hr.pos}
 
 
-def check_entries(path: str, shard: str, entries: list[tuple[str, int, int, int]], ex: dict[str, Any]
+def check_entries(storage: Storage, shard: str, entries: list[tuple[str, int, int, int]], ex: dict[str, Any]
                   ) -> dict[str, Any]:
     """Check sampled records of one shard by reading only their bytes (``--sample``)."""
     probs: list[tuple[str, str, str, str]] = []
     info: Counter = Counter()
     fix = f"re-run `{ex['rebuild']} --no-skip-existing`, or run `featstore verify` without --sample for details"
-    with open(path, "rb") as f:
+    try:
         for key, off, length, crc in entries:
-            data = os.pread(f.fileno(), length, off)
+            data = storage.read_range(f"{SHARDS_DIR}/{shard}", off, length)
             if len(data) != length or crc32_of(data) != crc:
                 probs.append(("index", key, f"bytes at offset {off} of {shard} do not match the index entry "
                                             f"(length {len(data)}/{length}, crc32 {crc32_of(data):08x}/{crc:08x})", fix))
@@ -336,6 +339,8 @@ def check_entries(path: str, shard: str, entries: list[tuple[str, int, int, int]
             found, extra = check_record(rec, ex)
             probs += [(kind, key, msg, fx) for kind, msg, fx in found]
             info.update(extra)
+    finally:
+        storage.close()
     return {"shard": shard, "problems": probs, "info": info, "seen": [e[0] for e in entries],
             "records": len(entries), "sha256": None, "bytes": None}
 
@@ -414,14 +419,21 @@ def _absorb(report: Report, res: dict[str, Any]) -> None:
     report.records_checked += res["records"]
 
 
-def _stray_files(report: Report, dirs: Iterable[Path]) -> None:
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for e in os.scandir(d):
-            if is_temp_name(e.name):
-                report.add("stray", str(Path(e.path)), "temporary file left by an interrupted writer",
-                           f"if no featstore build is running, delete {e.path}")
+def _stray_files(report: Report, storage: Storage, folders: Iterable[str]) -> None:
+    for folder in folders:
+        for name in storage.list(folder):
+            if is_temp_name(name.rsplit("/", 1)[-1]):
+                where = storage.describe(name)
+                report.add("stray", where, "temporary file left by an interrupted writer",
+                           f"if no featstore build is running, delete {where}")
+
+
+def _leftover(storage: Storage, name: str) -> bool:
+    """True when a file or non-empty folder/prefix ``name`` exists in the store."""
+    local = storage.local_path(name)
+    if local is not None:
+        return local.exists()
+    return storage.exists(name) or bool(storage.list(name))
 
 
 def _rebuild_cmd(m: dict[str, Any], out: Path | None, per_image: bool) -> str:
@@ -594,9 +606,11 @@ def _compare_listing(report: Report, found: Any, why_not: str | None, stored: se
     report.counts.update(listed_images=len(listing))
 
 
-def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, sample: int | None, seed: int,
-                       workers: int, progress: bool) -> Report:
-    """Check a shard store (see module docs)."""
+def verify_shard_store(location: Path | Storage, m: dict[str, Any], *, data_root: str | None, sample: int | None,
+                       seed: int, workers: int, progress: bool) -> Report:
+    """Check a shard store, local or remote (see module docs); each shard's sha256 is taken while it streams."""
+    storage = parse_location(location)
+    root: Path | str = storage.local_path() or storage.display
     report = Report(str(root), "shards")
     m["_rebuild_cmd"] = _rebuild_cmd(dict(m, data_root=data_root or m.get("data_root")), root, False)
     ex = expectations(m, data_root or m.get("data_root"))
@@ -605,14 +619,13 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
                             f"(pass --data-root)")
         report.skip("stale", "data root not found")
         report.skip("orphan", "data root not found")
-    shards_dir = root / SHARDS_DIR
-    _stray_files(report, [root, shards_dir])
+    _stray_files(report, storage, ["", SHARDS_DIR])
     for leftover in ("parts", ".featstore.lock"):
-        if (root / leftover).exists():
-            report.add("stray", str(root / leftover), "a build is running or was interrupted",
+        if _leftover(storage, leftover):
+            report.add("stray", storage.describe(leftover), "a build is running or was interrupted",
                        f"wait for the build, or re-run `{m['_rebuild_cmd']}` to finish it")
     try:
-        ix: Index | None = Index(root / INDEX_NAME)
+        ix: Index | None = Index(local_index_file(storage))
         rows = ix.rows_by_shard()
     except StoreError as e:
         report.add("index", INDEX_NAME, str(e), f"run `featstore merge {root}`")
@@ -623,7 +636,9 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
         assert ix is not None
         return [ix.entry(int(r)) for r in rows.get(shard, ())]
 
-    on_disk = list_shards(shards_dir)
+    sizes = {n.rsplit("/", 1)[-1]: size for n, size in storage.list(SHARDS_DIR).items()
+             if parse_shard_name(n.rsplit("/", 1)[-1])}
+    on_disk = sorted(sizes)
     listed = {s["name"]: s for s in m.get("shards") or []}
     for name in sorted(set(listed) - set(on_disk)):
         report.add("shard", name, "listed in the manifest but missing on disk",
@@ -635,7 +650,7 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
             for e in entries_of(name):
                 report.add("shard", e.key, f"indexed in shard {name}, which is missing", f"run `{m['_rebuild_cmd']}`")
     for name in on_disk:
-        size = (shards_dir / name).stat().st_size
+        size = sizes[name]
         if name in listed and listed[name].get("bytes") not in (None, size):
             report.add("shard", name, f"size {size} bytes, the manifest says {listed[name]['bytes']} (truncated "
                                       f"or rewritten)", f"delete it, run `featstore merge {root}`, then "
@@ -648,12 +663,12 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
         groups: dict[str, list[tuple[str, int, int, int]]] = {}
         for e in chosen:
             groups.setdefault(e.shard, []).append((e.key, e.offset, e.length, e.crc32))
-        tasks = [(str(shards_dir / s), s, es, ex) for s, es in groups.items()]
+        tasks = [(storage, s, es, ex) for s, es in groups.items()]
         report.notes.append(f"--sample {sample}: checked {len(chosen)} of {len(live)} records; shard sha256 and tar "
                             f"structure not checked")
         results = _run_tasks(check_entries, tasks, workers, progress, "verify (sample)")
     else:
-        tasks = ((str(shards_dir / s), s, {e.key: (s, e.offset, e.length, e.crc32) for e in entries_of(s)}, ex, True)
+        tasks = ((storage, s, {e.key: (s, e.offset, e.length, e.crc32) for e in entries_of(s)}, ex, True)
                  for s in on_disk)
         results = _run_tasks(_scan_with_other_keys, tasks, workers, progress, "verify shards", total=len(on_disk))
     for res in results:
@@ -700,15 +715,25 @@ def verify_shard_store(root: Path, m: dict[str, Any], *, data_root: str | None, 
         report.skip("missing", "--sample checks records only")
     elif ix is not None:
         found, why_not = source_listing(m, data_root)
-        ledger = root / m["failures_ledger"] if m.get("failures_ledger") else None
-        _compare_listing(report, found, why_not, set(ix.keys()) if found is not None else set(), m, ledger)
+        with _local_ledger(storage, m.get("failures_ledger")) as ledger:
+            _compare_listing(report, found, why_not, set(ix.keys()) if found is not None else set(), m, ledger)
     return report
 
 
-def _scan_with_other_keys(path: str, shard: str, indexed: dict[str, tuple[str, int, int, int]], ex: dict[str, Any],
+@contextlib.contextmanager
+def _local_ledger(storage: Storage, name: str | None) -> Iterator[Path | None]:
+    """A local file holding the store's failures ledger (a temporary copy for a remote store), or None."""
+    if not name or not storage.exists(name):
+        yield None
+        return
+    with local_copy(storage, name) as path:
+        yield path
+
+
+def _scan_with_other_keys(storage: Storage, shard: str, indexed: dict[str, tuple[str, int, int, int]], ex: dict[str, Any],
                           full: bool) -> dict[str, Any]:
     """:func:`scan_shard_file`, moving "not in this shard's index" findings to the parent (it knows all keys)."""
-    res = scan_shard_file(path, shard, indexed, ex, full)
+    res = scan_shard_file(storage, shard, indexed, ex, full)
     keep, unindexed = [], []
     for p in res["problems"]:
         if p[0] == "index" and "is not in the index" in p[2]:
@@ -767,13 +792,16 @@ def verify_per_image(mpath: Path | None, root: Path, m: dict[str, Any], *, data_
     return report
 
 
-def recompute(report: Report, store_path: Path, model_path: str, n: int, seed: int, data_root: str | None) -> None:
+def recompute(report: Report, store_path: Path | Storage, model_path: str, n: int, seed: int, data_root: str | None) -> None:
     """Re-run the model on ``n`` seeded records and compare with the stored features (worst error reported)."""
     from featstore.extract import Extractor
     from featstore.loader import open_store
     from featstore.model import load_vggt
 
-    store = open_store(store_path, data_root=data_root)
+    if isinstance(store_path, FsspecStorage):
+        store: Any = open_store(store_path.url, storage_options=store_path.storage_options)
+    else:
+        store = open_store(store_path, data_root=data_root)
     m = store.manifest
     droot = store.data_root
     names = [k for k, v in (m.get("tensors") or {}).items() if isinstance(v, dict) and v.get("layer") is not None]
@@ -835,23 +863,30 @@ def recompute_record(rec: Record, ext: Any, pre: dict[str, Any], data_root: str)
     return {n: out[i][:, -1:, start:] for n, i in zip(ext.names, ext.layers)}  # [1, 1, P, C] like ext.run
 
 
-def verify(path: Path, *, data_root: str | None = None, sample: int | None = None, seed: int = 0,
+def verify(path: Path | str, *, data_root: str | None = None, sample: int | None = None, seed: int = 0,
            workers: int | None = None, progress: bool = False, recompute_n: int = 0,
-           model: str | None = None) -> Report:
-    """Verify a shard store or per-image cache root; raises StoreError when verification cannot run."""
+           model: str | None = None, storage_options: dict[str, Any] | None = None) -> Report:
+    """Verify a shard store or per-image cache root; raises StoreError when verification cannot run.
+
+    ``path`` may be an fsspec URL of a shard store (``s3://bucket/prefix``); ``storage_options`` go to its backend.
+    """
     from featstore.loader import scan_per_image
 
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path} does not exist; pass a shard store folder, a data root or a manifest")
     workers = workers or min(8, os.cpu_count() or 1)
-    try:
-        mpath: Path | None = find_manifest(path)
-    except StoreError:
-        if not (path.is_dir() and next(scan_per_image(path), None) is not None):
-            raise
-        mpath = None
-    m = read_manifest(mpath) if mpath is not None else {"layout": "per-image", "data_root": str(path)}
+    remote: Storage | None = parse_location(str(path), storage_options) if is_remote(path) else None
+    mpath: Path | None = None
+    if remote is not None:
+        m = read_store_manifest(remote)
+    else:
+        path = local_path_of(path)
+        if not path.exists():
+            raise StoreError(f"{path} does not exist; pass a shard store folder, a data root or a manifest")
+        try:
+            mpath = find_manifest(path)
+        except StoreError:
+            if not (path.is_dir() and next(scan_per_image(path), None) is not None):
+                raise
+        m = read_manifest(mpath) if mpath is not None else {"layout": "per-image", "data_root": str(path)}
     if data_root is not None:
         if not Path(data_root).is_dir():
             raise StoreError(f"--data-root {data_root} is not a directory; pass the folder that holds the images now")
@@ -861,7 +896,9 @@ def verify(path: Path, *, data_root: str | None = None, sample: int | None = Non
         model = recorded_model(m)
         model_note = f"--recompute uses the manifest's model {model} (pass --model to choose another)"
     kw = dict(data_root=data_root, sample=sample, seed=seed, workers=workers, progress=progress)
-    if m.get("layout") == "per-image":
+    if remote is not None:
+        report = verify_shard_store(remote, m, **kw)
+    elif m.get("layout") == "per-image":
         report = verify_per_image(mpath, mpath.parent if mpath else path, m, **kw)
     else:
         assert mpath is not None
@@ -869,7 +906,7 @@ def verify(path: Path, *, data_root: str | None = None, sample: int | None = Non
     if recompute_n:
         if model_note:
             report.notes.append(model_note)
-        recompute(report, path, model, recompute_n, seed, data_root)
+        recompute(report, remote or path, model, recompute_n, seed, data_root)
     else:
         report.skip("recompute", "pass --recompute N")
     return report
@@ -899,7 +936,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
                     "recorded sources name, shard sha256/size/tar structure, stray temporary files and the index. "
                     "Checks that could not run are printed as skipped. Exit 0: everything holds; 1: problems "
                     "found; 2: verification could not run. See docs/verify.md.")
-    p.add_argument("path", type=Path, help="shard store folder, per-image cache/data root, or a manifest file")
+    p.add_argument("path", help="shard store folder or URL (s3://bucket/prefix, any fsspec URL), per-image "
+                                "cache/data root, or a manifest file")
     p.add_argument("--data-root", help="where the images are now (default: the manifest's data root); the store's "
                                        "recorded sources are listed there to find missing images and orphan "
                                        "features, or, for a store that recorded none, the folder is scanned")
@@ -915,6 +953,7 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="checking processes (default: the number of CPUs, at most 8; "
                                                "machine-dependent)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_storage_options_argument(p)
     p.set_defaults(func=_cmd_verify)
 
 
@@ -946,11 +985,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     try:
         report = verify(args.path, data_root=args.data_root, sample=args.sample, seed=args.seed,
                         workers=args.workers, progress=args.progress and sys.stderr.isatty(),
-                        recompute_n=args.recompute, model=args.model)
-    except (FeatstoreError, OSError) as e:
+                        recompute_n=args.recompute, model=args.model, storage_options=storage_options_of(args))
+    except (FeatstoreError, OSError, ValueError) as e:
         log.error("verification could not run: %s", e)
         if args.json:
-            _write_json(args.json, {"path": str(args.path), "ok": False, "exit_code": 2, "error": str(e)})
+            _write_json(args.json, {"path": redact(str(args.path)), "ok": False, "exit_code": 2, "error": redact(str(e))})
         return 2
     report.print_summary(sys.stderr if args.json == "-" else sys.stdout)
     if args.json:

@@ -80,7 +80,7 @@ def test_open_store_in_workers_threads_and_small_lru(stores):
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(store._files) <= 2
+    assert not errors and len(store.storage._files) <= 2
 
 
 def test_load_cached_vggt_features(stores, monkeypatch):

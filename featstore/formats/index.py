@@ -10,18 +10,25 @@ lists the shard names, the distinct tensor layouts ("specs") and each column's o
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
+import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from featstore.errors import StoreError
 from featstore.formats.shards import ShardEntry
 from featstore.fsutil import atomic_open
+
+if TYPE_CHECKING:
+    from featstore.formats.storage import Storage
 
 INDEX_NAME = "index.fsi"
 MAGIC = b"FSIDX001"
@@ -188,3 +195,33 @@ class Index:
         for lst in out.values():
             lst.sort(key=lambda e: e.offset)
         return out
+
+
+def local_index_file(storage: "Storage") -> Path:
+    """A local file holding the store's index: the index itself for a local store, else a downloaded copy.
+
+    A copy is fetched once (one or a few GETs) into a temporary file that lives until this process exits,
+    so DataLoader workers forked or spawned from it memory-map the same copy instead of fetching again.
+    """
+    local = storage.local_path(INDEX_NAME)
+    if local is not None:
+        return local
+    fd, tmp = tempfile.mkstemp(prefix="featstore-index-", suffix=".fsi")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(storage.read_bytes(INDEX_NAME))
+    except FileNotFoundError:
+        os.unlink(tmp)
+        raise StoreError(f"shard store {storage.display} has no {INDEX_NAME}: the build has not finished (or was "
+                         f"interrupted); re-run the build, or `featstore merge {storage.display}`") from None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    atexit.register(_remove_owned, tmp, os.getpid())
+    return Path(tmp)
+
+
+def _remove_owned(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

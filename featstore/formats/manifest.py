@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featstore.errors import StoreError
 from featstore.fsutil import atomic_write_json
+
+if TYPE_CHECKING:
+    from featstore.formats.storage import Storage
 
 SCHEMA_VERSION = 1
 SHARD_MANIFEST = "manifest.json"
@@ -90,17 +93,37 @@ def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(path: Path) -> dict[str, Any]:
     """Read a manifest (featstore's or an older script's); raises StoreError naming what is wrong."""
     try:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StoreError(f"manifest not found at {path}: run `featstore build` first (or point at the store "
                          f"directory that holds {SHARD_MANIFEST} or {PER_IMAGE_MANIFEST})") from None
     except (OSError, ValueError) as e:
-        raise StoreError(f"manifest {path} is unreadable or not JSON ({e}); re-run `featstore merge` or "
-                         f"`featstore build` to rewrite it") from None
+        raise StoreError(f"manifest {path} is unreadable ({e}); re-run `featstore merge` or `featstore build` to "
+                         f"rewrite it") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: str | bytes, where: str) -> dict[str, Any]:
+    """Parse manifest JSON read from ``where`` (a path or URL, for messages)."""
+    try:
+        m = json.loads(text)
+    except ValueError as e:
+        raise StoreError(f"manifest {where} is not JSON ({e}); re-run `featstore merge` or `featstore build` to "
+                         f"rewrite it") from None
     if not isinstance(m, dict):
-        raise StoreError(f"manifest {path} is not a JSON object")
+        raise StoreError(f"manifest {where} is not a JSON object")
     m.setdefault("layout", "per-image" if m.get("cache_format") == PER_IMAGE_FORMAT else "shards")
     return m
+
+
+def read_store_manifest(storage: "Storage") -> dict[str, Any]:
+    """The ``manifest.json`` at the root of a (possibly remote) shard store; StoreError when there is none."""
+    try:
+        text = storage.read_bytes(SHARD_MANIFEST)
+    except FileNotFoundError:
+        raise StoreError(f"no featstore manifest at {storage.describe(SHARD_MANIFEST)}: expected a shard store "
+                         f"(run `featstore build --out {storage.display}` first)") from None
+    return parse_manifest(text, storage.describe(SHARD_MANIFEST))
 
 
 def find_manifest(path: Path) -> Path:

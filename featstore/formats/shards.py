@@ -7,6 +7,7 @@ its final name only once it is complete and fsynced, so readers never see a torn
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -16,13 +17,16 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
 from featstore.faults import crash_point
 from featstore.fsutil import TMP_MARKER, disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
+
+if TYPE_CHECKING:
+    from featstore.formats.storage import Storage
 
 SHARDS_DIR = "shards"
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
@@ -122,9 +126,10 @@ class ShardWriter:
     """Appends encoded records to tar shards, rolling over at ``max_bytes``; closes each shard atomically."""
 
     def __init__(self, shards_dir: Path, prefix: str, rank: int, first_n: int, max_bytes: int = DEFAULT_SHARD_BYTES,
-                 fsync: bool = True):
+                 fsync: bool = True, publish: Callable[[str, Path], None] | None = None):
         self.dir, self.prefix, self.rank, self.n = Path(shards_dir), prefix, rank, first_n
         self.max_bytes, self.fsync = max_bytes, fsync
+        self.publish = publish  # called with (name, local path) once a shard is complete (remote upload)
         self.closed_shards: list[tuple[ShardInfo, list[ShardEntry]]] = []
         self._f: BinaryIO | None = None
         self._tar: _TarAppender | None = None
@@ -179,6 +184,8 @@ class ShardWriter:
         if self.fsync:
             fsync_dir(self.dir)
         crash_point("shard-after-rename")
+        if self.publish is not None:
+            self.publish(name, self.dir / name)
         info = ShardInfo(name, len(self._entries), self._tar.pos, self._tar.sha.hexdigest())
         self.closed_shards.append((info, self._entries))
         self._tar = self._f = self._tmp = None
@@ -272,6 +279,15 @@ def read_record_meta(fd: int, offset: int) -> dict:
     return dict(header.get("meta") or {})
 
 
+def read_record_meta_at(storage: "Storage", shard: str, offset: int) -> dict:
+    """:func:`read_record_meta` for a shard of any store (two small ranged reads on a remote one)."""
+    name = f"{SHARDS_DIR}/{shard}"
+    head = storage.read_range(name, offset, 8)
+    (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
+    header, _, _ = decode_header(head + storage.read_range(name, offset + 8, hlen))
+    return dict(header.get("meta") or {})
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 hex digest of a file, streamed."""
     h = hashlib.sha256()
@@ -279,3 +295,42 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def iter_shard_records(storage: "Storage", runs: Iterable[tuple[str, Sequence[Any]]], *,
+                       chunk_bytes: int = 8 << 20, read_ahead: int = 2) -> Iterator[tuple[Any, bytes]]:
+    """``(entry, record bytes)`` for every entry of each ``(shard, entries sorted by offset)`` run, in order.
+
+    Each run is fetched as one contiguous byte range (first record to last) in chunks, the next chunks (also
+    of the next runs) arriving in the background; tar headers and skipped records between the entries are
+    dropped. ``runs`` may be a generator (taken lazily); entries need ``key``, ``offset`` and ``length``.
+    """
+    taken: dict[int, tuple[str, Sequence[Any]]] = {}
+
+    def ranges() -> Iterator[tuple[str, int, int]]:
+        for i, (shard, es) in enumerate(r for r in runs if r[1]):
+            taken[i] = (shard, es)
+            yield f"{SHARDS_DIR}/{shard}", es[0].offset, es[-1].offset + es[-1].length
+
+    chunks = storage.iter_ranges(ranges(), chunk_bytes=chunk_bytes, read_ahead=read_ahead)
+    shard, todo, buf, base, cur = "", collections.deque(), bytearray(), 0, -1
+    try:
+        for i, data in chunks:
+            if i != cur:
+                if todo:
+                    break  # the previous run ended early
+                cur = i
+                shard, es = taken.pop(i)
+                todo, buf, base = collections.deque(es), bytearray(), es[0].offset
+            buf += data
+            while todo and todo[0].offset + todo[0].length - base <= len(buf):
+                e = todo.popleft()
+                end = e.offset + e.length - base
+                yield e, bytes(buf[e.offset - base:end])
+                del buf[:end]
+                base += end
+        if todo:
+            raise RecordError(f"shard {shard} ended before record {todo[0].key!r} (offset {todo[0].offset}); run "
+                              f"`featstore verify` on the store")
+    finally:
+        chunks.close()
