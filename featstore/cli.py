@@ -102,6 +102,17 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                     ".vggt_cache.pt files or zstd tar shards with an index. Resumable: re-running skips finished "
                     "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`. "
                     "DATA_ROOT, VGGT_MODEL_PATH, BATCH_SIZE, DEVICE and SKIP_EXISTING stand in for their flags.")
+    _build_inputs_args(p)
+    _build_output_args(p)
+    _build_model_args(p)
+    _build_samples_args(p)
+    _build_resume_args(p)
+    _build_scale_out_args(p)
+    p.set_defaults(func=_cmd_build)
+
+
+def _build_inputs_args(p: argparse.ArgumentParser) -> None:
+    """Where the images and annotations come from."""
     g = p.add_argument_group("inputs")
     g.add_argument("--data-root", type=Path,
                    help="root folder of the training images; relative image paths resolve against it "
@@ -121,6 +132,10 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strict-annotations", action="store_true",
                    help="stop with an error at a malformed annotation line (default: report it with file and "
                         "line, skip it, and count it in the manifest, as the original scripts skip it)")
+
+
+def _build_output_args(p: argparse.ArgumentParser) -> None:
+    """What the store looks like on disk."""
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=("shards", "per-image"), default="shards",
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
@@ -147,6 +162,10 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="shard codec per tensor: zstd (lossless, byte-shuffled), raw (uncompressed, fastest "
                         "reads), int8 (lossy: about 0.8%% relative L2 error, stored in each record; 2.5-2.6 MB "
                         "per 518x518 bf16 image, zstd 3.8). Readers need no flag; see docs/building.md")
+
+
+def _build_model_args(p: argparse.ArgumentParser) -> None:
+    """The model, its device and how images are preprocessed and fed."""
     g = p.add_argument_group("model and preprocessing")
     g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default=None,
                    help="crop/pad: the official VGGT load_and_preprocess_images at --image-size (JanusVLN feeds "
@@ -172,6 +191,10 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                         "30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6 (default, machine-dependent: "
                         "the number of CPUs, at most 8)")
     g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
+
+
+def _build_samples_args(p: argparse.ArgumentParser) -> None:
+    """Training samples: records with causal context (--context sample) and the presets."""
     g = p.add_argument_group("training samples (records with causal context, as JanusVLN computes them)")
     g.add_argument("--context", choices=("image", "sample"), default=None,
                    help="image: one record per image, no context; sample: one record per training sample, its "
@@ -194,6 +217,10 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--preset", choices=tuple(PRESETS), default=None,
                    help="janusvln = --context sample --image-size 644 --preprocess crop --layers=-2 "
                         "--reference-frame first --autocast; flags given explicitly win")
+
+
+def _build_resume_args(p: argparse.ArgumentParser) -> None:
+    """Resume, staleness and failure tolerance."""
     g = p.add_argument_group("resume and incremental builds")
     _skip_existing_flags(g)
     g.add_argument("--rebuild-stale", action="store_true",
@@ -205,6 +232,10 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                         "verify) is judged by content, not by size and mtime")
     g.add_argument("--allow-failures", type=int, default=0,
                    help="exit 0 even if up to N images fail to decode (they are listed in the failures ledger)")
+
+
+def _build_scale_out_args(p: argparse.ArgumentParser) -> None:
+    """Job arrays, fsync, progress and storage."""
     g = p.add_argument_group("scale-out")
     g.add_argument("--num-parts", type=int, default=1,
                    help="split the job into K parts (job arrays); run each with --part i, then `featstore merge`")
@@ -213,7 +244,6 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip fsync after writes (faster on some network filesystems; less safe on power loss)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add_storage_options_argument(g)
-    p.set_defaults(func=_cmd_build)
 
 
 def _out_location(text: str) -> Path | str:
