@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
@@ -622,22 +622,20 @@ class Build:
         if self.bar is not None:
             self.bar.update(1)
 
-    def run_loop(self, todo: list[WorkItem]) -> None:
-        """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
-        cuda = self.device.type == "cuda"
-        workers = self.opts.num_workers if len(todo) > 1 else 0
-        dataset = ImageDataset(todo, self.decode_options(), chunk=DECODE_CHUNK if workers else 1)
-        loader = make_loader(dataset, workers)
+    def _progress(self, total: int) -> None:
+        """Start the progress bar (rank 0 only, unless --no-progress)."""
+        self.bar = tqdm(total=total, unit=self.unit, desc="featstore build", dynamic_ncols=True,
+                        disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[BackgroundWriter]:
+        """The sink and writer thread of a loop: closes them at the end (on an error, drops the open shard),
+        closes the progress bar, and keeps the byte count, the closed shards and the writer's stage seconds."""
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
-        self.bar = tqdm(total=len(todo), unit="img", desc="featstore build", dynamic_ncols=True,
-                        disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
         waits = self.stats.stage_seconds
         try:
-            batches = shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda)
-            max_batch = self.opts.batch_size
-            while (batch := _timed_next(batches, waits, "wait_decode")) is not None:
-                max_batch = self._infer_and_queue(batch, writer, max_batch)
+            yield writer
             t0 = time.perf_counter()
             writer.close()
             waits["drain_writer"] += time.perf_counter() - t0
@@ -646,13 +644,27 @@ class Build:
                 sink.writer.abort()
             raise
         finally:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.bar = None
         waits["wait_writer"] += writer.wait_seconds
         waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
         self.stats.bytes_written = sink.bytes_written
-        self.stats.batch_size_used = max_batch
         self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
+
+    def run_loop(self, todo: list[WorkItem]) -> None:
+        """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
+        cuda = self.device.type == "cuda"
+        workers = self.opts.num_workers if len(todo) > 1 else 0
+        dataset = ImageDataset(todo, self.decode_options(), chunk=DECODE_CHUNK if workers else 1)
+        loader = make_loader(dataset, workers)
+        self._progress(len(todo))
+        max_batch = self.opts.batch_size
+        with self._writing() as writer:
+            batches = shape_batches(loader, self.opts.batch_size, self._on_failure, pin_memory=cuda)
+            while (batch := _timed_next(batches, self.stats.stage_seconds, "wait_decode")) is not None:
+                max_batch = self._infer_and_queue(batch, writer, max_batch)
+        self.stats.batch_size_used = max_batch
 
     def _infer_and_queue(self, batch: Batch, writer: BackgroundWriter, max_batch: int) -> int:
         """Run one batch on the device and queue its features for writing; returns the batch size that worked."""
@@ -699,8 +711,7 @@ class Build:
     def run_sample_loop(self, todo: list[SampleItem]) -> None:
         """Stream every sample through the model, each shared frame prefix once, and write one record each."""
         cuda = self.device.type == "cuda"
-        self.bar = tqdm(total=len(todo), unit=self.unit, desc="featstore build", dynamic_ncols=True,
-                        disable=not self.opts.progress or self.gid != 0, smoothing=0.05)
+        self._progress(len(todo))
         todo, sizes = self.frame_sizes(todo)
         steps = plan_steps([it.sample for it in todo], self.opts.batch_size, sizes.__getitem__)
         items = {it.key: it for it in todo}
@@ -708,26 +719,11 @@ class Build:
         loader = make_loader(StepDataset(steps, paths, self.decode_options()),
                              self.opts.num_workers if len(steps) > 1 else 0, pin_memory=cuda, prefetch=4)
         run = _SampleRun(PlanExecutor(self.model, self.layers, self.store_dtype, self.opts.tokens), items)
-        sink = self._sink()
-        writer = BackgroundWriter(sink, self._records, self._on_written)
-        waits = self.stats.stage_seconds
-        try:
+        with self._writing() as writer:
             decoded_steps = iter(loader)
             for step in steps:
-                self._run_step(step, _timed_next(decoded_steps, waits, "wait_decode"), run, writer)
-            writer.close()
-        except BaseException:
-            if isinstance(sink, ShardSink):
-                sink.writer.abort()
-            raise
-        finally:
-            self.bar.close()
-            self.bar = None
-        waits["wait_writer"] += writer.wait_seconds
-        waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
-        self.stats.bytes_written = sink.bytes_written
+                self._run_step(step, _timed_next(decoded_steps, self.stats.stage_seconds, "wait_decode"), run, writer)
         self.stats.batch_size_used = run.executor.max_rows or self.opts.batch_size
-        self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
 
     def _run_step(self, step: Step, decoded: DecodedStep, run: "_SampleRun", writer: BackgroundWriter) -> None:
         """Run one plan step; queue the records of the samples that end in it, fail those with a bad frame."""
