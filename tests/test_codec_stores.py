@@ -140,3 +140,19 @@ def test_verify_recompute_compares_within_the_stored_bound(stores, tmp_path):
     merge_shard_store(store)
     rc, rep = run_verify(store, tmp_path, "--recompute", "12", "--model", "tiny")
     assert rc == 1 and problem_keys(rep, "recompute") == {key}
+
+
+def shared_in_worker(sample: dict) -> dict:
+    """collate_fn, run inside the DataLoader worker: which of the sample's tensors are already shared memory."""
+    return {k: v.is_shared() for k, v in sample.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("codec,dequantize", [("zstd", True), ("raw", True), ("int8", True), ("int8", False)])
+def test_worker_samples_are_born_in_shared_memory(stores, codec, dequantize):
+    # torch copies every tensor a worker returns into shared memory unless it already is: decoded tensors
+    # (and raw views of the read buffer) are allocated there, so crossing to the main process copies nothing
+    dl = torch.utils.data.DataLoader(stream(stores / codec, dequantize=dequantize), batch_size=None, num_workers=1,
+                                     collate_fn=shared_in_worker)
+    flags = list(dl)
+    assert len(flags) == 12 and all(f and all(f.values()) for f in flags), flags[0]
+    assert all(set(f) == ({"features", "features_scales"} if not dequantize else {"features"}) for f in flags)

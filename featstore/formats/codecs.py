@@ -260,10 +260,28 @@ def view_or_copy(payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]
     if not len(payload):
         return torch.empty(shape, dtype=dtype)
     if not payload.readonly:
-        t = torch.frombuffer(payload, dtype=torch.uint8)
+        t = _storage_view(payload)
+        if t is None:
+            t = torch.frombuffer(payload, dtype=torch.uint8)
         if t.data_ptr() % dtype.itemsize == 0:
             return t.view(dtype).reshape(shape)
     return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).view(dtype).reshape(shape)
+
+
+def _storage_view(payload: memoryview) -> torch.Tensor | None:
+    """``payload`` as a slice of the torch tensor it was cut from (``memoryview(tensor.numpy())[a:b]``), if any.
+
+    A slice keeps the tensor's own storage, so a view decoded in a DataLoader worker from a shared-memory
+    read buffer is still shared memory and crosses to the main process without a copy (a view made by
+    ``torch.frombuffer`` has a storage torch does not know is shared, and would be copied).
+    """
+    owner = payload.obj.base if isinstance(payload.obj, np.ndarray) else None
+    if not isinstance(owner, torch.Tensor) or owner.dtype != torch.uint8 or owner.dim() != 1:
+        return None
+    start = np.frombuffer(payload, dtype=np.uint8).__array_interface__["data"][0] - owner.data_ptr()
+    if start < 0 or start + len(payload) > owner.numel():
+        return None
+    return owner[start:start + len(payload)]
 
 
 # --- int8 ------------------------------------------------------------------------------------------------
