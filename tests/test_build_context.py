@@ -341,3 +341,19 @@ def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny)
     assert (got - streamed(tiny, paths)).abs().max().item() > 1e-4  # really computed under autocast
     r = run_inproc(*context_args(root, "--batch-size", "1"))
     assert r.returncode == 2 and "compute: store has autocast-bfloat16, this run float32" in r.stderr
+
+
+@pytest.mark.slow
+def test_job_array_parts_over_samples_then_merge(tmp_path):
+    root = copy_sample(tmp_path / "d", patterns=("*.jpg", "*.png"))
+    clean = copy_sample(tmp_path / "clean", patterns=("*.jpg", "*.png"))
+    assert run_inproc(*context_args(clean, "--history", "2")).returncode == 0
+    for part in ("0", "1"):
+        r = run_inproc(*context_args(root, "--history", "2", "--num-parts", "2", "--part", part))
+        assert r.returncode == 0, r.stderr
+    assert run_inproc("merge", str(root / "vggt_featstore")).returncode == 0
+    got, want = featstore.open_store(root / "vggt_featstore"), featstore.open_store(clean / "vggt_featstore")
+    assert got.keys() == want.keys() and len(got) == 12
+    for k in want.keys():
+        assert torch.equal(got[k], want[k]), k
+    assert read_manifest(root / "vggt_featstore" / "manifest.json")["context"]["mode"] == "sample"
