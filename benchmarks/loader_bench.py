@@ -245,10 +245,10 @@ def object_storage(tmp: Path, order: list[str], url: str, options: dict, workers
             return sum(1 for _ in dl)
         return run
 
-    ra = {"open_store local disk": best_of(lambda: sum(1 for k in order if local.get(k) is not None), repeats),
-          "open_store URL": best_of(lambda: sum(1 for k in order if remote.get(k) is not None), repeats)}
-    st = {"stream local disk": best_of(stream_run(tmp / "zstd"), repeats),
-          "stream URL": best_of(stream_run(url, storage_options=options), repeats)}
+    ra = interleaved({"open_store local disk": lambda: sum(1 for k in order if local.get(k) is not None),
+                      "open_store URL": lambda: sum(1 for k in order if remote.get(k) is not None)}, repeats)
+    st = interleaved({"stream local disk": stream_run(tmp / "zstd"),
+                      "stream URL": stream_run(url, storage_options=options)}, repeats)
     where = parse_location(url).display
     out = {"random_access": table(f"5a. open_store from {where}, one process (vs local disk)", ra,
                                   "open_store local disk"),

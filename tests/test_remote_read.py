@@ -189,3 +189,14 @@ def test_torchrun_two_ranks_two_workers_stream_s3_each_record_once(remote, tmp_p
     assert sorted(union) == open_store(local_path).keys()  # every record exactly once
     assert all(r["keys"] and len(r["keys"]) == r["len"] for r in ranks)
     assert SECRET not in r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_loader_bench_object_storage_section_runs():
+    """benchmarks/loader_bench.py --s3-local end to end (a smoke run, not a measurement)."""
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "loader_bench.py"), "--quick", "--codecs", "zstd",
+                        "--s3-local"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "5a. open_store from s3://" in r.stdout and "S3 requests per random-access record: 1.0" in r.stdout
+    assert SECRET not in r.stdout + r.stderr
