@@ -41,3 +41,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The built-in tiny VGGT (golden rule weights)."""
+    from featstore.model import load_vggt
+
+    return load_vggt("tiny")
+
+
+@pytest.fixture(scope="module")
+def stream_data(golden_dir):
+    """Golden tiny_stream: float inputs [1, 4, 3, H, W], JanusVLN's per-frame stream outputs, its causal outputs."""
+    import torch
+    from safetensors.torch import load_file
+
+    d = golden_dir / "tiny_stream"
+    images = load_file(str(d / "inputs.safetensors"))["images_u8"].to(torch.float32) / 255
+    return images, load_file(str(d / "stream_outputs.safetensors")), load_file(str(d / "causal_outputs.safetensors"))

@@ -7,10 +7,9 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from featstore.context import CachePool, PlanExecutor, kv_bytes_per_frame, run_plan
-from featstore.model import StreamCache, get_config, load_vggt
+from featstore.model import StreamCache, get_config
 from featstore.samples import episode_samples, make_sample, stream_order
 from featstore.schedule import STRATEGIES, Step, cache_bound_frames, peak_cache_frames, plan_steps
 
@@ -24,18 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return load_vggt("tiny")
-
-
-@pytest.fixture(scope="module")
-def stream_data(golden_dir):
-    d = golden_dir / "tiny_stream"
-    images = load_file(str(d / "inputs.safetensors"))["images_u8"].to(torch.float32) / 255
-    return images, load_file(str(d / "stream_outputs.safetensors")), load_file(str(d / "causal_outputs.safetensors"))
 
 
 def _frames_by_key(table: dict[str, torch.Tensor]):

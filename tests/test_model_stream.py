@@ -4,21 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from featstore.model import load_vggt
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return load_vggt("tiny")
-
-
-@pytest.fixture(scope="module")
-def stream_data(golden_dir):
-    d = golden_dir / "tiny_stream"
-    images = load_file(str(d / "inputs.safetensors"))["images_u8"].to(torch.float32) / 255
-    return images, load_file(str(d / "stream_outputs.safetensors")), load_file(str(d / "causal_outputs.safetensors"))
 
 
 def test_stream_matches_janusvln_per_frame_and_layer(tiny_model, stream_data):
