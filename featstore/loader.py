@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import random
 import threading
@@ -108,9 +109,13 @@ def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dty
 
 
 # --- random access ---------------------------------------------------------------------------------------
-def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
-    """``length`` bytes at ``offset`` of ``fd`` read into a new buffer (no intermediate copy), or None if short."""
-    buf = empty_tensor((length,), torch.uint8)
+def read_record_into(fd: int, offset: int, length: int, shared: bool = True) -> memoryview | None:
+    """``length`` bytes at ``offset`` of ``fd`` read into a new buffer (no intermediate copy), or None if short.
+
+    ``shared``: in a DataLoader worker, put the buffer in shared memory (worth it when tensors will be views
+    of it, as for ``raw`` records; a compressed record's buffer is dropped after decoding).
+    """
+    buf = empty_tensor((length,), torch.uint8, shared=shared)
     view = memoryview(buf.numpy())
     got = 0
     while got < length:
@@ -119,6 +124,11 @@ def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
             return None
         got += n
     return view
+
+
+def decoded_bytes(e: IndexEntry) -> int:
+    """Bytes of the tensors a record decodes to; a record at least that long stores them uncompressed (raw)."""
+    return sum(math.prod(shape) * parse_dtype(dtype).itemsize for _, dtype, shape in e.tensors)
 
 
 class _Lookup:
@@ -319,7 +329,7 @@ class ShardStore(SampleLookup, _Lookup):
             return memoryview(data)
         self._check_pid()
         f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
-        buf = read_record_into(f.fileno(), e.offset, e.length)
+        buf = read_record_into(f.fileno(), e.offset, e.length, shared=e.length >= decoded_bytes(e))
         del f
         if buf is None:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
