@@ -21,8 +21,9 @@ reads each consumer's runs of shards sequentially in large chunks with read-ahea
 were read but not yet emitted by the shuffle buffer (so the order is the same as on local disk).
 
 Reads add nothing to the one unavoidable copy: a record is read with ``preadv`` into a fresh aligned buffer
-(shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded tensors are allocated
-in shared memory inside workers, so torch does not copy them again to hand them to the main process.
+(for ``raw`` records, shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded
+tensors are allocated in shared memory inside workers, so torch does not copy them again to hand them to
+the main process.
 """
 
 from __future__ import annotations
@@ -317,9 +318,9 @@ class ShardStore(SampleLookup, _Lookup):
     def read_bytes(self, e: IndexEntry) -> memoryview:
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError).
 
-        Read straight into a fresh, aligned, writable buffer (shared memory inside a DataLoader worker, so
-        tensors decoded as views of it cross to the main process without another copy); from a remote store,
-        one ranged GET.
+        Read straight into a fresh, aligned, writable buffer (for a ``raw`` record, shared memory inside a
+        DataLoader worker, so tensors decoded as views of it cross to the main process without another copy);
+        from a remote store, one ranged GET.
         """
         if not self.storage.is_local:
             data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
