@@ -209,11 +209,15 @@ def unzstd_into(frame: memoryview, out: np.ndarray, what: str) -> None:
         raise RecordError(f"{what}: zstd frame holds other than the {out.nbytes} bytes its header claims")
 
 
-def scratch(nbytes: int) -> np.ndarray:
-    """This thread's reusable uint8 buffer of at least ``nbytes`` (no fresh pages to fault in per record)."""
-    buf = getattr(_tls, "scratch", None)
+def scratch(nbytes: int, slot: str = "planes") -> np.ndarray:
+    """This thread's reusable uint8 buffer ``slot`` of ``nbytes`` (no fresh pages to fault in per record); valid
+    until this thread asks for the same slot again."""
+    buffers = getattr(_tls, "scratch", None)
+    if buffers is None:
+        buffers = _tls.scratch = {}
+    buf = buffers.get(slot)
     if buf is None or buf.nbytes < nbytes:
-        buf = _tls.scratch = np.empty(nbytes, dtype=np.uint8)
+        buf = buffers[slot] = np.empty(nbytes, dtype=np.uint8)
     return buf[:nbytes]
 
 
