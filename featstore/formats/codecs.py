@@ -69,8 +69,8 @@ class Quantized:
     def packed_scales(self) -> torch.Tensor:
         """Both scales in one float32 tensor, ``[C + P * blocks]``: channel scales, then token scales.
 
-        One tensor, not two, because every tensor a DataLoader worker returns costs a file descriptor
-        handed to the main process (about a millisecond each on the machine we measured).
+        One tensor, not two, because every storage a DataLoader worker returns costs a file descriptor
+        handed to the main process.
         """
         if self.packed is not None:
             return self.packed
