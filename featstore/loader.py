@@ -21,14 +21,16 @@ reads each consumer's runs of shards sequentially in large chunks with read-ahea
 were read but not yet emitted by the shuffle buffer (so the order is the same as on local disk).
 
 Reads add nothing to the one unavoidable copy: a record is read with ``preadv`` into a fresh aligned buffer
-(shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded tensors are allocated
-in shared memory inside workers, so torch does not copy them again to hand them to the main process.
+(for ``raw`` records, shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded
+tensors are allocated in shared memory inside workers, so torch does not copy them again to hand them to
+the main process.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import random
 import threading
@@ -46,7 +48,7 @@ from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path, key_und
 from featstore.formats.manifest import (PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest,
                                         read_store_manifest)
 from featstore.formats.perimage import cache_path_for, read_pt
-from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scales
+from featstore.formats.codecs import dequantize_int8, empty_tensor, scratch, unpack_scales
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import SHARDS_DIR, iter_shard_records
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
@@ -108,10 +110,18 @@ def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dty
 
 
 # --- random access ---------------------------------------------------------------------------------------
-def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
-    """``length`` bytes at ``offset`` of ``fd`` read into a new buffer (no intermediate copy), or None if short."""
-    buf = empty_tensor((length,), torch.uint8)
-    view = memoryview(buf.numpy())
+def read_record_into(fd: int, offset: int, length: int, shared: bool = True, reuse: bool = False
+                     ) -> memoryview | None:
+    """``length`` bytes at ``offset`` of ``fd`` read into a buffer (no intermediate copy), or None if short.
+
+    ``shared``: in a DataLoader worker, put a new buffer in shared memory (worth it when tensors will be views
+    of it, as for ``raw`` records). ``reuse``: read into this thread's reusable buffer instead, valid until its
+    next such read (for compressed records, whose decoded tensors never point into it).
+    """
+    if reuse:
+        view = memoryview(scratch(length, "record"))
+    else:
+        view = memoryview(empty_tensor((length,), torch.uint8, shared=shared).numpy())
     got = 0
     while got < length:
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -119,6 +129,11 @@ def read_record_into(fd: int, offset: int, length: int) -> memoryview | None:
             return None
         got += n
     return view
+
+
+def decoded_bytes(e: IndexEntry) -> int:
+    """Bytes of the tensors a record decodes to; a record at least that long stores them uncompressed (raw)."""
+    return sum(math.prod(shape) * parse_dtype(dtype).itemsize for _, dtype, shape in e.tensors)
 
 
 class _Lookup:
@@ -304,12 +319,13 @@ class ShardStore(SampleLookup, _Lookup):
                 self._files.popitem(last=False)
             return f
 
-    def read_bytes(self, e: IndexEntry) -> memoryview:
+    def read_bytes(self, e: IndexEntry, for_decoding: bool = False) -> memoryview:
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError).
 
-        Read straight into a fresh, aligned, writable buffer (shared memory inside a DataLoader worker, so
-        tensors decoded as views of it cross to the main process without another copy); from a remote store,
-        one ranged GET.
+        Read straight into a fresh, aligned, writable buffer (for a ``raw`` record, shared memory inside a
+        DataLoader worker, so tensors decoded as views of it cross to the main process without another copy);
+        from a remote store, one ranged GET. ``for_decoding``: the caller decodes the bytes before this thread
+        reads again, so a compressed record may go to a reused buffer (no fresh pages per record).
         """
         if not self.storage.is_local:
             data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
@@ -319,7 +335,9 @@ class ShardStore(SampleLookup, _Lookup):
             return memoryview(data)
         self._check_pid()
         f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
-        buf = read_record_into(f.fileno(), e.offset, e.length)
+        uncompressed = e.length >= decoded_bytes(e)
+        buf = read_record_into(f.fileno(), e.offset, e.length, shared=uncompressed,
+                               reuse=for_decoding and not uncompressed)
         del f
         if buf is None:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
@@ -339,7 +357,8 @@ class ShardStore(SampleLookup, _Lookup):
         Lossy (int8) tensors decode to the stored dtype; with ``dequantize=False`` they stay int8 beside their
         scales (see :func:`record_to_sample` and :func:`dequantize`).
         """
-        return decode_record(self.read_bytes(self.entry(self._key_or_error(key))), verify=False, dequantize=dequantize)
+        return decode_record(self.read_bytes(self.entry(self._key_or_error(key)), for_decoding=True), verify=False,
+                             dequantize=dequantize)
 
     def features_of(self, key: str) -> torch.Tensor:
         """The ``features`` tensor stored under exactly ``key``."""
@@ -347,7 +366,7 @@ class ShardStore(SampleLookup, _Lookup):
 
     def features_at(self, e: IndexEntry) -> torch.Tensor:
         """The ``features`` tensor of the record an index entry points at."""
-        return decode_record(self.read_bytes(e), only=(FEATURES,), verify=False).tensors[FEATURES]
+        return decode_record(self.read_bytes(e, for_decoding=True), only=(FEATURES,), verify=False).tensors[FEATURES]
 
     def _alias_entry(self, key: str) -> IndexEntry | None:
         """The record a frame digest names in a store keyed by annotation ids (``aliases.fsi``)."""
@@ -738,7 +757,7 @@ class FeatureStream(torch.utils.data.IterableDataset):
     def _samples(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[dict[str, Any]]:
         ix = self.store.index
         if self.store.storage.is_local:
-            stored = ((e, self.store.read_bytes(e)) for e in (ix.entry(int(row)) for row in rows))
+            stored = ((e, self.store.read_bytes(e, for_decoding=True)) for e in (ix.entry(int(row)) for row in rows))
         else:
             stored = self._streamed(rows, stored_order)
         for e, data in stored:

@@ -156,3 +156,15 @@ def test_worker_samples_are_born_in_shared_memory(stores, codec, dequantize):
     flags = list(dl)
     assert len(flags) == 12 and all(f and all(f.values()) for f in flags), flags[0]
     assert all(set(f) == ({"features", "features_scales"} if not dequantize else {"features"}) for f in flags)
+
+
+def storages_in_worker(sample: dict) -> int:
+    """collate_fn, run inside the DataLoader worker: how many distinct storages the sample's tensors use."""
+    return len({v.untyped_storage().data_ptr() for v in sample.values() if isinstance(v, torch.Tensor)})
+
+
+def test_int8_values_and_scales_cross_as_one_storage(stores):
+    # each storage a worker hands over costs a passed file descriptor: values and scales share one
+    dl = torch.utils.data.DataLoader(stream(stores / "int8", dequantize=False), batch_size=None, num_workers=1,
+                                     collate_fn=storages_in_worker)
+    assert list(dl) == [1] * 12

@@ -60,6 +60,7 @@ class Quantized:
     dtype: torch.dtype
     bound: dict[str, float] = field(default_factory=dict)
     levels: int = 0  # the largest |value| the encoder allowed (0: unknown)
+    packed: torch.Tensor | None = None  # both scales in one tensor, when decoded that way
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The decoded tensor (``dtype`` defaults to the stored dtype)."""
@@ -68,9 +69,11 @@ class Quantized:
     def packed_scales(self) -> torch.Tensor:
         """Both scales in one float32 tensor, ``[C + P * blocks]``: channel scales, then token scales.
 
-        One tensor, not two, because every tensor a DataLoader worker returns costs a file descriptor
-        handed to the main process (about a millisecond each on the machine we measured).
+        One tensor, not two, because every storage a DataLoader worker returns costs a file descriptor
+        handed to the main process.
         """
+        if self.packed is not None:
+            return self.packed
         out = empty_tensor((self.channel_scale.numel() + self.token_scale.numel(),), torch.float32)
         out[:self.channel_scale.numel()] = self.channel_scale
         out[self.channel_scale.numel():] = self.token_scale.reshape(-1)
@@ -103,11 +106,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool = True) -> torch.Tensor:
     """An uninitialised, aligned CPU tensor; in a DataLoader worker it lives in shared memory, so handing it to
     the main process costs no copy (torch would otherwise copy every tensor a worker returns into shared memory).
     """
-    if torch.utils.data.get_worker_info() is None:
+    if not shared or torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
@@ -206,11 +209,15 @@ def unzstd_into(frame: memoryview, out: np.ndarray, what: str) -> None:
         raise RecordError(f"{what}: zstd frame holds other than the {out.nbytes} bytes its header claims")
 
 
-def scratch(nbytes: int) -> np.ndarray:
-    """This thread's reusable uint8 buffer of at least ``nbytes`` (no fresh pages to fault in per record)."""
-    buf = getattr(_tls, "scratch", None)
+def scratch(nbytes: int, slot: str = "planes") -> np.ndarray:
+    """This thread's reusable uint8 buffer ``slot`` of ``nbytes`` (no fresh pages to fault in per record); valid
+    until this thread asks for the same slot again."""
+    buffers = getattr(_tls, "scratch", None)
+    if buffers is None:
+        buffers = _tls.scratch = {}
+    buf = buffers.get(slot)
     if buf is None or buf.nbytes < nbytes:
-        buf = _tls.scratch = np.empty(nbytes, dtype=np.uint8)
+        buf = buffers[slot] = np.empty(nbytes, dtype=np.uint8)
     return buf[:nbytes]
 
 
@@ -399,14 +406,24 @@ def _decode_int8(fields: Mapping[str, Any], payload: memoryview, dtype: torch.dt
     if verify:
         _check_crc(fields, payload)
     cs, ts, qb = int8_sizes(fields, shape)
-    tokens, channels, per_token = int8_layout(shape, int(fields.get("block", 0)))
-    channel_scale = view_or_copy(payload[:cs], torch.float32, (channels,))
-    token_scale = view_or_copy(payload[cs:cs + ts], torch.float32, (*shape[:-1], per_token))
-    values = empty_tensor(shape, torch.int8)
-    unzstd_into(payload[cs + ts:cs + ts + qb], values.view(-1).view(torch.uint8).numpy(), f"tensor {fields['name']!r}")
+    _, channels, per_token = int8_layout(shape, int(fields.get("block", 0)))
     bound = {k: float(v) for k, v in (fields.get("bound") or {}).items()}
-    qt = Quantized(values, channel_scale, token_scale, dtype, bound)
-    return qt if not dequantize else qt.dequantize()
+    frame, what, numel = payload[cs + ts:cs + ts + qb], f"tensor {fields['name']!r}", math.prod(shape)
+    if dequantize:
+        values = torch.empty(shape, dtype=torch.int8)  # a temporary: only the dequantized tensor is kept
+        unzstd_into(frame, values.view(-1).view(torch.uint8).numpy(), what)
+        channel_scale = view_or_copy(payload[:cs], torch.float32, (channels,))
+        token_scale = view_or_copy(payload[cs:cs + ts], torch.float32, (*shape[:-1], per_token))
+        return Quantized(values, channel_scale, token_scale, dtype, bound).dequantize()
+    # Values and both scales in one (shared-memory, in a worker) buffer: a sample whose tensors are views of
+    # one storage crosses to the main process as one file descriptor. Stored scales are already packed.
+    scales_at = numel + padding_for(numel)
+    buf = empty_tensor((scales_at + cs + ts,), torch.uint8)
+    unzstd_into(frame, buf[:numel].numpy(), what)
+    buf[scales_at:].numpy()[:] = np.frombuffer(payload[:cs + ts], dtype=np.uint8)
+    packed = buf[scales_at:].view(torch.float32)
+    return Quantized(buf[:numel].view(torch.int8).view(shape), packed[:channels],
+                     packed[channels:].view(*shape[:-1], per_token), dtype, bound, packed=packed)
 
 
 # --- dispatch --------------------------------------------------------------------------------------------
