@@ -183,8 +183,9 @@ def _build_model_args(p: argparse.ArgumentParser) -> None:
                    help="torch device: cpu, cuda or cuda:N; falls back to cpu with a warning when CUDA is absent; "
                         "under torchrun each rank uses cuda:LOCAL_RANK (default: cuda:0, or $DEVICE)")
     g.add_argument("--batch-size", type=int,
-                   help="images per forward pass; halved automatically on CUDA out of memory (default: 16, or "
-                        "$BATCH_SIZE)")
+                   help="images per forward pass (--context sample: frame streams per step, which sets the KV "
+                        "cache memory, see docs/building.md); halved automatically on CUDA out of memory "
+                        "(default: 16, or $BATCH_SIZE)")
     g.add_argument("--compile", action="store_true", help="run the model under torch.compile (faster on GPU after warm-up)")
     g.add_argument("--num-workers", type=int, default=DEFAULT_WORKERS,
                    help="DataLoader processes decoding images (0: decode in the main process); one decodes roughly "
