@@ -217,11 +217,15 @@ def test_sample_lookup_by_relative_paths(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["record-appended:3", "shard-after-rename:1", "batch-queued:2"])
-def test_sigkill_then_resume_samples(tmp_path, point):
+@pytest.mark.parametrize("point,batch", [("record-appended:3", "3"), ("shard-after-rename:1", "3"),
+                                         ("batch-queued:2", "3"), ("shard-after-rename:1", "1")])
+def test_sigkill_then_resume_samples(tmp_path, point, batch):
+    """A resumed build has every record once, with the features of an uninterrupted build: bit for bit at
+    --batch-size 1; at B=3 the resumed run batches the remaining samples differently, and BLAS (MKL on AVX2)
+    rounds differently by matrix shape, so within the documented 2e-5 of B>1 (measured 4.8e-7)."""
     root = copy_sample(tmp_path / "d", patterns=("*.jpg", "*.png"))
     clean = copy_sample(tmp_path / "clean", patterns=("*.jpg", "*.png"))
-    args = ("--history", "2", "--shard-size", "100KB")
+    args = ("--history", "2", "--shard-size", "100KB", "--batch-size", batch)
     assert run_cli(*context_args(clean, *args)).returncode == 0
     r = run_cli(*context_args(root, *args), env={"FEATSTORE_KILL_AT": point})
     assert r.returncode == -9, f"expected SIGKILL at {point}: {r.returncode} {r.stderr[-2000:]}"
@@ -230,7 +234,11 @@ def test_sigkill_then_resume_samples(tmp_path, point):
     got, want = featstore.open_store(root / "vggt_featstore"), featstore.open_store(clean / "vggt_featstore")
     assert got.keys() == want.keys() and len(got) == 12
     for k in want.keys():
-        assert torch.equal(got[k], want[k]), k
+        assert got.record(k).meta == want.record(k).meta, k
+        if batch == "1":
+            assert torch.equal(got[k], want[k]), k
+        else:
+            assert (got[k] - want[k]).abs().max().item() <= 2e-5, k
     assert not [p for p in (root / "vggt_featstore" / "shards").iterdir() if p.name.startswith(".")]
 
 
@@ -354,6 +362,6 @@ def test_job_array_parts_over_samples_then_merge(tmp_path):
     assert run_inproc("merge", str(root / "vggt_featstore")).returncode == 0
     got, want = featstore.open_store(root / "vggt_featstore"), featstore.open_store(clean / "vggt_featstore")
     assert got.keys() == want.keys() and len(got) == 12
-    for k in want.keys():
-        assert torch.equal(got[k], want[k]), k
+    for k in want.keys():  # each part batches its own trees: equal within B>1's bound, as under torchrun
+        assert (got[k] - want[k]).abs().max().item() <= 2e-5, k
     assert read_manifest(root / "vggt_featstore" / "manifest.json")["context"]["mode"] == "sample"
