@@ -39,9 +39,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import featstore  # noqa: E402
+from featstore.formats.layout import PER_IMAGE_MANIFEST
 from featstore.export import export_to_shards  # noqa: E402
 from featstore.formats.codecs import CODECS, unshuffle_into, unzstd  # noqa: E402
-from featstore.formats.manifest import PER_IMAGE_MANIFEST, new_manifest, write_manifest  # noqa: E402
+from featstore.formats.manifest import new_manifest, write_manifest
 from featstore.formats.perimage import write_pt  # noqa: E402
 from featstore.formats.storage import parse_location, storage_options_from_json  # noqa: E402
 from featstore.formats.record import Record, decode_header  # noqa: E402

@@ -34,7 +34,8 @@ def make_store(out: Path, n: int) -> float:
     """Write ``n`` synthetic records into shards + index + manifest at ``out``; returns seconds."""
     import torch
 
-    from featstore.formats.index import INDEX_NAME, write_index
+    from featstore.formats.index import write_index
+    from featstore.formats.layout import INDEX_NAME
     from featstore.formats.manifest import new_manifest, write_manifest
     from featstore.formats.record import Record, encode_record
     from featstore.formats.shards import ShardWriter, sha256_file

@@ -37,21 +37,19 @@ from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.faults import crash_point
-from featstore.formats.index import INDEX_NAME
-from featstore.formats.manifest import (MISSING_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_SUFFIX, SHARD_MANIFEST,
-                                        parse_manifest, read_manifest, shape_key)
+from featstore.formats.manifest import parse_manifest, read_manifest, shape_key
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import (SHARDS_DIR, ShardWriter, parse_shard_name, read_record_meta,
-                                      read_record_meta_at, salvage_shard)
+from featstore.formats.shards import (ShardWriter, parse_shard_name, read_record_meta, read_record_meta_at,
+                                      salvage_shard)
 from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_location, publish_json, redact,
                                        reset_staging_dir, staging_dir)
 from featstore.fsutil import atomic_write_bytes, is_temp_name, remove_dead_temps
-from featstore.lock import LOCK_NAME, BuildLock, StorageLock
+from featstore.lock import BuildLock, StorageLock
 from featstore.options import check_build_options, check_output_writable, shown
 from featstore.staleness import frames_changed, is_checkable, source_changed
-from featstore.merge import (PARTS_DIR, PER_IMAGE_STATE_DIR, collect_entries, list_store_shards, merge_per_image_store,
-                             merge_shard_store, per_image_manifest_path, wait_for_parts, write_part)
+from featstore.merge import (collect_entries, list_store_shards, merge_per_image_store, merge_shard_store,
+                             per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
                                 PerImageSink, ShardSink, StepDataset, WorkItem, make_loader,
@@ -59,12 +57,11 @@ from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, D
 from featstore.preprocess import to_unit_float
 from featstore.samples import SampleItem, kept_index, stream_order
 from featstore.schedule import Step, plan_steps
+from featstore.formats.layout import BUILD_CONFIG, DEFAULT_SHARD_BYTES, INDEX_NAME, LOCK_NAME, MISSING_LEDGER, PARTS_DIR, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_STATE_DIR, PER_IMAGE_SUFFIX, SHARDS_DIR, SHARD_MANIFEST, STORE_DIR, rank_lock_name
 
 log = logging.getLogger("featstore")
 DECODE_CHUNK = 4  # images a decode worker sends at once
 NAMED_MODELS = ("tiny", "vggt-1b-random")
-BUILD_CONFIG = "build.json"
-DEFAULT_OUT_NAME = "vggt_featstore"
 
 
 @dataclass
@@ -92,7 +89,7 @@ class BuildOptions:
     autocast: bool = False  # fp32 weights under torch.autocast (bf16), as JanusVLN's forward runs VGGT
     apply_exif: bool = False
     tokens: str = "patch"
-    shard_size: int = 1_000_000_000
+    shard_size: int = DEFAULT_SHARD_BYTES
     shard_prefix: str = "vggt"
     skip_existing: bool = True
     rebuild_stale: bool = False
@@ -203,7 +200,7 @@ class Build:
             # A remote store's shards are written in a local staging folder and uploaded once complete.
             self.store: Storage = (parse_location(str(opts.out), opts.storage_options) if self.remote else
                                    LocalStorage(Path(opts.out).resolve() if opts.out else
-                                                self.data_root / DEFAULT_OUT_NAME))
+                                                self.data_root / STORE_DIR))
             self.out = staging_dir(self.store, self.gid) if self.remote else self.store.local_path()
             self.cache_root = None
             self.state_dir = self.out / PARTS_DIR
@@ -985,7 +982,7 @@ def _log_sample_discovery(found: Any, ledger: Path | str) -> None:
 
 def _build_lock(b: Build, lock_name: str) -> BuildLock | StorageLock:
     if b.remote:
-        name = LOCK_NAME if b.gid == 0 else f"{LOCK_NAME}-{lock_name}"
+        name = LOCK_NAME if b.gid == 0 else rank_lock_name(lock_name)
         return StorageLock(b.store, name, command=f"featstore build (rank {b.gid})")
     if b.gid == 0:
         return BuildLock(b.out, command=f"featstore build (rank {b.gid})")
@@ -997,7 +994,7 @@ class _RankLock(BuildLock):
 
     def __init__(self, directory: Path, name: str):
         super().__init__(directory, command=f"featstore build ({name})")
-        self.path = Path(directory) / f".featstore.lock-{name}"
+        self.path = Path(directory) / rank_lock_name(name)
 
 
 def _merge(b: Build) -> dict[str, Any]:

@@ -300,9 +300,8 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from featstore.errors import StoreError
-    from featstore.formats.manifest import PER_IMAGE_MANIFEST, SHARD_MANIFEST
-    from featstore.formats.shards import SHARDS_DIR
-    from featstore.merge import PARTS_DIR, PER_IMAGE_STATE_DIR, merge_per_image_store, merge_shard_store
+    from featstore.formats.layout import PARTS_DIR, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARD_MANIFEST, SHARDS_DIR
+    from featstore.merge import merge_per_image_store, merge_shard_store
 
     log = logging.getLogger("featstore")
     if isinstance(args.store, str):  # a URL: a remote shard store
@@ -327,7 +326,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _merge_remote(url: str, args: argparse.Namespace) -> int:
     from featstore.errors import StoreError
     from featstore.formats.storage import parse_location
-    from featstore.merge import PARTS_DIR, list_store_shards, merge_shard_store
+    from featstore.formats.layout import PARTS_DIR
+    from featstore.merge import list_store_shards, merge_shard_store
 
     log = logging.getLogger("featstore")
     try:

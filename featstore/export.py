@@ -27,17 +27,16 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from featstore.formats.layout import DEFAULT_SHARD_BYTES, INDEX_NAME, PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, SHARDS_DIR, SHARD_MANIFEST
 from featstore.errors import FeatstoreError, RecordError, StoreError
 from featstore.formats.aliases import write_alias_index
-from featstore.formats.index import INDEX_NAME, Index, IndexEntry, write_index
+from featstore.formats.index import Index, IndexEntry, write_index
 from featstore.formats.keys import is_safe_relative_key
-from featstore.formats.manifest import (PER_IMAGE_MANIFEST, SHARD_MANIFEST, find_manifest, new_manifest,
-                                        read_manifest, shape_key, write_manifest)
+from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, shape_key, write_manifest
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.codecs import CODECS, check_codec
 from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
-from featstore.formats.shards import (DEFAULT_SHARD_BYTES, SHARDS_DIR, ShardWriter, iter_shard_records,
-                                      parse_shard_name, sha256_file)
+from featstore.formats.shards import ShardWriter, iter_shard_records, parse_shard_name, sha256_file
 from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
@@ -70,7 +69,7 @@ def safe_destination(key: str, root: Path) -> Path:
     if not is_safe_relative_key(key):
         raise RecordError(f"refusing key {key!r}: it is absolute or contains '..', so its cache would land "
                           f"outside {root}")
-    dest = root / (key + ".vggt_cache.pt")
+    dest = root / (key + PER_IMAGE_SUFFIX)
     real_root = os.path.realpath(root)
     real_parent = os.path.realpath(dest.parent)
     if real_parent != real_root and not real_parent.startswith(real_root.rstrip(os.sep) + os.sep):
@@ -192,7 +191,7 @@ def _per_image_source(data_root: Path) -> Source:
 
 
 def _pt_reader(croot: Path) -> Callable[[str], Record]:
-    return lambda key: read_pt(croot / (key + ".vggt_cache.pt"), key=key)
+    return lambda key: read_pt(croot / (key + PER_IMAGE_SUFFIX), key=key)
 
 
 def _shard_source(store: ShardStore) -> Source:
@@ -342,7 +341,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=("per-image", "shards"), help="the layout to write")
     p.add_argument("--out", type=Path, help="per-image: mirror caches under this folder instead of beside the "
                                             "images; shards: the new store folder (required)")
-    p.add_argument("--shard-size", type=parse_size, default=1_000_000_000, help="target shard size (shards only)")
+    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="target shard size (shards only)")
     p.add_argument("--shard-prefix", default="vggt", help="shard file name prefix (shards only)")
     p.add_argument("--codec", choices=CODECS, default="zstd",
                    help="shards only: codec of every tensor (zstd lossless, raw uncompressed, int8 lossy with its "

@@ -40,17 +40,16 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from featstore.formats.layout import ALIAS_INDEX, INDEX_NAME, PER_IMAGE_SUFFIX, RECORD_EXT, SHARDS_DIR
 from featstore.env import data_root_override, dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
-from featstore.formats.aliases import ALIAS_INDEX
-from featstore.formats.index import INDEX_NAME, Index, IndexEntry, local_index_file
-from featstore.formats.keys import RECORD_EXT, encode_key, key_for_path, key_under, root_prefixes
-from featstore.formats.manifest import (PER_IMAGE_SUFFIX, find_manifest, new_manifest, read_manifest,
-                                        read_store_manifest)
+from featstore.formats.index import Index, IndexEntry, local_index_file
+from featstore.formats.keys import encode_key, key_for_path, key_under, root_prefixes
+from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, read_store_manifest
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.codecs import dequantize_int8, empty_tensor, scratch, unpack_scales
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
-from featstore.formats.shards import SHARDS_DIR, iter_shard_records
+from featstore.formats.shards import iter_shard_records
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
 from featstore.fsutil import is_temp_name

@@ -17,10 +17,10 @@ from typing import Any
 
 from featstore.errors import LockError
 from featstore.formats.storage import Storage
+from featstore.formats.layout import LOCK_NAME
 
 log = logging.getLogger("featstore")
 
-LOCK_NAME = ".featstore.lock"
 
 
 def _pid_alive(pid: int) -> bool:

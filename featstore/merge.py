@@ -20,20 +20,17 @@ from typing import Any, Iterable
 
 from featstore.errors import StoreError
 from featstore.formats.aliases import write_alias_index
-from featstore.formats.index import INDEX_NAME, Index, write_index
-from featstore.formats.manifest import (FAILURES_LEDGER, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, REQUIRED,
-                                        SHARD_MANIFEST, new_manifest, read_manifest, read_store_manifest, shape_key,
+from featstore.formats.index import Index, write_index
+from featstore.formats.manifest import (REQUIRED, new_manifest, read_manifest, read_store_manifest, shape_key,
                                         write_manifest)
-from featstore.formats.shards import (SHARDS_DIR, ShardEntry, ShardInfo, parse_shard_name, scan_shard,
-                                      sha256_file)
+from featstore.formats.shards import ShardEntry, ShardInfo, parse_shard_name, scan_shard, sha256_file
 from featstore.formats.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
                                        read_json, sha256_of)
 from featstore.faults import crash_point
 from featstore.fsutil import is_temp_name
+from featstore.formats.layout import FAILURES_LEDGER, INDEX_NAME, PARTS_DIR, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARDS_DIR, SHARD_MANIFEST
 
 log = logging.getLogger("featstore")
-PARTS_DIR = "parts"
-PER_IMAGE_STATE_DIR = ".featstore"
 PER_IMAGE_FAILURES = PER_IMAGE_FAILURES_LEDGER
 
 

@@ -45,13 +45,11 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 from featstore.errors import AnnotationError
 from featstore.samples import SampleItem, episode_samples, frames_of_record, make_sample
 from featstore.formats.keys import key_under, root_prefixes
-from featstore.formats.manifest import PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, PER_IMAGE_MISSING_LEDGER
+from featstore.formats.layout import BUILD_CONFIG, INDEX_NAME, OWN_FILE_NAMES, SHARDS_DIR, STORE_DIR
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
-OUTPUT_DIR_NAME = "vggt_featstore"
 ANNOTATION_JSON = "annotations.json"
 #: featstore's own files, never read as annotation sources wherever they lie.
-OWN_FILE_NAMES = frozenset({PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_MANIFEST})
 IMAGE_REF_FIELDS = ("images", "image", "history_images", "current_image")
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -167,7 +165,7 @@ def _is_annotation_name(name: str) -> bool:
 
 def _is_store_folder(names: set[str]) -> bool:
     """A folder featstore writes a shard store into (its contents are never sources)."""
-    return "index.fsi" in names or ("build.json" in names and "shards" in names)
+    return INDEX_NAME in names or (BUILD_CONFIG in names and SHARDS_DIR in names)
 
 
 def _listing(folder: str) -> list[os.DirEntry] | None:
@@ -203,7 +201,7 @@ def find_annotation_files(data_root: StrPath, exclude: Iterable[StrPath] = ()) -
                 continue
             try:
                 if e.is_dir():
-                    if e.name != OUTPUT_DIR_NAME:
+                    if e.name != STORE_DIR:
                         stack.append(e.path)
                 elif _is_annotation_name(e.name) and e.is_file():
                     found.append(e.path)
@@ -497,7 +495,7 @@ def _scan_folder(collector: _Collector, folder: str, real_folder: str, subdirs: 
         try:
             is_link = entry.is_symlink()
             if entry.is_dir():
-                if name == OUTPUT_DIR_NAME:
+                if name == STORE_DIR:
                     continue
                 if is_link:
                     linked.append((entry.path, os.path.realpath(entry.path)))

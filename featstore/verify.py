@@ -34,13 +34,13 @@ import torch
 from tqdm import tqdm
 
 from featstore.errors import AnnotationError, FeatstoreError, StoreError
-from featstore.formats.index import INDEX_NAME, Index, IndexEntry, local_index_file
+from featstore.formats.index import Index, IndexEntry, local_index_file
 from featstore.formats.keys import key_from_member
-from featstore.formats.manifest import (PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, find_manifest, read_manifest,
-                                        read_store_manifest, shape_key)
+from featstore.formats.manifest import find_manifest, read_manifest, read_store_manifest, shape_key
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, crc32_of, decode_record, dtype_name, lossy_max_abs
-from featstore.formats.shards import SHARDS_DIR, parse_shard_name
+from featstore.formats.layout import INDEX_NAME, LOCK_NAME, PARTS_DIR, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, PER_IMAGE_SUFFIX, SHARDS_DIR
+from featstore.formats.shards import parse_shard_name
 from featstore.formats.storage import (FsspecStorage, Storage, add_storage_options_argument, is_remote, local_copy,
                                        local_path_of, parse_location, redact, storage_options_of)
 from featstore.fsutil import is_temp_name
@@ -620,7 +620,7 @@ def verify_shard_store(location: Path | Storage, m: dict[str, Any], *, data_root
         report.skip("stale", "data root not found")
         report.skip("orphan", "data root not found")
     _stray_files(report, storage, ["", SHARDS_DIR])
-    for leftover in ("parts", ".featstore.lock"):
+    for leftover in (PARTS_DIR, LOCK_NAME):
         if _leftover(storage, leftover):
             report.add("stray", storage.describe(leftover), "a build is running or was interrupted",
                        f"wait for the build, or re-run `{m['_rebuild_cmd']}` to finish it")
@@ -766,8 +766,8 @@ def verify_per_image(mpath: Path | None, root: Path, m: dict[str, Any], *, data_
                 p = os.path.join(dirpath, name)
                 report.add("stray", p, "temporary file left by an interrupted writer",
                            f"if no featstore build is running, delete {p}")
-    if (croot / ".featstore").exists():
-        report.add("stray", str(croot / ".featstore"), "a build is running or was interrupted",
+    if (croot / PER_IMAGE_STATE_DIR).exists():
+        report.add("stray", str(croot / PER_IMAGE_STATE_DIR), "a build is running or was interrupted",
                    f"wait for it, or re-run `{m['_rebuild_cmd']}` to finish it")
     keys = list(scan_per_image(croot))
     todo = keys

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import featstore
+from featstore.formats.layout import SHARDS_DIR
 from featstore.cli import main
 from featstore.formats.record import Record, decode_header, encode_record
-from featstore.formats.shards import SHARDS_DIR, ShardWriter
+from featstore.formats.shards import ShardWriter
 from featstore.loader import open_store, stream
 from featstore.merge import merge_shard_store
 from tests.featstore_helpers import build, copy_images, problem_keys, run_verify

@@ -13,8 +13,9 @@ import torch
 import webdataset as wds
 
 import featstore
+from featstore.formats.layout import SHARDS_DIR
 from featstore.formats.record import encode_record
-from featstore.formats.shards import SHARDS_DIR, ShardWriter
+from featstore.formats.shards import ShardWriter
 from featstore.formats.keys import encode_key
 from featstore.loader import decode_sample, open_store, stream
 from featstore.merge import merge_shard_store

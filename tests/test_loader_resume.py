@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from featstore.formats.layout import SHARDS_DIR
 from featstore.errors import StoreError
 from featstore.formats.record import Record, encode_record
-from featstore.formats.shards import SHARDS_DIR, ShardWriter
+from featstore.formats.shards import ShardWriter
 from featstore.loader import buffer_shuffle, round_robin_taken, stream
 from featstore.merge import merge_shard_store
 from tests.featstore_helpers import REPO_ROOT

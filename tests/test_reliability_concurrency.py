@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from featstore.formats.layout import LOCK_NAME
 from featstore.errors import LockError
 from featstore.formats.index import Index
-from featstore.lock import LOCK_NAME, BuildLock, read_lock
+from featstore.lock import BuildLock, read_lock
 from tests.buildutil import REPO, build_args, make_images, run_cli
 
 IS_ROOT = os.geteuid() == 0

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from featstore.formats.index import INDEX_NAME, Index, write_index
+from featstore.formats.layout import INDEX_NAME, SHARDS_DIR
+from featstore.formats.index import Index, write_index
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.record import encode_record
-from featstore.formats.shards import SHARDS_DIR, ShardEntry, ShardWriter
+from featstore.formats.shards import ShardEntry, ShardWriter
 from featstore.loader import open_store
 from featstore.merge import merge_shard_store
 from tests.featstore_helpers import build, copy_images, problem_keys, run_verify

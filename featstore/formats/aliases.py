@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from featstore.formats.index import write_index
-from featstore.formats.shards import SHARDS_DIR, ShardEntry, read_record_meta
+from featstore.formats.shards import ShardEntry, read_record_meta
 from featstore.samples import SAMPLE_KEY_PREFIX, sample_key
+from featstore.formats.layout import ALIAS_INDEX, SHARDS_DIR
 
-ALIAS_INDEX = "aliases.fsi"
 
 
 def frames_digest(meta: dict) -> str | None:

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-RECORD_EXT = "fsr"  # featstore record: one tar member per image, "<encoded key>.fsr"
+from featstore.formats.layout import RECORD_EXT
+
 
 
 def encode_key(key: str) -> str:

@@ -13,20 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from featstore.errors import StoreError
 from featstore.fsutil import atomic_write_json
+from featstore.formats.layout import PER_IMAGE_FORMAT, PER_IMAGE_MANIFEST, SHARD_FORMAT, SHARD_MANIFEST, STORE_DIR
 
 if TYPE_CHECKING:
     from featstore.formats.storage import Storage
 
 SCHEMA_VERSION = 1
-SHARD_MANIFEST = "manifest.json"
-PER_IMAGE_MANIFEST = "vggt_cache_manifest.json"
-PER_IMAGE_SUFFIX = ".vggt_cache.pt"
-PER_IMAGE_FORMAT = "<image_path>.vggt_cache.pt"
-SHARD_FORMAT = "featstore-shards"
-FAILURES_LEDGER = "failures.jsonl"
-MISSING_LEDGER = "missing.jsonl"  # annotated images that do not exist: {"key", "path", "annotation", "line"}
-PER_IMAGE_FAILURES_LEDGER = "vggt_cache_failures.jsonl"
-PER_IMAGE_MISSING_LEDGER = "vggt_cache_missing.jsonl"
 REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")
 
 
@@ -134,8 +126,8 @@ def find_manifest(path: Path) -> Path:
     for name in (SHARD_MANIFEST, PER_IMAGE_MANIFEST):
         if (path / name).is_file():
             return path / name
-    if (path / "vggt_featstore" / SHARD_MANIFEST).is_file():
-        return path / "vggt_featstore" / SHARD_MANIFEST
+    if (path / STORE_DIR / SHARD_MANIFEST).is_file():
+        return path / STORE_DIR / SHARD_MANIFEST
     raise StoreError(f"no featstore manifest under {path}: expected {SHARD_MANIFEST} (shard store) or "
                      f"{PER_IMAGE_MANIFEST} (per-image caches); run `featstore build` first")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from featstore.formats.layout import PER_IMAGE_SUFFIX
 from featstore.errors import RecordError, describe_load_error
 from featstore.formats.keys import is_safe_relative_key
-from featstore.formats.manifest import PER_IMAGE_SUFFIX
 from featstore.formats.record import Record, record_from_pt, record_to_pt
 from featstore.fsutil import atomic_write_bytes
 

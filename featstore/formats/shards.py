@@ -11,7 +11,6 @@ import collections
 import contextlib
 import hashlib
 import os
-import re
 import struct
 import tarfile
 import time
@@ -24,13 +23,11 @@ from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
 from featstore.faults import crash_point
 from featstore.fsutil import TMP_MARKER, disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
+from featstore.formats.layout import DEFAULT_SHARD_BYTES, SHARD_RE, SHARDS_DIR, shard_name
 
 if TYPE_CHECKING:
     from featstore.formats.storage import Storage
 
-SHARDS_DIR = "shards"
-SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
-DEFAULT_SHARD_BYTES = 1 << 30
 BLOCK = 512
 RECORD_SIZE = 20 * BLOCK  # tar archives end padded to a multiple of this
 
@@ -56,10 +53,6 @@ class ShardInfo:
     bytes: int
     sha256: str
 
-
-def shard_name(prefix: str, rank: int, n: int) -> str:
-    """The webdataset-style name of shard ``n`` written by ``rank``."""
-    return f"{prefix}-{rank:05d}-{n:06d}.tar"
 
 
 def parse_shard_name(name: str) -> tuple[str, int, int] | None:
