@@ -23,7 +23,7 @@ from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import Index, write_index
 from featstore.formats.manifest import (REQUIRED, new_manifest, read_manifest, read_store_manifest, shape_key,
                                         write_manifest)
-from featstore.formats.shards import ShardEntry, ShardInfo, parse_shard_name, scan_shard, sha256_file
+from featstore.formats.shards import ShardEntry, ShardInfo, parse_shard_name, scan_stored_shard, sha256_file
 from featstore.formats.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
                                        read_json, sha256_of)
 from featstore.faults import crash_point
@@ -119,8 +119,7 @@ def collect_entries(out_dir: Path | Storage) -> tuple[list[str], dict[str, list[
     for name in shards:
         if name not in known:
             log.info("scanning shard %s (not yet indexed)", name)
-            with local_copy(store, f"{SHARDS_DIR}/{name}") as path:
-                known[name] = scan_shard(path)
+            known[name] = scan_stored_shard(store, name)
     return shards, known
 
 

@@ -1,4 +1,5 @@
-"""Tar shards: the writer (temporary name, size rollover, rename on close) and member reading.
+"""Tar shards: the writer (temporary name, size rollover, rename on close) and the one tar walker every reader
+of whole shards uses (scan, merge, salvage, verify).
 
 Shards are plain POSIX tar files named like webdataset shards, ``<prefix>-<rank>-<n>.tar``, holding one
 member ``<encoded key>.fsr`` per record (see :mod:`featstore.formats.keys`). A shard becomes visible under
@@ -10,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import os
 import struct
 import tarfile
@@ -200,19 +202,14 @@ def _complete_prefix(path: Path) -> tuple[int, int]:
     """(bytes, records) of the leading members of an unfinished shard that are whole and decode."""
     from featstore.formats.record import decode_record
 
-    size, end, count = path.stat().st_size, 0, 0
+    end = count = 0
     try:
-        with tarfile.open(path, mode="r:") as tar, open(path, "rb") as f:
-            for m in tar:
-                stop = m.offset_data + m.size
-                if not m.isfile() or stop > size:
+        with open(path, "rb") as f:
+            for m in walk_shard(f, str(path)):
+                if key_from_member(m.name) != decode_record(m.data, verify=True).key:
                     break
-                f.seek(m.offset_data)
-                rec = decode_record(f.read(m.size), verify=True)
-                if key_from_member(m.name) != rec.key:
-                    break
-                end, count = stop + (-m.size % BLOCK), count + 1
-    except (tarfile.TarError, EOFError, OSError, RecordError):
+                end, count = m.offset + len(m.data) + (-len(m.data) % BLOCK), count + 1
+    except (BrokenShardError, RecordError, OSError):
         pass
     return end, count
 
@@ -239,29 +236,89 @@ def salvage_shard(tmp: Path, fsync: bool = True) -> tuple[str, int] | None:
     return final.name, count
 
 
-def iter_shard_members(path: Path) -> Iterator[tuple[str, int, int]]:
-    """Yield (member name, data offset, size) for every regular member of a tar shard, reading headers only."""
+class BrokenShardError(StoreError):
+    """A shard's tar structure cannot be read to its end (truncated, overwritten, not a tar file)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"shard {where} is not a readable tar file ({reason}); rebuild it or remove it and resume "
+                         f"the build")
+        self.where, self.reason = where, reason
+
+
+class HashingReader(io.RawIOBase):
+    """A sequential reader that hashes (sha256) and counts every byte it hands out, so one pass over a shard
+    yields its tar members and its checksum."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:  # type: ignore[override]
+        data = self.f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.pos += n
+        return n
+
+    def drain(self, chunk: int = 1 << 22) -> None:
+        """Read (and hash) whatever the walk left unread: the end-of-archive padding, or the rest of a broken
+        shard."""
+        while self.read(chunk):
+            pass
+
+    def hexdigest(self) -> str:
+        """sha256 of the bytes read so far."""
+        return self.sha.hexdigest()
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One regular member of a shard: its name, the offset of its data in the shard, and the data."""
+
+    name: str
+    offset: int
+    data: bytes
+
+
+def walk_shard(f: BinaryIO, where: str) -> Iterator[TarMember]:
+    """Every regular member of the tar stream ``f``, in order, in one sequential pass (wrap ``f`` in a
+    :class:`HashingReader` to checksum the same bytes). Raises :class:`BrokenShardError` when the tar
+    structure breaks, e.g. a member cut short."""
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(fileobj=f, mode="r|") as tar:  # type: ignore[call-overload]
             for m in tar:
                 if m.isfile():
-                    yield m.name, m.offset_data, m.size
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise StoreError(f"shard {path} is not a readable tar file ({e}); rebuild it or remove it and resume "
-                         f"the build") from None
+                    member = tar.extractfile(m)
+                    yield TarMember(m.name, m.offset_data, member.read() if member is not None else b"")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise BrokenShardError(where, str(e)) from None
+
+
+def entries_of_stream(f: BinaryIO, where: str) -> list[ShardEntry]:
+    """The index entries of the shard streamed by ``f``, rebuilt from its members' record headers."""
+    entries = []
+    for m in walk_shard(f, where):
+        key = key_from_member(m.name)
+        if key is None:
+            raise StoreError(f"shard {where} has an unexpected member {m.name!r}")
+        entries.append(entry_from_record_bytes(key, m.offset, m.data))
+    return entries
 
 
 def scan_shard(path: Path) -> list[ShardEntry]:
-    """Rebuild a shard's index entries by reading its tar headers and record headers."""
-    entries = []
+    """Rebuild the index entries of the local shard ``path``."""
     with open(path, "rb") as f:
-        for name, off, size in iter_shard_members(path):
-            key = key_from_member(name)
-            if key is None:
-                raise StoreError(f"shard {path} has an unexpected member {name!r}")
-            f.seek(off)
-            entries.append(entry_from_record_bytes(key, off, f.read(size)))
-    return entries
+        return entries_of_stream(f, str(path))
+
+
+def scan_stored_shard(storage: "Storage", shard: str) -> list[ShardEntry]:
+    """Rebuild the index entries of ``shards/<shard>`` of a store, local or remote, in one streamed read."""
+    name = f"{SHARDS_DIR}/{shard}"
+    with storage.open_sequential(name) as f:
+        return entries_of_stream(f, storage.describe(name))
 
 
 def read_record_meta(fd: int, offset: int) -> dict:
