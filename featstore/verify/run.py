@@ -1,0 +1,105 @@
+"""The entry of ``featstore verify``: find what PATH is (a shard store, local or remote, or per-image caches),
+check it, and optionally recompute records with the model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from featstore.errors import StoreError
+from featstore.formats.manifest import find_manifest, read_manifest, read_store_manifest
+from featstore.formats.storage import Storage, is_remote, local_path_of, parse_location
+from featstore.verify.checks import Expectations
+from featstore.verify.fixes import rebuild_command
+from featstore.verify.per_image import per_image_expectations, verify_per_image
+from featstore.verify.recompute import recompute, recorded_model
+from featstore.verify.report import Report
+from featstore.verify.shard_store import verify_shard_store
+
+
+@dataclass
+class Target:
+    """What verify was pointed at: a shard store (``storage``) or per-image caches (``root``), and its manifest."""
+
+    manifest: dict[str, Any]
+    manifest_path: Path | None  # None for a remote store or legacy caches without a manifest
+    storage: Storage | None = None  # shard stores
+    root: Path | None = None  # per-image caches: the manifest's folder
+
+
+def find_target(path: Path | str, storage_options: dict[str, Any] | None) -> Target:
+    """Resolve PATH (a store folder or URL, a cache or data root, or a manifest file); StoreError when it is
+    none of these."""
+    from featstore.loader import scan_per_image
+
+    if is_remote(path):
+        storage = parse_location(str(path), storage_options)
+        return Target(read_store_manifest(storage), None, storage=storage)
+    local = local_path_of(path)
+    if not local.exists():
+        raise StoreError(f"{local} does not exist; pass a shard store folder, a data root or a manifest")
+    try:
+        mpath: Path | None = find_manifest(local)
+    except StoreError:
+        if not (local.is_dir() and next(scan_per_image(local), None) is not None):
+            raise
+        mpath = None  # legacy caches without a manifest
+    m = read_manifest(mpath) if mpath is not None else {"layout": "per-image", "data_root": str(local)}
+    if m.get("layout") == "per-image":
+        return Target(m, mpath, root=mpath.parent if mpath is not None else local)
+    assert mpath is not None
+    return Target(m, mpath, storage=parse_location(mpath.parent))
+
+
+def checked_data_root(data_root: str | None) -> str | None:
+    """``--data-root`` made absolute; StoreError when it is not a folder."""
+    if data_root is None:
+        return None
+    if not Path(data_root).is_dir():
+        raise StoreError(f"--data-root {data_root} is not a directory; pass the folder that holds the images now")
+    return str(Path(data_root).resolve())
+
+
+def verify(path: Path | str, *, data_root: str | None = None, sample: int | None = None, seed: int = 0,
+           workers: int | None = None, progress: bool = False, recompute_n: int = 0, model: str | None = None,
+           device: str = "cpu", storage_options: dict[str, Any] | None = None) -> Report:
+    """Verify a shard store or per-image cache root; raises StoreError when verification cannot run.
+
+    ``path`` may be an fsspec URL of a shard store (``s3://bucket/prefix``); ``storage_options`` go to its backend.
+    ``recompute_n`` records are recomputed with ``model`` (default: the manifest's) on ``device``.
+    """
+    target = find_target(path, storage_options)
+    data_root = checked_data_root(data_root)
+    m = target.manifest
+    model_note = None
+    if recompute_n and not model:
+        model = recorded_model(m)
+        model_note = f"--recompute uses the manifest's model {model} (pass --model to choose another)"
+    kw = dict(data_root=data_root, sample=sample, seed=seed, workers=workers or min(8, os.cpu_count() or 1),
+              progress=progress)
+    if target.storage is not None:
+        ex = shard_store_expectations(target.storage, m, data_root)
+        report = verify_shard_store(target.storage, m, ex, **kw)  # type: ignore[arg-type]
+    else:
+        assert target.root is not None
+        ex = per_image_expectations(target.root, m, data_root)
+        report = verify_per_image(target.manifest_path, target.root, m, ex, **kw)  # type: ignore[arg-type]
+    if recompute_n:
+        assert model is not None
+        if model_note:
+            report.notes.append(model_note)
+        location = target.storage if is_remote(path) else local_path_of(path)
+        assert location is not None
+        recompute(report, location, model, recompute_n, seed, data_root, device, ex.rebuild)
+    else:
+        report.skip("recompute", "pass --recompute N")
+    return report
+
+
+def shard_store_expectations(storage: Storage, m: dict[str, Any], data_root: str | None) -> Expectations:
+    """What the records of a shard store are checked against, and the command that rebuilds them."""
+    droot = data_root or m.get("data_root")
+    out = storage.local_path() or storage.display
+    return Expectations.from_manifest(m, droot, rebuild_command(dict(m, data_root=droot), out, False))
