@@ -219,3 +219,100 @@ def test_could_not_run_exits_2(tmp_path):
     assert main(["verify", str(tmp_path / "nope"), "--no-progress"]) == 2
     (tmp_path / "empty").mkdir()
     assert main(["verify", str(tmp_path / "empty"), "--no-progress"]) == 2
+
+
+# --- fault kinds planted one by one: each test fails if its check is removed --------------------------------
+def plant(store: Path, rec, copies: int = 1) -> None:
+    """Write ``rec`` into a new shard (``copies`` times) and merge: the index then points at the planted copy."""
+    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 100, fsync=False)
+    for _ in range(copies):
+        w.write(rec.key, encode_record(rec))
+    w.close_shard()
+    merge_shard_store(store)
+
+
+def stored_record(store: Path, i: int):
+    st = open_store(store)
+    return st.record(sorted(st.keys())[i])
+
+
+def test_provenance_mismatch_in_shard_record(store, tmp_path):
+    rec = stored_record(store, 1)
+    rec.meta["model"] = "f" * 64  # made by another model than the manifest's
+    plant(store, rec)
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 1 and problem_keys(rep, "provenance") == {rec.key}, rep["problems"]
+    assert {p["kind"] for p in rep["problems"]} == {"provenance"}
+
+
+def test_provenance_of_a_per_image_file_holding_another_key(caches, tmp_path):
+    files = sorted(caches.rglob("*.vggt_cache.pt"))
+    shutil.copy(files[0], files[1])
+    key = str(files[1].relative_to(caches))[: -len(".vggt_cache.pt")]
+    rc, rep = run_verify(caches, tmp_path)
+    assert rc == 1 and key in problem_keys(rep, "provenance"), rep["problems"]
+    assert any("holds the record of" in p["message"] for p in rep["problems"] if p["kind"] == "provenance")
+
+
+def test_layout_mismatch_dtype_in_shard_record(store, tmp_path):
+    rec = stored_record(store, 2)
+    rec.tensors["features"] = rec.tensors["features"].to(torch.float16)  # the manifest says float32
+    plant(store, rec)
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 1 and problem_keys(rep, "layout") == {rec.key}, rep["problems"]
+
+
+def test_layout_mismatch_shape_in_per_image_file(caches, tmp_path):
+    key = "episodes/episode_000/frame.003.jpg"
+    p = caches / (key + ".vggt_cache.pt")
+    rec = read_pt(p)
+    rec.tensors["features"] = rec.tensors["features"][:, :-1]  # one token short: not among feature_shapes
+    write_pt(p, rec)
+    rc, rep = run_verify(caches, tmp_path)
+    assert rc == 1 and problem_keys(rep, "layout") == {key}, rep["problems"]
+
+
+def test_orphan_record_whose_image_is_gone(built, store, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(built / "data", data)
+    victim = "episodes/episode_000/frame.001.jpg"
+    (data / victim).unlink()
+    # --sample: the listing comparison is off, so only the record's own check can name the orphan.
+    rc, rep = run_verify(store, tmp_path, "--data-root", str(data), "--sample", "12")
+    assert rc == 1 and problem_keys(rep, "orphan") == {victim}, rep["problems"]
+    rc, rep = run_verify(store, tmp_path, "--data-root", str(data))
+    assert rc == 1 and problem_keys(rep, "orphan") == {victim}
+    assert len([p for p in rep["problems"] if p["kind"] == "orphan"]) == 1  # named once, not by both checks
+
+
+def test_duplicate_key_in_one_shard(store, tmp_path):
+    rec = stored_record(store, 4)
+    plant(store, rec, copies=2)
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 1 and problem_keys(rep, "duplicate") == {rec.key}, rep["problems"]
+
+
+def test_failing_recompute_names_the_record(store, tmp_path):
+    rc, rep = run_verify(store, tmp_path, "--recompute", "1", "--model", "tiny")
+    assert rc == 0, rep["problems"]
+    st = open_store(store)
+    rec = st.record(rep["recompute"]["worst_key"])  # the record --seed 0 picks
+    rec.tensors["features"] = rec.tensors["features"] * 1.05  # finite, right shape and dtype, wrong values
+    plant(store, rec)
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 0, rep["problems"]  # nothing but the model can tell
+    rc, rep = run_verify(store, tmp_path, "--recompute", "1", "--model", "tiny")
+    assert rc == 1 and problem_keys(rep, "recompute") == {rec.key}, rep["problems"]
+    assert rep["recompute"]["worst_key"] == rec.key and rep["recompute"]["worst_error"] > 1e-2
+
+
+def test_rank_locks_are_stray(store, caches, tmp_path):
+    from featstore.formats.layout import LOCK_NAME, rank_lock_name
+
+    lock = store / rank_lock_name("build-1")
+    lock.write_text("{}")
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 1 and problem_keys(rep, "stray") == {str(lock)}, rep["problems"]
+    (caches / LOCK_NAME).write_text("{}")
+    rc, rep = run_verify(caches, tmp_path)
+    assert rc == 1 and problem_keys(rep, "stray") == {str(caches / LOCK_NAME)}, rep["problems"]
