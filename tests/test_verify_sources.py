@@ -140,3 +140,36 @@ def test_recompute_uses_the_manifests_model(small_store, tmp_path):
 def test_bad_verify_numbers(tmp_path, bad):
     r = run_inproc("verify", str(tmp_path), *bad)
     assert r.returncode == 2 and r.stderr.startswith(f"[ERROR] {bad[0]} {bad[1]}: expected an integer"), r.stderr
+
+
+def test_orphan_feature_whose_image_left_the_annotations(tmp_path):
+    data = tmp_path / "d"
+    keys = make_images(data, 3)
+    ann = data / "lists" / "train.jsonl"
+    write_jsonl(ann, [{"images": keys}])
+    store = tmp_path / "store"
+    assert run_inproc(*build_args(data, "--out", str(store), "--annotations", str(ann))).returncode == 0
+    write_jsonl(ann, [{"images": keys[:2]}])  # the third image still exists, unchanged, but nothing lists it
+    rc, rep = run_verify(store, tmp_path)
+    assert rc == 1 and problem_keys(rep, "orphan") == {keys[2]}, rep["problems"]
+    assert next(p for p in rep["problems"] if p["kind"] == "orphan")["message"].endswith("not in the source listing")
+
+
+def test_bad_verify_device_is_one_error_line(tmp_path):
+    r = run_inproc("verify", str(tmp_path), "--device", "gpu")
+    assert r.returncode == 2 and r.stderr.startswith("[ERROR] --device gpu: not a device"), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+
+
+def test_recompute_runs_on_the_chosen_device(small_store, tmp_path):
+    import torch
+
+    r = run_inproc("verify", str(small_store), "--recompute", "1", "--device", "cuda", "--json", "-", "--no-progress")
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["recompute"]["checked"] == 1, r.stderr
+    if torch.cuda.is_available():
+        assert doc["recompute"]["device"] == "cuda"
+    else:
+        assert doc["recompute"]["device"] == "cpu" and "falling back to cpu" in r.stderr
+    r = run_inproc("verify", str(small_store), "--recompute", "1", "--json", "-", "--no-progress")
+    assert r.returncode == 0 and json.loads(r.stdout)["recompute"]["device"] == "cpu"  # the default
