@@ -14,7 +14,7 @@ def temp_file_findings(paths: Iterable[str]) -> list[Finding]:
     """A finding for each path whose file name is a writer's temporary name."""
     return [Finding("stray", p, "temporary file left by an interrupted writer",
                     f"if no featstore build is running, delete {p}")
-            for p in paths if is_temp_name(p.replace("\\", "/").rsplit("/", 1)[-1])]
+            for p in paths if is_temp_name(p.rsplit("/", 1)[-1])]
 
 
 def lock_names(names: Iterable[str]) -> list[str]:

@@ -108,10 +108,12 @@ def unlisted_findings(keys: list[str], paths: dict[str, Path], failed: dict[str,
     out = []
     for n, key in enumerate(keys):
         reason = failed.get(key) or (decode_problem(paths[key], mode) if n < PROBE_MISSING and key in paths else None)
-        what = "image" if key in paths else "sample (a frame)"
+        image = key in paths  # a sample store's keys have no single image
         if reason:
+            what = "image" if image else "sample (a frame)"
             out.append(Finding("undecodable", key, f"{what} cannot be decoded, so it has no feature: {reason}",
                                fix_image))
         else:
-            out.append(Finding("missing", key, f"{what.split()[0]} has no stored feature", f"re-run `{rebuild}` (resumes)"))
+            out.append(Finding("missing", key, f"{'image' if image else 'sample'} has no stored feature",
+                               f"re-run `{rebuild}` (resumes)"))
     return out
