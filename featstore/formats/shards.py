@@ -255,13 +255,16 @@ class HashingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b: Any) -> int:  # type: ignore[override]
-        data = self.f.read(len(b))
-        n = len(data)
-        b[:n] = data
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        data = self.f.read(n)  # handed on as read: no copy through a buffer
         self.sha.update(data)
-        self.pos += n
-        return n
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
     def drain(self, chunk: int = 1 << 22) -> None:
         """Read (and hash) whatever the walk left unread: the end-of-archive padding, or the rest of a broken
@@ -287,8 +290,9 @@ def walk_shard(f: BinaryIO, where: str) -> Iterator[TarMember]:
     """Every regular member of the tar stream ``f``, in order, in one sequential pass (wrap ``f`` in a
     :class:`HashingReader` to checksum the same bytes). Raises :class:`BrokenShardError` when the tar
     structure breaks, e.g. a member cut short."""
+    mode = "r:" if f.seekable() else "r|"  # a plain file: seek past headers; a stream: read straight through
     try:
-        with tarfile.open(fileobj=f, mode="r|") as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=f, mode=mode) as tar:  # type: ignore[call-overload]
             for m in tar:
                 if m.isfile():
                     member = tar.extractfile(m)
