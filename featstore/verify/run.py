@@ -77,15 +77,16 @@ def verify(path: Path | str, *, data_root: str | None = None, sample: int | None
     if recompute_n and not model:
         model = recorded_model(m)
         model_note = f"--recompute uses the manifest's model {model} (pass --model to choose another)"
-    kw = dict(data_root=data_root, sample=sample, seed=seed, workers=workers or min(8, os.cpu_count() or 1),
-              progress=progress)
+    workers = workers or min(8, os.cpu_count() or 1)
     if target.storage is not None:
         ex = shard_store_expectations(target.storage, m, data_root)
-        report = verify_shard_store(target.storage, m, ex, **kw)  # type: ignore[arg-type]
+        report = verify_shard_store(target.storage, m, ex, data_root=data_root, sample=sample, seed=seed,
+                                    workers=workers, progress=progress)
     else:
         assert target.root is not None
         ex = per_image_expectations(target.root, m, data_root)
-        report = verify_per_image(target.manifest_path, target.root, m, ex, **kw)  # type: ignore[arg-type]
+        report = verify_per_image(target.manifest_path, target.root, m, ex, data_root=data_root, sample=sample,
+                                  seed=seed, workers=workers, progress=progress)
     if recompute_n:
         assert model is not None
         if model_note:
