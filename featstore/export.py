@@ -33,13 +33,14 @@ from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import Index, IndexEntry, write_index
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, shape_key, write_manifest
-from featstore.formats.perimage import read_pt, write_pt
+from featstore.formats.perimage import read_pt, scan_per_image, write_pt
+from featstore.formats.store import Store
 from featstore.formats.codecs import CODECS, check_codec
 from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
 from featstore.formats.shards import ShardWriter, iter_shard_records, parse_shard_name, sha256_file
 from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
-from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
+from featstore.loader import ShardStore, open_store, shard_rows
 
 log = logging.getLogger("featstore")
 COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "compute", "tokens",
@@ -115,7 +116,7 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
                         storage_options: dict[str, Any] | None = None) -> ExportResult:
     """Write every live record of a shard store (local or an fsspec URL) as a per-image cache, plus the
     per-image manifest."""
-    store = open_store(store_path, storage_options=storage_options)
+    store: Store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
     if store.context.get("mode") == "sample":
@@ -199,8 +200,13 @@ def _shard_source(store: ShardStore) -> Source:
     ix = store.index
     rows, _ = shard_rows(ix)
     keys = (ix.entry(int(r)).key for r in rows)
-    return Source(Path(store.manifest.get("data_root") or ""), store.manifest, keys,
-                  lambda key: with_lossy_provenance(store.record(key)), store.root)
+    return Source(Path(store.manifest.get("data_root") or ""), store.manifest, keys, _record_reader(store),
+                  Path(store.root))
+
+
+def _record_reader(store: Store) -> Callable[[str], Record]:
+    """Read a key's record from any store, lossy tensors marked with the error bounds they were decoded with."""
+    return lambda key: with_lossy_provenance(store.record(key))
 
 
 def open_source(path: Path) -> Source:

@@ -46,13 +46,13 @@ from featstore.errors import RecordError, StoreError
 from featstore.formats.index import Index, IndexEntry, local_index_file
 from featstore.formats.keys import encode_key, key_for_path, key_under, root_prefixes
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, read_store_manifest
-from featstore.formats.perimage import cache_path_for, read_pt
+from featstore.formats.perimage import cache_path_for, read_pt, scan_per_image
 from featstore.formats.codecs import dequantize_int8, empty_tensor, scratch, unpack_scales
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import iter_shard_records
+from featstore.formats.store import Store
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
-from featstore.fsutil import is_temp_name
 from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
@@ -450,18 +450,8 @@ class PerImageStore(SampleLookup, _Lookup):
         """Nothing to close (files are opened per read)."""
 
 
-Store = ShardStore | PerImageStore
-
-
-def scan_per_image(root: Path) -> Iterator[str]:
-    """Keys of every ``*.vggt_cache.pt`` file under ``root`` (temporary files skipped)."""
-    root = Path(root)
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(files):
-            if name.endswith(PER_IMAGE_SUFFIX) and not is_temp_name(name):
-                rel = Path(os.path.relpath(os.path.join(dirpath, name), root)).as_posix()
-                yield rel[: -len(PER_IMAGE_SUFFIX)]
+#: What :func:`open_store` returns; both classes implement :class:`featstore.formats.store.Store`.
+AnyStore = ShardStore | PerImageStore
 
 
 def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *, max_open: int = DEFAULT_MAX_OPEN,
@@ -477,7 +467,7 @@ def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *
 
 def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN,
                data_root: str | os.PathLike[str] | None = None,
-               storage_options: dict[str, Any] | None = None) -> Store:
+               storage_options: dict[str, Any] | None = None) -> AnyStore:
     """Open a shard store or a per-image cache root (found from its manifest) for random access.
 
     ``data_root``: where the images are now, when the data moved (another machine, another mount): image paths
@@ -506,7 +496,7 @@ def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN
 
 
 # --- drop-in loader --------------------------------------------------------------------------------------
-_default_stores: dict[tuple[str, str | None], Store] = {}
+_default_stores: dict[Any, AnyStore] = {}
 _announced = False
 _announce_lock = threading.Lock()
 
@@ -519,7 +509,7 @@ def _announce(where: str) -> None:
             _announced = True
 
 
-def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store | str | os.PathLike[str] | None = None
+def load_cached_vggt_features(image_path: str | os.PathLike[str], store: AnyStore | str | os.PathLike[str] | None = None
                               ) -> torch.Tensor | None:
     """The cached features of one image, or None: a drop-in for per-image ``torch.load`` cache loading.
 
@@ -545,7 +535,8 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store |
         return None
 
 
-def load_sample_features(frames: Sequence[str | os.PathLike[str]], store: Store | str | os.PathLike[str] | None = None,
+def load_sample_features(frames: Sequence[str | os.PathLike[str]],
+                         store: AnyStore | str | os.PathLike[str] | None = None,
                          *, id: Any = None) -> torch.Tensor | None:
     """The cached features ``[1, h*w, C]`` of one training sample, or None: the drop-in for the VGGT loop of a
     training step. ``frames`` are the sample's frame paths in training order (current frame last); ``store``
@@ -873,5 +864,5 @@ def stream(path: str | os.PathLike[str], shuffle: bool = True, seed: int = 0, ep
                          resampled=resampled, dequantize=dequantize)
 
 
-__all__ = ["open_store", "stream", "load_cached_vggt_features", "decode_sample", "dequantize", "ShardStore",
+__all__ = ["open_store", "stream", "load_cached_vggt_features", "decode_sample", "dequantize", "Store", "ShardStore",
            "PerImageStore", "FeatureStream", "StreamLoader", "key_for_path"]
