@@ -46,7 +46,7 @@ from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_l
                                        reset_staging_dir, staging_dir)
 from featstore.fsutil import atomic_write_bytes, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock, StorageLock
-from featstore.options import check_build_options, check_output_writable, shown
+from featstore.options import BuildOptions, check_build_options, check_output_writable, shown
 from featstore.staleness import frames_changed, is_checkable, source_changed
 from featstore.merge import (collect_entries, list_store_shards, merge_per_image_store, merge_shard_store,
                              per_image_manifest_path, wait_for_parts, write_part)
@@ -62,51 +62,6 @@ from featstore.formats.layout import BUILD_CONFIG, DEFAULT_SHARD_BYTES, INDEX_NA
 log = logging.getLogger("featstore")
 DECODE_CHUNK = 4  # images a decode worker sends at once
 NAMED_MODELS = ("tiny", "vggt-1b-random")
-
-
-@dataclass
-class BuildOptions:
-    """Everything ``featstore build`` needs; the CLI fills it from flags and environment defaults."""
-
-    data_root: Path
-    model: str
-    out: Path | None = None
-    format: str = "shards"
-    annotations: list[Path] = field(default_factory=list)
-    image_list: Path | None = None
-    data_path: str | None = None
-    strict_annotations: bool = False
-    batch_size: int = 16
-    device: str = "cuda:0"
-    dtype: str | None = None
-    layers: tuple[int, ...] = (-2,)
-    preprocess: str = "crop"
-    image_size: int = 518
-    context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
-    reference_frame: str = "first"
-    history: int | None = None  # samples from episode folders with JanusVLN's history rule
-    history_pad: bool = False
-    autocast: bool = False  # fp32 weights under torch.autocast (bf16), as JanusVLN's forward runs VGGT
-    apply_exif: bool = False
-    tokens: str = "patch"
-    shard_size: int = DEFAULT_SHARD_BYTES
-    shard_prefix: str = "vggt"
-    skip_existing: bool = True
-    rebuild_stale: bool = False
-    hash_inputs: bool = False
-    allow_failures: int = 0
-    num_workers: int = min(8, os.cpu_count() or 1)
-    writer_threads: int = 4
-    zstd_level: int = 1
-    codec: str = "zstd"  # shard codec of every tensor (featstore.formats.codecs)
-    compile: bool = False
-    num_parts: int = 1
-    part: int = 0
-    max_pixels: int | None = None
-    fsync: bool = True
-    progress: bool = True
-    origins: dict[str, str] = field(default_factory=dict)  # option -> the flag or variable that set it (messages)
-    storage_options: dict[str, Any] | None = None  # for an --out URL (s3://...); never written anywhere
 
 
 @dataclass

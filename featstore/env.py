@@ -1,7 +1,7 @@
 """The one place that maps environment variables to option defaults.
 
-``VGGT_MODEL_PATH``, ``DATA_ROOT``, ``BATCH_SIZE`` (16), ``DEVICE`` (cuda:0), ``SKIP_EXISTING`` (true) are
-what users' existing precompute scripts read (a flag always wins); ``USE_VGGT_CACHE`` switches training code
+``VGGT_MODEL_PATH``, ``DATA_ROOT``, ``BATCH_SIZE``, ``DEVICE``, ``SKIP_EXISTING`` are what users' existing
+precompute scripts read (a flag always wins; unset, ``BuildOptions``'s default applies); ``USE_VGGT_CACHE`` switches training code
 to the cache; ``FEATSTORE_STORE`` names the store it reads and ``FEATSTORE_DATA_ROOT`` where its images are
 now, when the data moved. torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` decide the part of the data
 each process builds or reads: :func:`dist_env` and :func:`consumer` are the one rank/worker detector that
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from featstore.errors import OptionError
+from featstore.options import build_default
 
 TRUE = {"1", "true", "yes", "on", "y", "t"}
 FALSE = {"0", "false", "no", "off", "n", "f", ""}
@@ -65,12 +66,13 @@ class EnvOption:
     kind: str  # "str", "int" or "bool"
 
 
+#: Defaults are :class:`featstore.options.BuildOptions`'s (``model`` and ``data_root`` have none: required).
 BUILD_ENV_OPTIONS = (
     EnvOption("model", "--model", "VGGT_MODEL_PATH", None, "str"),
     EnvOption("data_root", "--data-root", "DATA_ROOT", None, "str"),
-    EnvOption("batch_size", "--batch-size", "BATCH_SIZE", 16, "int"),
-    EnvOption("device", "--device", "DEVICE", "cuda:0", "str"),
-    EnvOption("skip_existing", "--skip-existing", "SKIP_EXISTING", True, "bool"),
+    EnvOption("batch_size", "--batch-size", "BATCH_SIZE", build_default("batch_size"), "int"),
+    EnvOption("device", "--device", "DEVICE", build_default("device"), "str"),
+    EnvOption("skip_existing", "--skip-existing", "SKIP_EXISTING", build_default("skip_existing"), "bool"),
 )
 
 
