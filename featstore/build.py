@@ -646,7 +646,7 @@ def _check_inputs(opts: BuildOptions) -> Build:
         raise OptionError(f"{shown(opts, 'data_root')} is not a readable directory; check the path and its "
                           f"permissions")
     b = Build(opts)
-    check_output_writable(opts, b.out)
+    check_output_writable(b.out)
     return b
 
 

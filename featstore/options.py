@@ -120,7 +120,7 @@ def check_layers(opts: Any) -> None:
         raise OptionError(f"{shown(opts, 'layers')}: layer {repeated[0]} is requested twice; list each layer once")
 
 
-def check_output_writable(opts: Any, out: Path) -> None:
+def check_output_writable(out: Path) -> None:
     """The output folder (or the nearest folder that exists above it) must be writable by this process."""
     probe = Path(out)
     while not probe.exists() and probe.parent != probe:

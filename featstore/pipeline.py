@@ -1,11 +1,14 @@
-"""The build's streaming stages: decode -> shape-bucketed batches -> (model) -> records -> sink.
+"""The build's streaming stages: decode -> shape-bucketed batches (or a context plan's steps) -> (model) ->
+records -> sink. A record is computed from an ordered list of frames: one frame for an image
+(:class:`WorkItem`), a training sample's frames for ``--context sample`` (``samples.SampleItem``).
 
 * :class:`ImageDataset` runs in DataLoader workers: stat, read, optionally hash, decode, preprocess.
   A bad image becomes a failure item, never an exception.
 * :func:`shape_batches` groups decoded images of the same preprocessed shape into batches.
+* :class:`StepDataset` decodes, in workers, the distinct frames of each step of a context plan.
 * :class:`ShardSink` / :class:`PerImageSink` encode (a thread pool: zstd releases the GIL) and write.
 * :class:`BackgroundWriter` runs a sink on its own thread behind a bounded queue, so device-to-host
-  copies, compression and writing overlap the next batch while memory stays flat.
+  copies, compression and writing overlap the next batch with a bounded number of batches in flight.
 """
 
 from __future__ import annotations
