@@ -264,7 +264,8 @@ class Build:
             check_compatible(previous_settings(self.target), self.settings(), self.where)
 
     def prepare_output(self) -> None:
-        """Create the output, remove this rank's leftover temporary files, write the build settings."""
+        """Create the output folders (the first shared write), emptying a remote build's staging folder and
+        removing the temporary files that dead writers on this host left there."""
         if self.remote:
             reset_staging_dir(self.out)  # this rank's lock is held: leftovers are a killed run's
             mine = f"{SHARDS_DIR}/{self.opts.shard_prefix}-{self.gid:05d}-"
