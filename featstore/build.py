@@ -1,27 +1,31 @@
 """``featstore build``: discover images or training samples, run VGGT in a pipelined loop, write a store.
 
-Order of work for one process (a torchrun rank or a ``--part`` of a job array):
+This module orchestrates; resume planning is :mod:`featstore.resume`, the locks :mod:`featstore.lock`, the
+stages :mod:`featstore.pipeline`. Order of work for one process (a torchrun rank or a ``--part`` of a job
+array), as :func:`run_build` runs it:
 
 1. check options, environment, data root and output folder (exit 2 with one line, nothing written);
-2. discover images (or training samples, ``--context sample``) and take the lock;
-3. keep the complete records of this rank's unfinished shard (a crash's leftovers), then keep this rank's
-   share (crc32 of the key, or of a sample's first streamed frame, modulo the world size) minus what is done
-   (resume) plus what is stale;
-4. load the model (a missing checkpoint is exit 2, never random weights) and compare the store's settings;
-5. decode in DataLoader workers -> shape-bucketed batches (or the context plan's steps) -> model ->
+2. discover images (or training samples, ``--context sample``) and take this rank's lock;
+3. keep the complete records of this rank's unfinished shard (a crash's leftovers), then plan: this rank's
+   share (crc32 of the key, or of a sample's first streamed frame, modulo the world size) minus what is
+   stored plus, with ``--rebuild-stale``, what is stale;
+4. load the model (a missing checkpoint is exit 2, never random weights) and refuse a store built with other
+   settings; with nothing left to build and matching recorded settings, skip loading it;
+5. the first writes: create the output (removing dead writers' temporary files), the missing-images ledger
+   and ``build.json``; then wait for every rank;
+6. decode in DataLoader workers -> shape-bucketed batches (or the context plan's steps) -> model ->
    background encode + write;
-6. leave part files; rank 0 waits for every rank, then merges index and manifest.
+7. leave part files; rank 0 waits for every rank, then merges index and manifest.
 """
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import logging
 import os
 import shutil
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,81 +36,35 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from featstore.context import PlanExecutor
 from featstore.env import dist_env
 from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers, to_host
-from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.faults import crash_point
-from featstore.formats.manifest import parse_manifest, read_manifest, shape_key
-from featstore.formats.perimage import cache_path_for, read_pt
+from featstore.formats.layout import (BUILD_CONFIG, INDEX_NAME, MISSING_LEDGER, PARTS_DIR, PER_IMAGE_MISSING_LEDGER,
+                                      PER_IMAGE_STATE_DIR, SHARDS_DIR)
+from featstore.formats.manifest import shape_key
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import (ShardWriter, parse_shard_name, read_record_meta, read_record_meta_at,
-                                      salvage_shard)
-from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_location, publish_json, redact,
-                                       reset_staging_dir, staging_dir)
-from featstore.fsutil import atomic_write_bytes, is_temp_name, remove_dead_temps
-from featstore.lock import BuildLock, StorageLock
-from featstore.options import check_build_options, check_output_writable, shown
-from featstore.staleness import frames_changed, is_checkable, source_changed
-from featstore.merge import (collect_entries, list_store_shards, merge_per_image_store, merge_shard_store,
-                             per_image_manifest_path, wait_for_parts, write_part)
-from featstore.context import PlanExecutor
+from featstore.formats.shards import ShardWriter, parse_shard_name
+from featstore.formats.storage import LocalStorage, Storage, publish_json, reset_staging_dir
+from featstore.fsutil import atomic_write_bytes, remove_temp_files
+from featstore.lock import lock_for_rank
+from featstore.merge import (list_store_shards, merge_per_image_store, merge_shard_store, per_image_manifest_path,
+                             wait_for_parts, write_part)
+from featstore.model.checkpoint import default_dtype as default_model_dtype
+from featstore.options import BuildOptions, check_build_options, check_output_writable, shown
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
                                 PerImageSink, ShardSink, StepDataset, WorkItem, make_loader,
                                 preprocessed_size_of, sample_fingerprint, shape_batches)
 from featstore.preprocess import to_unit_float
-from featstore.samples import SampleItem, kept_index, stream_order
+from featstore.resume import (build_target, check_compatible, plan_resume, previous_settings, rank_share,
+                              reusable_settings, salvage_unfinished_shards)
+from featstore.samples import SampleItem, kept_index
 from featstore.schedule import Step, plan_steps
-from featstore.formats.layout import BUILD_CONFIG, DEFAULT_SHARD_BYTES, INDEX_NAME, LOCK_NAME, MISSING_LEDGER, PARTS_DIR, PER_IMAGE_MISSING_LEDGER, PER_IMAGE_STATE_DIR, PER_IMAGE_SUFFIX, SHARDS_DIR, SHARD_MANIFEST, STORE_DIR, rank_lock_name
 
 log = logging.getLogger("featstore")
 DECODE_CHUNK = 4  # images a decode worker sends at once
 NAMED_MODELS = ("tiny", "vggt-1b-random")
-
-
-@dataclass
-class BuildOptions:
-    """Everything ``featstore build`` needs; the CLI fills it from flags and environment defaults."""
-
-    data_root: Path
-    model: str
-    out: Path | None = None
-    format: str = "shards"
-    annotations: list[Path] = field(default_factory=list)
-    image_list: Path | None = None
-    data_path: str | None = None
-    strict_annotations: bool = False
-    batch_size: int = 16
-    device: str = "cuda:0"
-    dtype: str | None = None
-    layers: tuple[int, ...] = (-2,)
-    preprocess: str = "crop"
-    image_size: int = 518
-    context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
-    reference_frame: str = "first"
-    history: int | None = None  # samples from episode folders with JanusVLN's history rule
-    history_pad: bool = False
-    autocast: bool = False  # fp32 weights under torch.autocast (bf16), as JanusVLN's forward runs VGGT
-    apply_exif: bool = False
-    tokens: str = "patch"
-    shard_size: int = DEFAULT_SHARD_BYTES
-    shard_prefix: str = "vggt"
-    skip_existing: bool = True
-    rebuild_stale: bool = False
-    hash_inputs: bool = False
-    allow_failures: int = 0
-    num_workers: int = min(8, os.cpu_count() or 1)
-    writer_threads: int = 4
-    zstd_level: int = 1
-    codec: str = "zstd"  # shard codec of every tensor (featstore.formats.codecs)
-    compile: bool = False
-    num_parts: int = 1
-    part: int = 0
-    max_pixels: int | None = None
-    fsync: bool = True
-    progress: bool = True
-    origins: dict[str, str] = field(default_factory=dict)  # option -> the flag or variable that set it (messages)
-    storage_options: dict[str, Any] | None = None  # for an --out URL (s3://...); never written anywhere
 
 
 @dataclass
@@ -145,17 +103,6 @@ class PendingRecords:
     event: Any = None
 
 
-def _owner_key(item: WorkItem | SampleItem) -> str:
-    """What decides an item's rank: its key; for a sample, the first frame it streams, so that the samples
-    sharing a prefix tree are built by one rank and share its computation."""
-    return stream_order(item.sample)[0] if isinstance(item, SampleItem) else item.key
-
-
-def owner_of(key: str, world: int) -> int:
-    """The rank that builds ``key``: deterministic, disjoint, balanced, stable as the data set grows."""
-    return zlib.crc32(key.encode("utf-8", "surrogateescape")) % world
-
-
 def _model_path_problem(model: str) -> str | None:
     if model in NAMED_MODELS:
         return None
@@ -191,25 +138,20 @@ class Build:
         self.closed: list = []
         self._settings: dict[str, Any] | None = None
         self.device: torch.device | None = None
+        # set by load_model (or, with nothing left to build, by adopt_previous_settings)
+        self.model: Any = None
+        self.extractor: Extractor | None = None
+        self.layers: tuple[int, ...] = ()
+        self.store_dtype: torch.dtype | None = None
         self.data_root = Path(opts.data_root).resolve()
-        self.remote = opts.out is not None and is_remote(opts.out)
-        if self.remote and opts.format != "shards":
-            raise OptionError(f"--out {redact(str(opts.out))}: per-image caches are local files; a URL output needs "
-                             f"--format shards")
+        self.target = build_target(opts.format, opts.out, self.data_root, self.gid, opts.storage_options)
+        t = self.target
+        self.store, self.out, self.cache_root, self.remote = t.store, t.out, t.cache_root, t.remote
         if opts.format == "shards":
-            # A remote store's shards are written in a local staging folder and uploaded once complete.
-            self.store: Storage = (parse_location(str(opts.out), opts.storage_options) if self.remote else
-                                   LocalStorage(Path(opts.out).resolve() if opts.out else
-                                                self.data_root / STORE_DIR))
-            self.out = staging_dir(self.store, self.gid) if self.remote else self.store.local_path()
-            self.cache_root = None
             self.state_dir = self.out / PARTS_DIR
             self.parts: Storage = self.store.sub(PARTS_DIR)
         else:
-            self.cache_root = Path(opts.out).resolve() if opts.out else None
-            self.out = self.cache_root or self.data_root
             self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
-            self.store = LocalStorage(self.out)
             self.parts = LocalStorage(self.state_dir)
         self.where = self.store.display  # the output, safe for messages
 
@@ -231,7 +173,7 @@ class Build:
 
     def resolve_device(self) -> torch.device:
         """This rank's device: the requested one (cuda:LOCAL_RANK under torchrun), or cpu when CUDA is absent."""
-        if getattr(self, "device", None) is None:
+        if self.device is None:
             dev = pick_device(self.opts.device, shown(self.opts, "device"))
             if dev.type == "cuda" and self.dist.world_size > 1:
                 dev = torch.device("cuda", self.dist.local_rank)
@@ -249,28 +191,23 @@ class Build:
         re-run of a complete store is a no-op that ends in seconds; any difference loads the model and is
         checked against the store's model fingerprint as usual.
         """
-        prev = self._previous_settings()
-        if not prev or not prev.get("layers") or not (prev.get("model") or {}).get("config"):
-            return False
-        dtype = self.opts.dtype or dtype_name(default_store_dtype(self.resolve_device()))
+        prev = previous_settings(self.target)
         try:
-            layers = resolve_layers(tuple(self.opts.layers), int(prev["model"]["config"]["depth"]))
+            depth = int(((prev or {}).get("model") or {})["config"]["depth"])
+            layers = resolve_layers(tuple(self.opts.layers), depth)
         except (ValueError, KeyError, TypeError):
             return False
-        same = (prev.get("vggt_model_path") == str(self.opts.model) and prev.get("dtype") == dtype
-                and prev.get("tokens") == self.opts.tokens and list(layers) == list(prev["layers"])
-                and (prev.get("preprocess") or {}).get("mode") == self.opts.preprocess
-                and (prev.get("preprocess") or {}).get("target_size", 518) == self.opts.image_size
-                and (prev.get("context") or {"mode": "image"}) == self.context_settings()
-                and prev.get("compute") in (None, self.compute_name()))
-        if same:
-            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens",
-                    "compute",
-                    "source_fingerprint")
-            self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
-                                  cache_root=str(self.cache_root) if self.cache_root else None)
-            self.store_dtype, self.layers = parse_dtype(dtype), layers
-        return same
+        dtype = self.opts.dtype or dtype_name(default_store_dtype(self.resolve_device()))
+        requested = {"vggt_model_path": str(self.opts.model), "layers": list(layers), "dtype": dtype,
+                     "tokens": self.opts.tokens, "compute": self.compute_name(), "context": self.context_settings(),
+                     "preprocess": {"mode": self.opts.preprocess, "target_size": self.opts.image_size}}
+        carried = reusable_settings(prev, requested)
+        if carried is None:
+            return False
+        self._settings = dict(carried, data_root=str(self.data_root),
+                              cache_root=str(self.cache_root) if self.cache_root else None)
+        self.store_dtype, self.layers = parse_dtype(dtype), layers
+        return True
 
     def settings(self) -> dict[str, Any]:
         """The settings every record of a store must share (checked on resume)."""
@@ -323,63 +260,12 @@ class Build:
 
     def check_settings(self) -> None:
         """Refuse to resume into a store built with different model, layers, preprocessing, dtype or tokens."""
-        prev = self._previous_settings()
-        if not prev or not self.opts.skip_existing:
-            return
-        mine = self.settings()
-        diffs = []
-        for k in ("layers", "dtype", "tokens", "compute"):
-            if prev.get(k) not in (None, mine[k]):
-                diffs.append(f"{k}: store has {prev.get(k)}, this run {mine[k]}")
-        fp = (prev.get("model") or {}).get("fingerprint")
-        if fp and fp != mine["model"]["fingerprint"]:
-            diffs.append(f"model fingerprint: store has {fp[:12]}, this run {mine['model']['fingerprint'][:12]}")
-        pmode = (prev.get("preprocess") or {}).get("mode")
-        if pmode and pmode != mine["preprocess"]["mode"]:
-            diffs.append(f"preprocess: store has {pmode}, this run {mine['preprocess']['mode']}")
-        psize = (prev.get("preprocess") or {}).get("target_size", 518)
-        if psize != mine["preprocess"]["target_size"]:
-            diffs.append(f"image size: store has {psize}, this run {mine['preprocess']['target_size']}")
-        pctx = prev.get("context") or {"mode": "image"}
-        if pctx != mine["context"]:
-            diffs.append(f"context: store has {pctx}, this run {mine['context']}")
-        if diffs:
-            raise StoreError(f"the store at {self.where} was built with other settings ({'; '.join(diffs)}). Mixing "
-                             f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
-                             f"every record with the new settings")
-
-    def _previous_settings(self) -> dict[str, Any] | None:
-        """The settings the store's records were built with; None for a store without records, whose settings
-        bind nothing (a rerun with other settings into it just builds)."""
-        if self.opts.format == "shards":
-            if not list_store_shards(self.store):
-                return None
-            if self.remote:
-                return self._remote_settings()
-            paths = [self.out / BUILD_CONFIG, self.out / SHARD_MANIFEST]
-        else:
-            paths = [per_image_manifest_path(self.data_root, self.cache_root)]
-        for p in paths:
-            if p.is_file():
-                try:
-                    m = read_manifest(p)
-                except StoreError:
-                    continue
-                if self.opts.format == "per-image" and not (m.get("processed_images") or 0):
-                    return None
-                return m
-        return None
-
-    def _remote_settings(self) -> dict[str, Any] | None:
-        for name in (BUILD_CONFIG, SHARD_MANIFEST):
-            try:
-                return parse_manifest(self.store.read_bytes(name), self.store.describe(name))
-            except (FileNotFoundError, StoreError):
-                continue
-        return None
+        if self.opts.skip_existing:
+            check_compatible(previous_settings(self.target), self.settings(), self.where)
 
     def prepare_output(self) -> None:
-        """Create the output, remove this rank's leftover temporary files, write the build settings."""
+        """Create the output folders (the first shared write), emptying a remote build's staging folder and
+        removing the temporary files that dead writers on this host left there."""
         if self.remote:
             reset_staging_dir(self.out)  # this rank's lock is held: leftovers are a killed run's
             mine = f"{SHARDS_DIR}/{self.opts.shard_prefix}-{self.gid:05d}-"
@@ -395,23 +281,14 @@ class Build:
         # Index, manifest, ledger and part files of a killed run leave temporary files; delete those whose
         # writer is dead (a live job-array part may be writing its own right now).
         for d in (self.out, self.state_dir):
-            for p in remove_dead_temps(d):
+            for p in remove_temp_files(d):
                 log.info("removing temporary file %s left by an interrupted build", p)
         if self.opts.format == "shards":
             (self.out / SHARDS_DIR).mkdir(exist_ok=True)
 
     def salvage_unfinished_shards(self) -> None:
-        """Keep the complete records of this rank's shard that a crash left unfinished (before planning, so
-        they count as done): a crash loses only the records still on their way to the disk."""
-        shard_dir = self.out / SHARDS_DIR
-        if self.opts.format != "shards" or self.remote or not shard_dir.is_dir():
-            return  # a remote build stages shards locally and uploads them complete: nothing half-written there
-        mine = f"-{self.gid:05d}-"
-        for e in os.scandir(shard_dir):
-            if is_temp_name(e.name) and mine in e.name:
-                kept = salvage_shard(Path(e.path), fsync=self.opts.fsync)
-                log.info("unfinished shard %s left by an interrupted build: %s", e.name,
-                         f"kept its {kept[1]} complete records as {kept[0]}" if kept else "nothing to keep, removed")
+        """Keep the complete records of this rank's shard that a crash left unfinished (see resume)."""
+        salvage_unfinished_shards(self.target, self.gid, fsync=self.opts.fsync)
 
     def record_settings(self) -> None:
         """Write the store's build settings (shard stores), which a later resume is checked against."""
@@ -487,84 +364,15 @@ class Build:
             path.unlink()
 
     # --- planning ----------------------------------------------------------------------------------------
-    def done_sources(self, keys: list[str]) -> dict[str, tuple[str, int]]:
-        """For the keys of this rank, where the stored record is: key -> (shard, offset), or (cache file, 0)."""
-        if self.opts.format == "shards":
-            _, known = collect_entries(self.store)
-            wanted = set(keys)
-            shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
-            return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
-        self._remove_temp_caches(keys)
-        done = {}
-        for k in keys:
-            p = cache_path_for(k, self.data_root, self.cache_root)
-            if p.is_file():
-                done[k] = (str(p), 0)
-        return done
-
-    def _remove_temp_caches(self, keys: list[str]) -> None:
-        # Temporary cache files next to this rank's images can only come from an interrupted build
-        # (the lock keeps a second writer out), so they are safe to remove.
-        dirs = {cache_path_for(k, self.data_root, self.cache_root).parent for k in keys}
-        for d in dirs:
-            try:
-                entries = list(os.scandir(d))
-            except OSError:
-                continue
-            for e in entries:
-                if is_temp_name(e.name) and PER_IMAGE_SUFFIX + ".tmp-" in e.name:
-                    log.info("removing unfinished cache file %s left by an interrupted build", e.path)
-                    os.unlink(e.path)
-
-    def recorded_meta(self, where: tuple[str, int], shard_files: dict[str, Any]) -> dict[str, Any]:
-        """The metadata of a stored record (per-image file, or the record header in its shard)."""
-        if self.opts.format == "per-image":
-            return dict(read_pt(Path(where[0]), verify=False).meta)
-        if self.remote:
-            return read_record_meta_at(self.store, where[0], where[1])
-        f = shard_files.get(where[0])
-        if f is None:
-            f = shard_files[where[0]] = open(self.out / SHARDS_DIR / where[0], "rb")
-        return read_record_meta(f.fileno(), where[1])
-
-    def is_stale(self, item: WorkItem | SampleItem, where: tuple[str, int], shard_files: dict[str, Any]) -> bool:
-        """True when the image (any frame of a sample) changed since its record was built (featstore.staleness:
-        content for records built with --hash-inputs, else size and mtime); unreadable or unfingerprinted
-        records are rebuilt."""
-        try:
-            meta = self.recorded_meta(where, shard_files)
-        except (FeatstoreError, OSError, ValueError):
-            return True
-        try:
-            if isinstance(item, SampleItem):
-                return frames_changed(item.paths, meta.get("frame_sources") or [])
-            recorded = meta.get("source") or {}
-            return not is_checkable(recorded) or source_changed(item.path, recorded)
-        except OSError:
-            return False  # the image is gone: nothing to rebuild from
-
     def plan(self, items: list[Any]) -> list[Any]:
-        """This rank's items still to build."""
-        mine = [it for it in items if owner_of(_owner_key(it), self.gworld) == self.gid]
-        if not self.opts.skip_existing:
-            return mine
-        done = self.done_sources([it.key for it in mine])
-        todo = []
-        shard_files: dict[str, Any] = {}
-        try:
-            for it in mine:
-                if it.key not in done:
-                    todo.append(it)
-                elif self.opts.rebuild_stale and self.is_stale(it, done[it.key], shard_files):
-                    self.stats.stale_rebuilt += 1
-                    todo.append(it)
-                else:
-                    self.stats.skipped += 1
-        finally:
-            for f in shard_files.values():
-                f.close()
+        """This rank's items still to build (featstore.resume): its share, minus what is stored, plus what is
+        stale with --rebuild-stale."""
+        p = plan_resume(self.target, rank_share(items, self.gid, self.gworld), self.opts.skip_existing,
+                        self.opts.rebuild_stale)
+        self.stats.skipped += p.skipped
+        self.stats.stale_rebuilt += p.stale
         self.done_before = self.stats.skipped
-        return todo
+        return p.todo
 
     # --- the loop ----------------------------------------------------------------------------------------
     def decode_options(self) -> DecodeOptions:
@@ -839,7 +647,7 @@ def _check_inputs(opts: BuildOptions) -> Build:
         raise OptionError(f"{shown(opts, 'data_root')} is not a readable directory; check the path and its "
                           f"permissions")
     b = Build(opts)
-    check_output_writable(opts, b.out)
+    check_output_writable(b.out)
     return b
 
 
@@ -881,23 +689,27 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
+def _discover_items(b: Build) -> tuple[Any, list[Any]]:
+    """What this build makes records of: (the discovery, its items), each item a ``samples.RecordItem``: an
+    image (a one-frame sample, ``pipeline.WorkItem``) or a training sample (``samples.SampleItem``)."""
+    if b.opts.context == "sample":
+        found = b.discover_samples()
+        if not found.items:
+            log.warning("No samples found! %s", json.dumps(found.record))
+        return found, found.items
+    found = b.discover()
+    if not found.items:
+        log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
+    return found, [WorkItem(i.key, str(i.path)) for i in found.items]
+
+
 def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int:
     b.resolve_device()
-    if opts.context == "sample":
-        found = b.discover_samples()
-        items: list[Any] = found.items
-        if not items:
-            log.warning("No samples found! %s", json.dumps(found.record))
-            return 1
-    else:
-        found = b.discover()
-        items = [WorkItem(i.key, str(i.path)) for i in found.items]
-        if not items:
-            log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [b.data_root])))
-            return 1
+    found, items = _discover_items(b)
+    if not items:
+        return 1
     b.stats.total_images = len(items) + len(found.missing)
-    lock_name = f"build-{b.gid:05d}"
-    with _build_lock(b, lock_name):
+    with lock_for_rank(b.gid, b.out, b.store if b.remote else None):
         b.salvage_unfinished_shards()
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
@@ -905,7 +717,7 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
             b.check_settings()
         else:
             log.info("nothing left to build for this rank; the store's settings match (model not loaded)")
-        b.prepare_output()  # the first write: everything above only reads
+        b.prepare_output()  # the first shared write: above, only this rank's own leftovers were touched
         b.write_missing_ledger(found)
         b.record_settings()
         _barrier(distributed)  # every rank has read the store state before anyone writes
@@ -978,23 +790,6 @@ def _log_sample_discovery(found: Any, ledger: Path | str) -> None:
         first = found.missing[0]
         log.warning("%d samples name a frame that does not exist (first: %s, named at %s:%d); each is listed with "
                     "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
-
-
-def _build_lock(b: Build, lock_name: str) -> BuildLock | StorageLock:
-    if b.remote:
-        name = LOCK_NAME if b.gid == 0 else rank_lock_name(lock_name)
-        return StorageLock(b.store, name, command=f"featstore build (rank {b.gid})")
-    if b.gid == 0:
-        return BuildLock(b.out, command=f"featstore build (rank {b.gid})")
-    return _RankLock(b.out, lock_name)
-
-
-class _RankLock(BuildLock):
-    """The lock of a non-zero rank (same mechanism, one file per rank)."""
-
-    def __init__(self, directory: Path, name: str):
-        super().__init__(directory, command=f"featstore build ({name})")
-        self.path = Path(directory) / rank_lock_name(name)
 
 
 def _merge(b: Build) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The ``featstore`` command line: build, verify, export, merge.
+"""The ``featstore`` command line: build, verify, export, merge (every parser is defined here; the module
+that runs a command is imported when it runs, and a failed import is one ``[ERROR]`` line naming it).
 
 Every option of ``build`` that users' existing scripts set through the environment (``VGGT_MODEL_PATH``,
 ``DATA_ROOT``, ``BATCH_SIZE``, ``DEVICE``, ``SKIP_EXISTING``) takes its default from there (see
@@ -8,19 +9,24 @@ Every option of ``build`` that users' existing scripts set through the environme
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import logging
-import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from featstore import __version__
 from featstore.env import resolve_build_env
-from featstore.formats.storage import add_storage_options_argument, is_remote, storage_options_of
+from featstore.errors import FeatstoreError
+from featstore.formats.layout import DEFAULT_SHARD_BYTES
+from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
+from featstore.options import BuildOptions, build_default
 
 SUCCESS = 25
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+#: formats.codecs.CODECS, spelled out because importing that module loads torch (tests pin the two equal)
+CODEC_CHOICES = ("zstd", "raw", "int8")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
 
 
@@ -35,6 +41,19 @@ def parse_size(text: str) -> int:
     if size < 1024:
         raise argparse.ArgumentTypeError(f"size {text!r} is too small (at least 1KB)")
     return size
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes as users type it (``1GB``, ``512MB``): the largest unit of :func:`parse_size` dividing it."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """Layer indices as users type them: ``-2`` or ``22,23``."""
+    return ",".join(map(str, layers))
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -72,8 +91,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _skip_existing_flags(p: argparse._ActionsContainer) -> None:
+    on = "on" if build_default("skip_existing") else "off"
     p.add_argument("--skip-existing", dest="skip_existing", action="store_const", const=True, default=None,
-                   help="skip images whose features are already stored (default: on, or $SKIP_EXISTING)")
+                   help=f"skip images whose features are already stored (default: {on}, or $SKIP_EXISTING)")
     p.add_argument("--no-skip-existing", dest="skip_existing", action="store_const", const=False,
                    help="rebuild every image")
 
@@ -81,16 +101,30 @@ def _skip_existing_flags(p: argparse._ActionsContainer) -> None:
 #: Option values a preset stands for; options the user passes explicitly win over them.
 PRESETS = {"janusvln": {"context": "sample", "image_size": 644, "preprocess": "crop", "layers": (-2,),
                         "reference_frame": "first", "autocast": True}}
-PRESET_FIELDS = {"context": "image", "image_size": 518, "preprocess": "crop", "layers": (-2,),
-                 "reference_frame": "first", "autocast": False}
+#: The options a preset may set: left unset (None) by the parser, filled by :func:`apply_preset`.
+PRESET_FIELDS = ("context", "image_size", "preprocess", "layers", "reference_frame", "autocast")
+
+
+def preset_flags(name: str) -> str:
+    """What a preset stands for, as flags (``--context sample --image-size 644 ...``)."""
+    flags = []
+    for dest, value in PRESETS[name].items():
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            flags.append(f"{flag}={format_layers(value)}")
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(flags)
 
 
 def apply_preset(args: argparse.Namespace) -> None:
-    """Fill the options left unset from the chosen preset, then from the plain defaults."""
+    """Fill the options left unset from the chosen preset, then from the defaults of :class:`BuildOptions`."""
     preset = PRESETS.get(args.preset or "", {})
-    for name, default in PRESET_FIELDS.items():
+    for name in PRESET_FIELDS:
         if getattr(args, name) is None:
-            setattr(args, name, preset.get(name, default))
+            setattr(args, name, preset.get(name, build_default(name)))
 
 
 def add_build_parser(sub: argparse._SubParsersAction) -> None:
@@ -137,7 +171,7 @@ def _build_inputs_args(p: argparse.ArgumentParser) -> None:
 def _build_output_args(p: argparse.ArgumentParser) -> None:
     """What the store looks like on disk."""
     g = p.add_argument_group("output")
-    g.add_argument("--format", choices=("shards", "per-image"), default="shards",
+    g.add_argument("--format", choices=("shards", "per-image"), default=build_default("format"),
                    help="shards: zstd-compressed tar shards + index under --out; per-image: "
                         "<image>.vggt_cache.pt beside each image (or mirrored under --out), what existing "
                         "training code loads")
@@ -150,15 +184,16 @@ def _build_output_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=parse_layers, default=None,
                    help="comma-separated aggregator layers to store, written --layers=-2,-1 when the first is "
                         "negative; the first is stored as 'features', others as 'layer_<i>'; -2 is the layer "
-                        "JanusVLN uses (default: -2)")
-    g.add_argument("--tokens", choices=("patch", "all"), default="patch",
+                        f"JanusVLN uses (default: {format_layers(build_default('layers'))})")
+    g.add_argument("--tokens", choices=("patch", "all"), default=build_default("tokens"),
                    help="patch: patch tokens only [1, P, 2C] (JanusVLN); all: camera + register + patch tokens")
-    g.add_argument("--shard-size", type=parse_size, default="1GB",
+    g.add_argument("--shard-size", type=parse_size, default=format_size(build_default("shard_size")),
                    help="target shard size, e.g. 512MB or 2GB")
-    g.add_argument("--shard-prefix", default="vggt", help="shard file name prefix: <prefix>-<rank>-<n>.tar")
-    g.add_argument("--zstd-level", type=int, default=1, help="zstd level, 1-22 (1 is fastest and, with byte "
-                                                              "shuffling, compresses bf16 features best)")
-    g.add_argument("--codec", choices=("zstd", "raw", "int8"), default="zstd",
+    g.add_argument("--shard-prefix", default=build_default("shard_prefix"),
+                   help="shard file name prefix: <prefix>-<rank>-<n>.tar")
+    g.add_argument("--zstd-level", type=int, default=build_default("zstd_level"),
+                   help="zstd level, 1-22 (1 is fastest and, with byte shuffling, compresses bf16 features best)")
+    g.add_argument("--codec", choices=CODEC_CHOICES, default=build_default("codec"),
                    help="shard codec per tensor: zstd (lossless, byte-shuffled), raw (uncompressed, fastest "
                         "reads), int8 (lossy: about 0.8%% relative L2 error, stored in each record; 2.5-2.6 MB "
                         "per 518x518 bf16 image, zstd 3.8). Readers need no flag; see docs/building.md")
@@ -170,10 +205,12 @@ def _build_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preprocess", choices=("crop", "pad", "janusvln"), default=None,
                    help="crop/pad: the official VGGT load_and_preprocess_images at --image-size (JanusVLN feeds "
                         "VGGT 644-pixel crop images, NewJanusVLN 644-pixel pad images); janusvln: pad then resize "
-                        "each side down to a multiple of 28, kept for stores built with it (default: crop)")
+                        "each side down to a multiple of 28, kept for stores built with it "
+                        f"(default: {build_default('preprocess')})")
     g.add_argument("--image-size", type=int, default=None,
-                   help="target size N, a multiple of 14: crop makes images N wide, pad N x N (default: 518, the "
-                        "official model; JanusVLN uses 644)")
+                   help="target size N, a multiple of 14: crop makes images N wide, pad N x N (default: "
+                        f"{build_default('image_size')}, the official model; JanusVLN uses "
+                        f"{PRESETS['janusvln']['image_size']})")
     g.add_argument("--apply-exif", action="store_true",
                    help="rotate images by their EXIF orientation (the official code ignores it; only use this if "
                         "your training code does the same)")
@@ -181,17 +218,20 @@ def _build_model_args(p: argparse.ArgumentParser) -> None:
                                                   "guard; default: 178956970, Pillow's own limit)")
     g.add_argument("--device",
                    help="torch device: cpu, cuda or cuda:N; falls back to cpu with a warning when CUDA is absent; "
-                        "under torchrun each rank uses cuda:LOCAL_RANK (default: cuda:0, or $DEVICE)")
+                        "under torchrun each rank uses cuda:LOCAL_RANK "
+                        f"(default: {build_default('device')}, or $DEVICE)")
     g.add_argument("--batch-size", type=int,
                    help="images per forward pass (--context sample: frame streams per step, which sets the KV "
                         "cache memory, see docs/building.md); halved automatically on CUDA out of memory "
-                        "(default: 16, or $BATCH_SIZE)")
-    g.add_argument("--compile", action="store_true", help="run the model under torch.compile (faster on GPU after warm-up)")
-    g.add_argument("--num-workers", type=int, default=DEFAULT_WORKERS,
+                        f"(default: {build_default('batch_size')}, or $BATCH_SIZE)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the model under torch.compile (faster on GPU after warm-up)")
+    g.add_argument("--num-workers", type=int, default=build_default("num_workers"),
                    help="DataLoader processes decoding images (0: decode in the main process); one decodes roughly "
                         "30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6 (default, machine-dependent: "
                         "the number of CPUs, at most 8)")
-    g.add_argument("--writer-threads", type=int, default=4, help="threads compressing and writing records")
+    g.add_argument("--writer-threads", type=int, default=build_default("writer_threads"),
+                   help="threads compressing and writing records")
 
 
 def _build_samples_args(p: argparse.ArgumentParser) -> None:
@@ -201,10 +241,12 @@ def _build_samples_args(p: argparse.ArgumentParser) -> None:
                    help="image: one record per image, no context; sample: one record per training sample, its "
                         "frames streamed through VGGT with a KV cache as JanusVLN's training does, the last fed "
                         "frame's tokens kept; samples come from annotation records (images, history_images + "
-                        "current_image, image) or episode folders with --history (default: image)")
+                        "current_image, image) or episode folders with --history "
+                        f"(default: {build_default('context')})")
     g.add_argument("--reference-frame", choices=("first", "last"), default=None,
                    help="JanusVLN's reference_frame: first streams the frames oldest first and keeps the current "
-                        "frame's tokens; last streams them newest first and keeps the oldest frame's (default: first)")
+                        "frame's tokens; last streams them newest first and keeps the oldest frame's "
+                        f"(default: {build_default('reference_frame')})")
     g.add_argument("--history", type=int, default=None, metavar="N",
                    help="make samples from episode folders (frames sorted by name) instead of annotations: one per "
                         "frame i, frames range(i+1) while i <= N, else linspace(0, i, N+1) (JanusVLN: 8)")
@@ -216,8 +258,7 @@ def _build_samples_args(p: argparse.ArgumentParser) -> None:
                         "(the same rounding at every matmul, not the same bits) and fp32 on CPU")
     g.add_argument("--no-autocast", dest="autocast", action="store_false", help="run the model in its own dtype")
     g.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help="janusvln = --context sample --image-size 644 --preprocess crop --layers=-2 "
-                        "--reference-frame first --autocast; flags given explicitly win")
+                   help=f"janusvln = {preset_flags('janusvln')}; flags given explicitly win")
 
 
 def _build_resume_args(p: argparse.ArgumentParser) -> None:
@@ -231,16 +272,16 @@ def _build_resume_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hash-inputs", action="store_true",
                    help="record a sha256 of each source image in its record, so that staleness (--rebuild-stale, "
                         "verify) is judged by content, not by size and mtime")
-    g.add_argument("--allow-failures", type=int, default=0,
+    g.add_argument("--allow-failures", type=int, default=build_default("allow_failures"),
                    help="exit 0 even if up to N images fail to decode (they are listed in the failures ledger)")
 
 
 def _build_scale_out_args(p: argparse.ArgumentParser) -> None:
     """Job arrays, fsync, progress and storage."""
     g = p.add_argument_group("scale-out")
-    g.add_argument("--num-parts", type=int, default=1,
+    g.add_argument("--num-parts", type=int, default=build_default("num_parts"),
                    help="split the job into K parts (job arrays); run each with --part i, then `featstore merge`")
-    g.add_argument("--part", type=int, default=0, help="which part this job builds (0-based)")
+    g.add_argument("--part", type=int, default=build_default("part"), help="which part this job builds (0-based)")
     g.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="skip fsync after writes (faster on some network filesystems; less safe on power loss)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -252,39 +293,27 @@ def _out_location(text: str) -> Path | str:
     return text if is_remote(text) else Path(text)
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from featstore.build import BuildOptions, run_build
-
-    log = logging.getLogger("featstore")
-    flags = {"model": args.model, "data_root": args.data_root, "batch_size": args.batch_size,
-             "device": args.device, "skip_existing": args.skip_existing}
-    try:
-        env, origins = resolve_build_env(flags)
-    except ValueError as e:
-        log.error("%s", e)
-        return 2
+def build_options_of(args: argparse.Namespace) -> BuildOptions:
+    """The :class:`BuildOptions` a parsed ``featstore build`` command line asks for: flags, then their environment
+    stand-ins, then the preset, then the defaults. Raises ValueError (or OptionError) naming a bad value."""
+    flags = {name: getattr(args, name) for name in ("model", "data_root", "batch_size", "device", "skip_existing")}
+    env, origins = resolve_build_env(flags)
     if args.skip_existing is False:
         origins["skip_existing"] = "--no-skip-existing"
     apply_preset(args)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildOptions) if hasattr(args, f.name)}
+    values.update(env, annotations=list(args.annotations), origins=origins, storage_options=storage_options_of(args))
+    values["data_root"] = Path(env["data_root"]) if env["data_root"] else None
+    return BuildOptions(**values)
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
     try:
-        storage_options = storage_options_of(args)
-    except ValueError as e:
-        log.error("%s", e)
+        opts = build_options_of(args)
+    except (ValueError, FeatstoreError) as e:
+        logging.getLogger("featstore").error("%s", e)
         return 2
-    opts = BuildOptions(
-        data_root=Path(env["data_root"]) if env["data_root"] else None, model=env["model"], out=args.out,
-        format=args.format, annotations=list(args.annotations), image_list=args.image_list,
-        data_path=args.data_path, strict_annotations=args.strict_annotations, batch_size=env["batch_size"],
-        device=env["device"], dtype=args.dtype, layers=args.layers, preprocess=args.preprocess,
-        image_size=args.image_size, context=args.context, reference_frame=args.reference_frame,
-        history=args.history, history_pad=args.history_pad, autocast=args.autocast,
-        apply_exif=args.apply_exif, tokens=args.tokens, shard_size=args.shard_size, shard_prefix=args.shard_prefix,
-        skip_existing=env["skip_existing"], rebuild_stale=args.rebuild_stale, hash_inputs=args.hash_inputs,
-        allow_failures=args.allow_failures, num_workers=args.num_workers, writer_threads=args.writer_threads,
-        zstd_level=args.zstd_level, codec=args.codec, compile=args.compile, num_parts=args.num_parts,
-        part=args.part, max_pixels=args.max_pixels, fsync=args.fsync, progress=args.progress, origins=origins,
-        storage_options=storage_options)
-    return run_build(opts)
+    return command_module("featstore.build").run_build(opts)
 
 
 def add_merge_parser(sub: argparse._SubParsersAction) -> None:
@@ -412,8 +441,8 @@ def _write_json(target: str, doc: dict) -> None:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from featstore.errors import FeatstoreError
     from featstore.formats.storage import redact
-    from featstore.verify import verify
 
+    verify = command_module("featstore.verify").verify
     log = logging.getLogger("featstore")
     problem = _verify_usage_problem(args)
     if problem:
@@ -435,16 +464,77 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _add_optional(sub: argparse._SubParsersAction, module: str, name: str) -> None:
-    import importlib
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Define ``featstore export``."""
+    p = sub.add_parser(
+        "export", help="convert a store between shards and per-image caches",
+        formatter_class=HelpFormatter,
+        description="featstore export STORE --format per-image [--out DIR]: write <image>.vggt_cache.pt files "
+                    "beside the images (or mirrored under --out) from a shard store, bit for bit. "
+                    "featstore export DATA_ROOT --format shards --out DIR [--codec C]: pack per-image caches "
+                    "(including legacy ones with only 'features' and 'path') into shards, or re-encode a shard "
+                    "store with another codec. Lossy (int8) records are exported dequantized, marked lossy "
+                    "with their error bound. Exit 0 when every record was "
+                    "exported, 1 when some were refused or unreadable, 2 when the export could not run.")
+    p.add_argument("source", help="a shard store folder, or for --format per-image its URL (s3://bucket/prefix, "
+                                  "any fsspec URL); or a data root holding per-image caches (for --format shards)")
+    p.add_argument("--format", required=True, choices=("per-image", "shards"), help="the layout to write")
+    p.add_argument("--out", type=Path, help="per-image: mirror caches under this folder instead of beside the "
+                                            "images; shards: the new store folder (required)")
+    p.add_argument("--shard-size", type=parse_size, default=format_size(DEFAULT_SHARD_BYTES),
+                   help="target shard size (shards only)")
+    p.add_argument("--shard-prefix", default=build_default("shard_prefix"), help="shard file name prefix (shards only)")
+    p.add_argument("--codec", choices=CODEC_CHOICES, default=build_default("codec"),
+                   help="shards only: codec of every tensor (zstd lossless, raw uncompressed, int8 lossy with its "
+                        "error stored per record); re-encodes a shard store or packs per-image caches")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false", help="skip fsync after writes")
+    add_storage_options_argument(p)
+    p.set_defaults(func=_cmd_export)
 
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    export = command_module("featstore.export")
+    log = logging.getLogger("featstore")
+    if args.format == "shards" and is_remote(args.source):
+        log.error("--format shards reads a local store or data root, not %s; export the remote store with "
+                  "--format per-image, or copy it to local disk first", redact(args.source))
+        return 2
+    if args.format == "shards" and args.out is None:
+        log.error("--format shards needs --out DIR (the new shard store folder)")
+        return 2
     try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return
-    adder = getattr(mod, f"add_{name}_parser", None)
-    if adder is not None:
-        adder(sub)
+        if args.format == "per-image":
+            res = export.export_to_per_image(args.source, args.out, fsync=args.fsync,
+                                             storage_options=storage_options_of(args))
+        else:
+            res = export.export_to_shards(Path(args.source), args.out, shard_size=args.shard_size,
+                                          prefix=args.shard_prefix, fsync=args.fsync, codec=args.codec)
+    except (FeatstoreError, OSError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    log.info("exported to %s: %d written, %d unchanged, %d refused, %d unreadable", res.out, res.written,
+             res.unchanged, len(res.refused), len(res.failed))
+    if res.refused:
+        log.error("refused %d keys that would land outside %s, e.g. %s", len(res.refused), res.out, res.refused[:3])
+    return 0 if res.ok else 1
+
+
+class CommandUnavailable(FeatstoreError):
+    """The module that runs a subcommand failed to import (a broken install or a missing dependency)."""
+
+    def __init__(self, module: str, error: ImportError):
+        super().__init__(f"cannot run this command: importing {module} failed ({type(error).__name__}: {error}); "
+                         f"reinstall featstore with its dependencies (pip install -e .) and retry")
+        self.module, self.error = module, error
+
+
+def command_module(module: str) -> Any:
+    """Import the module that runs a subcommand (imported only when that command runs, so ``--help`` stays
+    fast); an ImportError becomes :class:`CommandUnavailable` naming the module and the error."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise CommandUnavailable(module, e) from e
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -458,7 +548,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_build_parser(sub)
     add_verify_parser(sub)
-    _add_optional(sub, "featstore.export", "export")
+    add_export_parser(sub)
     add_merge_parser(sub)
     return parser
 
@@ -482,6 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.func(args))
+    except CommandUnavailable as e:
+        log = logging.getLogger("featstore")
+        log.error("%s", e)
+        log.debug("the import error", exc_info=e.error)
+        return 2
     except KeyboardInterrupt:
         logging.getLogger("featstore").error("interrupted; re-run the same command to resume")
         return 130

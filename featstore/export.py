@@ -16,7 +16,6 @@ per-image cache or a lossless copy never passes for the model's exact output.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -33,13 +32,13 @@ from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import Index, IndexEntry, write_index
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, shape_key, write_manifest
-from featstore.formats.perimage import read_pt, write_pt
-from featstore.formats.codecs import CODECS, check_codec
+from featstore.formats.perimage import read_pt, scan_per_image, write_pt
+from featstore.formats.store import Store
+from featstore.formats.codecs import check_codec
 from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
 from featstore.formats.shards import ShardWriter, iter_shard_records, parse_shard_name, sha256_file
-from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
-from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
+from featstore.loader import ShardStore, open_store, shard_rows
 
 log = logging.getLogger("featstore")
 COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "compute", "tokens",
@@ -115,7 +114,7 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
                         storage_options: dict[str, Any] | None = None) -> ExportResult:
     """Write every live record of a shard store (local or an fsspec URL) as a per-image cache, plus the
     per-image manifest."""
-    store = open_store(store_path, storage_options=storage_options)
+    store: Store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
     if store.context.get("mode") == "sample":
@@ -199,8 +198,13 @@ def _shard_source(store: ShardStore) -> Source:
     ix = store.index
     rows, _ = shard_rows(ix)
     keys = (ix.entry(int(r)).key for r in rows)
-    return Source(Path(store.manifest.get("data_root") or ""), store.manifest, keys,
-                  lambda key: with_lossy_provenance(store.record(key)), store.root)
+    return Source(Path(store.manifest.get("data_root") or ""), store.manifest, keys, _record_reader(store),
+                  Path(store.root))
+
+
+def _record_reader(store: Store) -> Callable[[str], Record]:
+    """Read a key's record from any store, lossy tensors marked with the error bounds they were decoded with."""
+    return lambda key: with_lossy_provenance(store.record(key))
 
 
 def open_source(path: Path) -> Source:
@@ -320,57 +324,3 @@ def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], r
         log.warning("%d of %d caches have no featstore metadata (older scripts); the manifest lists what is "
                     "unknown about their provenance", legacy, n)
     write_manifest(out / SHARD_MANIFEST, m)
-
-
-def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    """Define ``featstore export``."""
-    from featstore.cli import HelpFormatter, parse_size
-
-    p = sub.add_parser(
-        "export", help="convert a store between shards and per-image caches",
-        formatter_class=HelpFormatter,
-        description="featstore export STORE --format per-image [--out DIR]: write <image>.vggt_cache.pt files "
-                    "beside the images (or mirrored under --out) from a shard store, bit for bit. "
-                    "featstore export DATA_ROOT --format shards --out DIR [--codec C]: pack per-image caches "
-                    "(including legacy ones with only 'features' and 'path') into shards, or re-encode a shard "
-                    "store with another codec. Lossy (int8) records are exported dequantized, marked lossy "
-                    "with their error bound. Exit 0 when every record was "
-                    "exported, 1 when some were refused or unreadable, 2 when the export could not run.")
-    p.add_argument("source", help="a shard store folder, or for --format per-image its URL (s3://bucket/prefix, "
-                                  "any fsspec URL); or a data root holding per-image caches (for --format shards)")
-    p.add_argument("--format", required=True, choices=("per-image", "shards"), help="the layout to write")
-    p.add_argument("--out", type=Path, help="per-image: mirror caches under this folder instead of beside the "
-                                            "images; shards: the new store folder (required)")
-    p.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="target shard size (shards only)")
-    p.add_argument("--shard-prefix", default="vggt", help="shard file name prefix (shards only)")
-    p.add_argument("--codec", choices=CODECS, default="zstd",
-                   help="shards only: codec of every tensor (zstd lossless, raw uncompressed, int8 lossy with its "
-                        "error stored per record); re-encodes a shard store or packs per-image caches")
-    p.add_argument("--no-fsync", dest="fsync", action="store_false", help="skip fsync after writes")
-    add_storage_options_argument(p)
-    p.set_defaults(func=_cmd_export)
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    try:
-        if args.format == "per-image":
-            res = export_to_per_image(args.source, args.out, fsync=args.fsync,
-                                      storage_options=storage_options_of(args))
-        else:
-            if is_remote(args.source):
-                log.error("--format shards reads a local store or data root, not %s; export the remote store with "
-                          "--format per-image, or copy it to local disk first", redact(args.source))
-                return 2
-            if args.out is None:
-                log.error("--format shards needs --out DIR (the new shard store folder)")
-                return 2
-            res = export_to_shards(Path(args.source), args.out, shard_size=args.shard_size, prefix=args.shard_prefix,
-                                   fsync=args.fsync, codec=args.codec)
-    except (FeatstoreError, OSError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    log.info("exported to %s: %d written, %d unchanged, %d refused, %d unreadable", res.out, res.written,
-             res.unchanged, len(res.refused), len(res.failed))
-    if res.refused:
-        log.error("refused %d keys that would land outside %s, e.g. %s", len(res.refused), res.out, res.refused[:3])
-    return 0 if res.ok else 1

@@ -3,11 +3,13 @@
 ``FEATSTORE_KILL_AT=<point>[:<n>]`` makes the process SIGKILL itself the n-th time (default 1st) it
 reaches ``<point>``. Unset (always, outside tests) this is a dictionary lookup and nothing more.
 
-Points, in the order a shard build meets them: ``atomic-before-rename`` (every atomic file write),
-``shard-opened``, ``record-appended``, ``batch-queued``, ``shard-tar-closed``, ``shard-before-rename``,
-``shard-after-rename``, ``per-image-written``, ``part-index-written``, ``merge-before-index``,
-``merge-before-manifest``, ``merge-before-cleanup``. ``tools/crash_driver.py`` kills a build at 20 instants
-(some points at their n-th hit).
+Points, in the order a build meets them: ``atomic-before-rename`` (every atomic file write: build.json,
+ledgers, part files, index, manifest, per-image caches), ``shard-opened``, ``record-appended``,
+``batch-queued``, ``shard-tar-closed``, ``shard-before-rename``, ``shard-after-rename``,
+``shard-before-upload``, ``shard-after-upload`` (a remote store's shard, uploaded once closed),
+``per-image-written``, ``part-index-written``, ``merge-before-index``, ``merge-before-manifest``,
+``merge-before-cleanup``. ``tools/crash_driver.py`` kills builds and exports at a schedule of them (some at
+their n-th hit): ``SHARD_KILLS``, ``PER_IMAGE_KILLS`` and ``EXPORT_*_KILLS`` there.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Collection, Iterator
 
 from featstore.errors import StoreError
 from featstore.faults import crash_point
@@ -51,15 +51,29 @@ def temp_writer_is_dead(name: str) -> bool:
     return False
 
 
-def remove_dead_temps(directory: Path) -> list[Path]:
-    """Delete the temporary files in ``directory`` left by dead writers on this host; returns them."""
-    removed = []
+def final_name_of(temp_name: str) -> str:
+    """The name a temporary file from :func:`temp_name_for` stands for (``.a.tar.tmp-h-1-x`` -> ``a.tar``)."""
+    return temp_name[1:].rsplit(TMP_MARKER, 1)[0]
+
+
+def remove_temp_files(directory: Path, *, finals: Collection[str] | None = None,
+                      any_writer: bool = False) -> list[Path]:
+    """Delete the temporary files (:func:`temp_name_for` names) in ``directory``; returns them.
+
+    The one temp-file cleanup. By default it removes only those whose writer ran on this host and is dead,
+    because other processes (job-array parts, another host) may be writing there now. ``finals`` keeps to the
+    temporaries of these final names; ``any_writer=True`` removes them whoever wrote them, for a caller that
+    holds the lock over every name it passes (only a killed run of its own can have left them).
+    """
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return removed
     for e in entries:
-        if e.is_file(follow_symlinks=False) and temp_writer_is_dead(e.name):
+        if not is_temp_name(e.name) or (finals is not None and final_name_of(e.name) not in finals):
+            continue
+        if e.is_file(follow_symlinks=False) and (any_writer or temp_writer_is_dead(e.name)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(e.path)
                 removed.append(Path(e.path))
@@ -113,7 +127,7 @@ def sweep_dead_temps_once(directory: Path) -> None:
     key = str(directory)
     if key not in _swept_dirs:
         _swept_dirs.add(key)
-        remove_dead_temps(directory)
+        remove_temp_files(directory)
 
 
 @contextlib.contextmanager

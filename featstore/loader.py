@@ -41,18 +41,18 @@ import numpy as np
 import torch
 
 from featstore.formats.layout import ALIAS_INDEX, INDEX_NAME, PER_IMAGE_SUFFIX, RECORD_EXT, SHARDS_DIR
-from featstore.env import data_root_override, dist_env, store_path, use_vggt_cache
+from featstore.env import Consumer, consumer, data_root_override, dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
 from featstore.formats.index import Index, IndexEntry, local_index_file
 from featstore.formats.keys import encode_key, key_for_path, key_under, root_prefixes
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, read_store_manifest
-from featstore.formats.perimage import cache_path_for, read_pt
+from featstore.formats.perimage import cache_path_for, read_pt, scan_per_image
 from featstore.formats.codecs import dequantize_int8, empty_tensor, scratch, unpack_scales
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import iter_shard_records
+from featstore.formats.store import Store
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
-from featstore.fsutil import is_temp_name
 from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
@@ -450,18 +450,8 @@ class PerImageStore(SampleLookup, _Lookup):
         """Nothing to close (files are opened per read)."""
 
 
-Store = ShardStore | PerImageStore
-
-
-def scan_per_image(root: Path) -> Iterator[str]:
-    """Keys of every ``*.vggt_cache.pt`` file under ``root`` (temporary files skipped)."""
-    root = Path(root)
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(files):
-            if name.endswith(PER_IMAGE_SUFFIX) and not is_temp_name(name):
-                rel = Path(os.path.relpath(os.path.join(dirpath, name), root)).as_posix()
-                yield rel[: -len(PER_IMAGE_SUFFIX)]
+#: What :func:`open_store` returns; both classes implement :class:`featstore.formats.store.Store`.
+AnyStore = ShardStore | PerImageStore
 
 
 def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *, max_open: int = DEFAULT_MAX_OPEN,
@@ -477,7 +467,7 @@ def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *
 
 def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN,
                data_root: str | os.PathLike[str] | None = None,
-               storage_options: dict[str, Any] | None = None) -> Store:
+               storage_options: dict[str, Any] | None = None) -> AnyStore:
     """Open a shard store or a per-image cache root (found from its manifest) for random access.
 
     ``data_root``: where the images are now, when the data moved (another machine, another mount): image paths
@@ -506,7 +496,7 @@ def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN
 
 
 # --- drop-in loader --------------------------------------------------------------------------------------
-_default_stores: dict[tuple[str, str | None], Store] = {}
+_default_stores: dict[Any, AnyStore] = {}
 _announced = False
 _announce_lock = threading.Lock()
 
@@ -519,7 +509,7 @@ def _announce(where: str) -> None:
             _announced = True
 
 
-def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store | str | os.PathLike[str] | None = None
+def load_cached_vggt_features(image_path: str | os.PathLike[str], store: AnyStore | str | os.PathLike[str] | None = None
                               ) -> torch.Tensor | None:
     """The cached features of one image, or None: a drop-in for per-image ``torch.load`` cache loading.
 
@@ -545,7 +535,8 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: Store |
         return None
 
 
-def load_sample_features(frames: Sequence[str | os.PathLike[str]], store: Store | str | os.PathLike[str] | None = None,
+def load_sample_features(frames: Sequence[str | os.PathLike[str]],
+                         store: AnyStore | str | os.PathLike[str] | None = None,
                          *, id: Any = None) -> torch.Tensor | None:
     """The cached features ``[1, h*w, C]`` of one training sample, or None: the drop-in for the VGGT loop of a
     training step. ``frames`` are the sample's frame paths in training order (current frame last); ``store``
@@ -565,18 +556,6 @@ def load_sample_features(frames: Sequence[str | os.PathLike[str]], store: Store 
 
 
 # --- streaming -------------------------------------------------------------------------------------------
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    d = dist_env()
-    return d.rank, d.world_size
-
-
-def _worker() -> tuple[int, int]:
-    info = torch.utils.data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
 def shard_rows(ix: Index) -> tuple[np.ndarray, np.ndarray]:
     """Index rows ordered by (shard, offset), and bounds: shard ``s`` holds ``rows[bounds[s]:bounds[s + 1]]``."""
     if not ix.count:
@@ -708,15 +687,10 @@ class FeatureStream(torch.utils.data.IterableDataset):
                 self._resume = None
         self.epoch = epoch
 
-    def _consumer(self) -> tuple[int, int, int, int]:
-        rank, world = _rank_world()
-        wid, nworkers = _worker()
-        return rank * nworkers + wid, world * nworkers, rank, world
-
     def __len__(self) -> int:
         """Records this rank yields per epoch (all its DataLoader workers together)."""
-        rank, world = _rank_world()
-        return slice_size(self.num_records, rank, world)
+        d = dist_env()
+        return slice_size(self.num_records, d.rank, d.world_size)
 
     def _rows(self) -> tuple[np.ndarray, np.ndarray]:
         if self._plan is None or self._plan[0] != os.getpid():
@@ -737,12 +711,12 @@ class FeatureStream(torch.utils.data.IterableDataset):
             return seq, buffer_shuffle(seq, self.shuffle_buffer, np.random.default_rng([seed_int(self.seed), epoch, me]))
         return seq, seq
 
-    def _skip(self, epoch: int, rank: int, world: int) -> int:
+    def _skip(self, epoch: int, me: Consumer) -> int:
         """Records this worker already delivered in ``epoch`` before the saved state (0 without one)."""
         st = self._resume
         if st is None or st["epoch"] != epoch:
             return 0
-        wid, nworkers = _worker()
+        rank, world, wid, nworkers = me.rank, me.world_size, me.worker, me.num_workers
         if st["world_size"] != world or max(1, st["num_workers"]) != nworkers:
             raise StoreError(f"cannot resume: the state was saved with world size {st['world_size']} and "
                              f"{st['num_workers']} DataLoader workers, this run has {world} and {nworkers}; resume "
@@ -785,11 +759,11 @@ class FeatureStream(torch.utils.data.IterableDataset):
             yield waiting.pop(row)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        me, consumers, rank, world = self._consumer()
+        me = consumer()
         epoch = self.epoch
-        skip = self._skip(epoch, rank, world)  # read now: a loader clears the resume state once iteration starts
-        in_process = torch.utils.data.get_worker_info() is None and self._loader is None
-        return self._epochs(epoch, me, consumers, skip, in_process)
+        skip = self._skip(epoch, me)  # read now: a loader clears the resume state once iteration starts
+        in_process = not me.in_worker and self._loader is None
+        return self._epochs(epoch, me.index, me.count, skip, in_process)
 
     def _epochs(self, epoch: int, me: int, consumers: int, skip: int, count: bool) -> Iterator[dict[str, Any]]:
         while True:
@@ -820,7 +794,7 @@ class FeatureStream(torch.utils.data.IterableDataset):
             raise StoreError("state_dict() needs resampled=False (an epoch to resume within)")
         workers, batch, drop_last = self._loader or (0, None, False)
         return {"version": 1, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
-                "shuffle_buffer": self.shuffle_buffer, "records": self.num_records, "world_size": _rank_world()[1],
+                "shuffle_buffer": self.shuffle_buffer, "records": self.num_records, "world_size": dist_env().world_size,
                 "num_workers": workers, "batch_size": batch, "drop_last": drop_last, "consumed": self._consumed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -890,5 +864,5 @@ def stream(path: str | os.PathLike[str], shuffle: bool = True, seed: int = 0, ep
                          resampled=resampled, dequantize=dequantize)
 
 
-__all__ = ["open_store", "stream", "load_cached_vggt_features", "decode_sample", "dequantize", "ShardStore",
+__all__ = ["open_store", "stream", "load_cached_vggt_features", "decode_sample", "dequantize", "Store", "ShardStore",
            "PerImageStore", "FeatureStream", "StreamLoader", "key_for_path"]

@@ -1,8 +1,11 @@
-"""The build lock: one writer per output at a time, with safe takeover of a lock left by a dead process.
+"""The build locks: one writer per output (and per rank) at a time, with safe takeover of a lock left by a
+dead process.
 
 The lock is a file created with ``O_CREAT | O_EXCL`` holding the owner's host, pid and start time. A
 second job sees who holds it. A lock whose owner is on this host and no longer alive is stale and is
-taken over (by rename, so two jobs racing for a stale lock cannot both win).
+taken over (by rename, so two jobs racing for a stale lock cannot both win). Rank 0 of a build holds the
+store's lock (``.featstore.lock``), every other rank its own (``.featstore.lock-build-<rank>``, see
+:func:`lock_for_rank`); on object storage the lock is an object created only if absent.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from typing import Any
 
 from featstore.errors import LockError
 from featstore.formats.storage import Storage
-from featstore.formats.layout import LOCK_NAME
+from featstore.formats.layout import LOCK_NAME, rank_lock_name
 
 log = logging.getLogger("featstore")
-
 
 
 def _pid_alive(pid: int) -> bool:
@@ -125,6 +127,14 @@ class BuildLock:
         self.release()
 
 
+class RankLock(BuildLock):
+    """The lock of a non-zero rank: the same mechanism, one file per rank (``.featstore.lock-<name>``)."""
+
+    def __init__(self, directory: Path, name: str):
+        super().__init__(directory, command=f"featstore build ({name})")
+        self.path = Path(directory) / rank_lock_name(name)
+
+
 class StorageLock:
     """The build lock of a store on object storage: an object created only if absent (S3 ``If-None-Match: *``).
 
@@ -182,3 +192,19 @@ class StorageLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def rank_name(gid: int) -> str:
+    """The name of rank ``gid``'s lock and messages: ``build-00003``."""
+    return f"build-{gid:05d}"
+
+
+def lock_for_rank(gid: int, out: Path, store: Storage | None = None) -> BuildLock | StorageLock:
+    """The lock rank ``gid`` holds while it builds: the store's lock for rank 0, its own for every other rank;
+    in the local folder ``out``, or as an object of the remote ``store`` when one is given."""
+    command = f"featstore build (rank {gid})"
+    if store is not None:
+        return StorageLock(store, LOCK_NAME if gid == 0 else rank_lock_name(rank_name(gid)), command=command)
+    if gid == 0:
+        return BuildLock(out, command=command)
+    return RankLock(out, rank_name(gid))

@@ -1,4 +1,5 @@
-"""Checks of ``featstore build`` options that run before anything is read or written.
+"""``featstore build``'s options: :class:`BuildOptions` (every default defined here, once: the CLI and the
+environment stand-ins read them), and the checks that run before anything is read or written.
 
 Each problem is an :class:`~featstore.errors.OptionError` whose message names the value as the user set it
 (``--zstd-level 99`` or ``BATCH_SIZE=0``, see ``BuildOptions.origins``), what was expected, and what to do.
@@ -8,14 +9,73 @@ any output is created.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from featstore.errors import OptionError
+from featstore.formats.layout import DEFAULT_SHARD_BYTES
 
 MAX_ZSTD_LEVEL = 22
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+@dataclass
+class BuildOptions:
+    """Everything ``featstore build`` needs; the CLI fills it from flags and environment stand-ins, and takes
+    the defaults it shows in ``--help`` from here."""
+
+    data_root: Path
+    model: str
+    out: Path | None = None
+    format: str = "shards"
+    annotations: list[Path] = field(default_factory=list)
+    image_list: Path | None = None
+    data_path: str | None = None
+    strict_annotations: bool = False
+    batch_size: int = 16
+    device: str = "cuda:0"
+    dtype: str | None = None
+    layers: tuple[int, ...] = (-2,)
+    preprocess: str = "crop"
+    image_size: int = 518
+    context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
+    reference_frame: str = "first"
+    history: int | None = None  # samples from episode folders with JanusVLN's history rule
+    history_pad: bool = False
+    autocast: bool = False  # fp32 weights under torch.autocast (bf16), as JanusVLN's forward runs VGGT
+    apply_exif: bool = False
+    tokens: str = "patch"
+    shard_size: int = DEFAULT_SHARD_BYTES
+    shard_prefix: str = "vggt"
+    skip_existing: bool = True
+    rebuild_stale: bool = False
+    hash_inputs: bool = False
+    allow_failures: int = 0
+    num_workers: int = min(8, os.cpu_count() or 1)
+    writer_threads: int = 4
+    zstd_level: int = 1
+    codec: str = "zstd"  # shard codec of every tensor (featstore.formats.codecs)
+    compile: bool = False
+    num_parts: int = 1
+    part: int = 0
+    max_pixels: int | None = None
+    fsync: bool = True
+    progress: bool = True
+    origins: dict[str, str] = field(default_factory=dict)  # option -> the flag or variable that set it (messages)
+    storage_options: dict[str, Any] | None = None  # for an --out URL (s3://...); never written anywhere
+
+
+def build_default(name: str) -> Any:
+    """The default of the :class:`BuildOptions` field ``name``."""
+    f = BuildOptions.__dataclass_fields__[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(f"BuildOptions.{name} has no default (it is required)")
 
 
 def shown(opts: Any, dest: str, value: Any = None) -> str:
@@ -60,7 +120,7 @@ def check_layers(opts: Any) -> None:
         raise OptionError(f"{shown(opts, 'layers')}: layer {repeated[0]} is requested twice; list each layer once")
 
 
-def check_output_writable(opts: Any, out: Path) -> None:
+def check_output_writable(out: Path) -> None:
     """The output folder (or the nearest folder that exists above it) must be writable by this process."""
     probe = Path(out)
     while not probe.exists() and probe.parent != probe:

@@ -1,11 +1,14 @@
-"""The build's streaming stages: decode -> shape-bucketed batches -> (model) -> records -> sink.
+"""The build's streaming stages: decode -> shape-bucketed batches (or a context plan's steps) -> (model) ->
+records -> sink. A record is computed from an ordered list of frames: one frame for an image
+(:class:`WorkItem`), a training sample's frames for ``--context sample`` (``samples.SampleItem``).
 
 * :class:`ImageDataset` runs in DataLoader workers: stat, read, optionally hash, decode, preprocess.
   A bad image becomes a failure item, never an exception.
 * :func:`shape_batches` groups decoded images of the same preprocessed shape into batches.
+* :class:`StepDataset` decodes, in workers, the distinct frames of each step of a context plan.
 * :class:`ShardSink` / :class:`PerImageSink` encode (a thread pool: zstd releases the GIL) and write.
 * :class:`BackgroundWriter` runs a sink on its own thread behind a bounded queue, so device-to-host
-  copies, compression and writing overlap the next batch while memory stays flat.
+  copies, compression and writing overlap the next batch with a bounded number of batches in flight.
 """
 
 from __future__ import annotations
@@ -34,10 +37,26 @@ from featstore.preprocess import UINT8_MODES, open_image, preprocess_image, prep
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One image to build: its store key and its file path."""
+    """One image to build: its store key and its file path. Its record is that of a one-frame sample
+    (:class:`featstore.samples.RecordItem`): frames ``(key,)``, paths ``(path,)``."""
 
     key: str
     path: str
+
+    @property
+    def frames(self) -> tuple[str, ...]:
+        """The frame keys the record is computed from: the image alone."""
+        return (self.key,)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The frames' file paths: the image's."""
+        return (self.path,)
+
+    @property
+    def owner_frame(self) -> str:
+        """The frame whose key decides the rank that builds the record: the image."""
+        return self.key
 
 
 @dataclass
@@ -48,6 +67,10 @@ class Decoded:
     image: torch.Tensor | None
     error: str | None
     source: dict[str, Any] = field(default_factory=dict)
+
+    def pin_memory(self) -> "Decoded":
+        """The same result with its image in pinned memory (called by the DataLoader's pin thread)."""
+        return Decoded(self.item, None if self.image is None else self.image.pin_memory(), self.error, self.source)
 
 
 def sample_fingerprint(frames: list[dict[str, Any]]) -> dict[str, Any]:
@@ -200,8 +223,12 @@ def _identity(x: Any) -> Any:
 
 def make_loader(dataset: torch.utils.data.Dataset, num_workers: int, pin_memory: bool = False,
                 prefetch: int = 8) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding the dataset's items one at a time, in order, decoded in ``num_workers`` processes
-    (``pin_memory``: tensors arrive in pinned memory, for asynchronous copies to a GPU)."""
+    """A DataLoader yielding the dataset's items one at a time, in order, decoded in ``num_workers`` processes.
+
+    ``pin_memory``: the DataLoader's pin thread moves each item's images to pinned memory (``Decoded`` and
+    ``DecodedStep`` define ``pin_memory()``), for asynchronous copies to a GPU; torch ignores it (with a
+    warning) where there is no accelerator. The image loop leaves it off: :func:`shape_batches` stacks each
+    batch into pinned memory itself, which a pinned source image would only copy once more."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch, persistent_workers=False)

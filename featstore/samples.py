@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -123,6 +123,25 @@ def frames_of_record(record: dict[str, Any]) -> list[str] | None:
     return frames or None
 
 
+class RecordItem(Protocol):
+    """What one record is built from: its key and an ordered list of frames (keys and file paths, in training
+    order). A per-image record (``pipeline.WorkItem``) is a one-frame sample; a :class:`SampleItem` has many."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def frames(self) -> tuple[str, ...]: ...
+
+    @property
+    def paths(self) -> tuple[str, ...]: ...
+
+    @property
+    def owner_frame(self) -> str:
+        """The frame whose key decides which rank builds the record (``resume.rank_share``)."""
+        ...
+
+
 @dataclass(frozen=True)
 class SampleItem:
     """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
@@ -134,6 +153,16 @@ class SampleItem:
     def key(self) -> str:
         """The record key."""
         return self.sample.key
+
+    @property
+    def frames(self) -> tuple[str, ...]:
+        """The frame keys in training order."""
+        return self.sample.frames
+
+    @property
+    def owner_frame(self) -> str:
+        """The first frame streamed: the samples sharing a prefix tree go to one rank and share its work."""
+        return stream_order(self.sample)[0]
 
     @property
     def kept_path(self) -> str:

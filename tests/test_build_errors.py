@@ -42,6 +42,8 @@ CASES = {
     "batch-size-env": ([], {"BATCH_SIZE": "abc"}, ["BATCH_SIZE='abc'", "not an integer", "--batch-size"]),
     "skip-existing-env": ([], {"SKIP_EXISTING": "maybe"}, ["SKIP_EXISTING='maybe'", "true or false"]),
     "part": (["--num-parts", "2", "--part", "2"], {}, ["--part 2", "from 0 to 1"]),
+    "rank-env": ([], {"RANK": "3", "WORLD_SIZE": None}, ["RANK=3 is outside WORLD_SIZE=1", "unset"]),
+    "world-size-env": ([], {"WORLD_SIZE": "two"}, ["WORLD_SIZE='two'", "not an integer", "torchrun"]),
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import sys
 
 import pytest
 
@@ -56,3 +58,64 @@ def test_verify_help_machine_dependent_workers_and_json():
 def test_command_line_errors_are_one_error_line(argv):
     r = run_inproc(*argv)
     assert r.returncode == 2 and r.stderr.startswith("[ERROR] ") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+# --- build defaults are defined once (BuildOptions), and every option has its flag ---------------------------
+
+BUILD_ENV = {"DATA_ROOT": None, "VGGT_MODEL_PATH": None, "BATCH_SIZE": None, "DEVICE": None, "SKIP_EXISTING": None}
+
+
+def test_build_with_no_flags_means_the_build_options_defaults():
+    from featstore.cli import build_options_of, make_parser
+    from featstore.options import BuildOptions
+    from tests.buildutil import environment
+
+    with environment(BUILD_ENV):
+        opts = build_options_of(make_parser().parse_args(["build"]))
+    plain = BuildOptions(data_root=None, model=None)  # type: ignore[arg-type]
+    differ = {f.name: (getattr(opts, f.name), getattr(plain, f.name)) for f in dataclasses.fields(BuildOptions)
+              if f.name != "origins" and getattr(opts, f.name) != getattr(plain, f.name)}
+    assert not differ, differ
+
+
+def test_every_build_option_is_set_by_a_flag():
+    from featstore.cli import make_parser
+    from featstore.options import BuildOptions
+
+    args = make_parser().parse_args(["build"])
+    assert [f.name for f in dataclasses.fields(BuildOptions) if not hasattr(args, f.name)] == ["origins"]
+
+
+def test_help_values_that_cannot_be_imported_cheaply_match_their_owners():
+    from featstore.cli import CODEC_CHOICES
+    from featstore.formats.codecs import CODECS
+    from featstore.preprocess import DEFAULT_MAX_PIXELS
+
+    assert CODEC_CHOICES == CODECS
+    assert f"default: {DEFAULT_MAX_PIXELS}," in option_help(help_text("build"), "--max-pixels MAX_PIXELS")
+
+
+# --- a command whose module fails to import fails loudly --------------------------------------------------------
+
+def the_one_error(r) -> str:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("[ERROR]")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+def test_export_whose_module_fails_to_import_names_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "featstore.export", None)  # importing it now raises ImportError
+    assert "export" in run_inproc("--help").stdout  # still listed
+    r = run_inproc("export", str(tmp_path), "--format", "shards", "--out", str(tmp_path / "out"))
+    line = the_one_error(r)
+    assert "importing featstore.export failed" in line and "ModuleNotFoundError" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_whose_module_fails_to_import_stays_listed_and_names_the_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "featstore.verify", None)
+    top = run_inproc("--help", env={"COLUMNS": "200"}).stdout
+    assert all(re.search(rf"^\s+{c}\s", top, re.M) for c in ("build", "verify", "export", "merge")), top
+    line = the_one_error(run_inproc("verify", str(tmp_path)))
+    assert "importing featstore.verify failed" in line and "ModuleNotFoundError" in line, line

@@ -16,6 +16,7 @@ import featstore
 from featstore.formats.layout import SHARDS_DIR
 from featstore.formats.record import encode_record
 from featstore.formats.shards import ShardWriter
+from featstore.formats.store import Store
 from featstore.formats.keys import encode_key
 from featstore.loader import decode_sample, open_store, stream
 from featstore.merge import merge_shard_store
@@ -46,14 +47,18 @@ class FeatureDataset(torch.utils.data.Dataset):
 def test_open_store_both_layouts_agree(stores):
     shards, per_image = open_store(stores / "many"), open_store(stores / "data")
     assert shards.layout == "shards" and per_image.layout == "per-image"
+    assert isinstance(shards, Store) and isinstance(per_image, Store)  # the one interface export and verify use
+    assert shards.context == per_image.context == {"mode": "image"}
+    assert str(shards.data_root) == str(per_image.data_root) == str(stores / "data")
     assert len(shards) == len(per_image) == 12 and shards.keys() == per_image.keys()
     for k in shards.keys():
         assert k in shards and k in per_image
         assert torch.equal(shards[k], per_image[k])
         assert torch.equal(shards.get(str(stores / "data" / k)), shards[k])  # absolute image path
         assert shards.get(k) is not None
-        rec = shards.record(k)
-        assert rec.key == k and rec.meta["layers"] == {"features": 0}
+        rec, same = shards.record(k), per_image.record(k)
+        assert rec.key == same.key == k and rec.meta["layers"] == {"features": 0} and rec.meta == same.meta
+        assert list(rec.tensors) == list(same.tensors) and torch.equal(rec.features, same.features)
     assert "nope.jpg" not in shards and shards.get("nope.jpg") is None and per_image.get("nope.jpg") is None
     with pytest.raises(KeyError):
         shards["nope.jpg"]

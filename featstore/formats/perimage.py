@@ -7,8 +7,10 @@ hostile pickle cannot run code.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -16,7 +18,7 @@ from featstore.formats.layout import PER_IMAGE_SUFFIX
 from featstore.errors import RecordError, describe_load_error
 from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.record import Record, record_from_pt, record_to_pt
-from featstore.fsutil import atomic_write_bytes
+from featstore.fsutil import atomic_write_bytes, is_temp_name
 
 
 def cache_path_for(key: str, data_root: Path, cache_root: Path | None = None) -> Path:
@@ -55,3 +57,14 @@ def read_pt(path: Path, *, key: str | None = None, verify: bool = True) -> Recor
         raise RecordError(f"cannot load per-image cache {path}: {describe_load_error(e)}; delete it and re-run "
                           "`featstore build`") from None
     return record_from_pt(obj, key=key, verify=verify)
+
+
+def scan_per_image(root: Path) -> Iterator[str]:
+    """Keys of every ``*.vggt_cache.pt`` file under ``root``, in sorted walk order (temporary files skipped)."""
+    root = Path(root)
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        for name in sorted(files):
+            if name.endswith(PER_IMAGE_SUFFIX) and not is_temp_name(name):
+                rel = Path(os.path.relpath(os.path.join(dirpath, name), root)).as_posix()
+                yield rel[: -len(PER_IMAGE_SUFFIX)]

@@ -35,7 +35,7 @@ def per_image_expectations(root: Path, m: dict[str, Any], data_root: str | None)
 def verify_per_image(mpath: Path | None, root: Path, m: dict[str, Any], ex: Expectations, *, data_root: str | None,
                      sample: int | None, seed: int, workers: int, progress: bool) -> Report:
     """Check the per-image caches under ``root`` (the manifest's folder: the cache root or the data root)."""
-    from featstore.loader import scan_per_image
+    from featstore.formats.perimage import scan_per_image
 
     report = Report(str(root), "per-image")
     if ex.data_root is None:

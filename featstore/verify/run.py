@@ -32,7 +32,7 @@ class Target:
 def find_target(path: Path | str, storage_options: dict[str, Any] | None) -> Target:
     """Resolve PATH (a store folder or URL, a cache or data root, or a manifest file); StoreError when it is
     none of these."""
-    from featstore.loader import scan_per_image
+    from featstore.formats.perimage import scan_per_image
 
     if is_remote(path):
         storage = parse_location(str(path), storage_options)
