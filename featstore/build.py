@@ -38,7 +38,8 @@ from featstore.extract import Extractor, autocast_dtype, default_store_dtype, pi
 from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.faults import crash_point
 from featstore.formats.manifest import parse_manifest, read_manifest, shape_key
-from featstore.formats.perimage import cache_path_for, read_pt
+from featstore.formats.keys import CacheLayout
+from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.shards import (ShardWriter, parse_shard_name, read_record_meta, read_record_meta_at,
                                       salvage_shard)
@@ -211,6 +212,7 @@ class Build:
             self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
             self.store = LocalStorage(self.out)
             self.parts = LocalStorage(self.state_dir)
+        self.cache_files = CacheLayout(self.data_root, self.cache_root)  # where per-image caches go
         self.where = self.store.display  # the output, safe for messages
 
     # --- setup -------------------------------------------------------------------------------------------
@@ -494,10 +496,9 @@ class Build:
             wanted = set(keys)
             shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
             return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
-        self._remove_temp_caches(keys)
         done = {}
         for k in keys:
-            p = cache_path_for(k, self.data_root, self.cache_root)
+            p = self.cache_files.path(k)
             if p.is_file():
                 done[k] = (str(p), 0)
         return done
@@ -505,7 +506,7 @@ class Build:
     def _remove_temp_caches(self, keys: list[str]) -> None:
         # Temporary cache files next to this rank's images can only come from an interrupted build
         # (the lock keeps a second writer out), so they are safe to remove.
-        dirs = {cache_path_for(k, self.data_root, self.cache_root).parent for k in keys}
+        dirs = {self.cache_files.destination(k).parent for k in keys}
         for d in dirs:
             try:
                 entries = list(os.scandir(d))
@@ -546,6 +547,8 @@ class Build:
     def plan(self, items: list[Any]) -> list[Any]:
         """This rank's items still to build."""
         mine = [it for it in items if owner_of(_owner_key(it), self.gworld) == self.gid]
+        if self.opts.format == "per-image":  # also refuses, before anything is written, a cache outside the root
+            self._remove_temp_caches([it.key for it in mine])
         if not self.opts.skip_existing:
             return mine
         done = self.done_sources([it.key for it in mine])
@@ -580,7 +583,7 @@ class Build:
                                  self.opts.shard_size, fsync=self.opts.fsync,
                                  publish=self._upload_shard if self.remote else None)
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
-        return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
+        return PerImageSink(self.cache_files, self.opts.writer_threads, fsync=self.opts.fsync)
 
     def _upload_shard(self, name: str, path: Path) -> None:
         """Upload a closed shard under its final name (multipart when large), then drop the local copy."""

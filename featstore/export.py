@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,11 +26,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from featstore.formats.layout import DEFAULT_SHARD_BYTES, INDEX_NAME, PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, SHARDS_DIR, SHARD_MANIFEST
+from featstore.formats.layout import DEFAULT_SHARD_BYTES, INDEX_NAME, PER_IMAGE_MANIFEST, SHARDS_DIR, SHARD_MANIFEST
 from featstore.errors import FeatstoreError, RecordError, StoreError
 from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import Index, IndexEntry, write_index
-from featstore.formats.keys import is_safe_relative_key
+from featstore.formats.keys import CacheLayout
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, shape_key, write_manifest
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.codecs import CODECS, check_codec
@@ -62,21 +61,6 @@ class ExportResult:
     def ok(self) -> bool:
         """True when every record was exported."""
         return not self.refused and not self.failed
-
-
-def safe_destination(key: str, root: Path) -> Path:
-    """The per-image file for ``key`` under ``root``; RecordError if it would land outside ``root``."""
-    if not is_safe_relative_key(key):
-        raise RecordError(f"refusing key {key!r}: it is absolute or contains '..', so its cache would land "
-                          f"outside {root}")
-    dest = root / (key + PER_IMAGE_SUFFIX)
-    real_root = os.path.realpath(root)
-    real_parent = os.path.realpath(dest.parent)
-    if real_parent != real_root and not real_parent.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise RecordError(f"refusing key {key!r}: its folder resolves through a link to {real_parent}, outside {root}")
-    if dest.is_symlink():
-        raise RecordError(f"refusing key {key!r}: {dest} is a symbolic link")
-    return dest
 
 
 def _same_record(path: Path, rec: Record) -> bool:
@@ -130,11 +114,12 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
     root = Path(out).resolve() if out is not None else data_root
     root.mkdir(parents=True, exist_ok=True)
     res = ExportResult(out=root)
+    layout = CacheLayout(data_root, root if out is not None else None)
     shapes: Counter = Counter()
     lossy: dict[str, dict[str, Any]] = {}
     for e, data in _stored_records(store):
         try:
-            dest = safe_destination(e.key, root)
+            dest = layout.destination(e.key)
         except RecordError as err:
             res.refused.append(e.key)
             log.error("%s", err)
@@ -191,7 +176,8 @@ def _per_image_source(data_root: Path) -> Source:
 
 
 def _pt_reader(croot: Path) -> Callable[[str], Record]:
-    return lambda key: read_pt(croot / (key + PER_IMAGE_SUFFIX), key=key)
+    layout = CacheLayout(croot)
+    return lambda key: read_pt(layout.path(key), key=key)
 
 
 def _shard_source(store: ShardStore) -> Source:

@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from featstore.errors import AnnotationError, FeatstoreError, StoreError
 from featstore.formats.index import Index, IndexEntry, local_index_file
-from featstore.formats.keys import key_from_member
+from featstore.formats.keys import CacheLayout, image_path_of, key_from_member
 from featstore.formats.manifest import find_manifest, read_manifest, read_store_manifest, shape_key
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, crc32_of, decode_record, dtype_name, lossy_max_abs
-from featstore.formats.layout import INDEX_NAME, LOCK_NAME, PARTS_DIR, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, PER_IMAGE_SUFFIX, SHARDS_DIR
+from featstore.formats.layout import INDEX_NAME, LOCK_NAME, PARTS_DIR, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARDS_DIR
 from featstore.formats.shards import parse_shard_name
 from featstore.formats.storage import (FsspecStorage, Storage, add_storage_options_argument, is_remote, local_copy,
                                        local_path_of, parse_location, redact, storage_options_of)
@@ -164,11 +164,6 @@ def expectations(manifest: dict[str, Any], data_root: str | None) -> dict[str, A
         "data_root": data_root if data_root and os.path.isdir(data_root) else None,
         "rebuild": manifest.get("_rebuild_cmd", "featstore build"),
     }
-
-
-def image_path_of(key: str, data_root: str) -> str:
-    """Where the source image of ``key`` lives."""
-    return key if key.startswith("/") else os.path.join(data_root, key)
 
 
 def check_record(rec: Record, ex: dict[str, Any]) -> tuple[list[tuple[str, str, str]], Counter]:
@@ -349,11 +344,12 @@ def check_per_image_files(croot: str, keys: list[str], ex: dict[str, Any]) -> di
     """Check a batch of per-image cache files."""
     probs: list[tuple[str, str, str, str]] = []
     info: Counter = Counter()
+    layout = CacheLayout(croot)
     for key in keys:
-        p = os.path.join(croot, key + PER_IMAGE_SUFFIX)
+        p = layout.path(key)
         fix = f"delete {p} and re-run `{ex['rebuild']}`"
         try:
-            rec = read_pt(Path(p), key=key)
+            rec = read_pt(p, key=key)
         except (FeatstoreError, OSError) as e:
             probs.append(("corrupt", key, str(e), fix))
             continue

@@ -1,4 +1,5 @@
-"""Per-image caches: ``<image path>.vggt_cache.pt`` beside each image (or mirrored under a cache root).
+"""Per-image caches: ``<image path>.vggt_cache.pt`` beside each image (or mirrored under a cache root;
+where each key's file lies is :mod:`featstore.formats.keys`'s to say).
 
 Files are written to a temporary name and renamed, and read with ``torch.load(weights_only=True)`` so a
 hostile pickle cannot run code.
@@ -12,23 +13,9 @@ from pathlib import Path
 
 import torch
 
-from featstore.formats.layout import PER_IMAGE_SUFFIX
 from featstore.errors import RecordError, describe_load_error
-from featstore.formats.keys import is_safe_relative_key
 from featstore.formats.record import Record, record_from_pt, record_to_pt
 from featstore.fsutil import atomic_write_bytes
-
-
-def cache_path_for(key: str, data_root: Path, cache_root: Path | None = None) -> Path:
-    """Where the per-image cache for ``key`` lives: beside the image, or mirrored under ``cache_root``."""
-    if key.startswith("/"):
-        if cache_root is not None:
-            raise RecordError(f"image {key!r} lies outside the data root, so it has no place under the cache "
-                              f"root {cache_root}; move it under the data root or write caches beside images")
-        return Path(key + PER_IMAGE_SUFFIX)
-    if not is_safe_relative_key(key):
-        raise RecordError(f"refusing key {key!r}: it would escape the output root")
-    return (cache_root or data_root) / (key + PER_IMAGE_SUFFIX)
 
 
 def encode_pt(rec: Record) -> bytes:
