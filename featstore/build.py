@@ -41,7 +41,7 @@ from featstore.formats.manifest import parse_manifest, read_manifest, shape_key
 from featstore.formats.keys import CacheLayout
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import (ShardWriter, parse_shard_name, read_record_meta, read_record_meta_at,
+from featstore.formats.shards import (ClosedShard, ShardWriter, parse_shard_name, read_record_meta, read_record_meta_at,
                                       salvage_shard)
 from featstore.formats.storage import (LocalStorage, Storage, is_remote, parse_location, publish_json, redact,
                                        reset_staging_dir, staging_dir)
@@ -580,16 +580,18 @@ class Build:
             existing = [parse_shard_name(n) for n in list_store_shards(self.store)]
             first_n = max((p[2] for p in existing if p), default=-1) + 1
             writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
-                                 self.opts.shard_size, fsync=self.opts.fsync,
-                                 publish=self._upload_shard if self.remote else None)
+                                 self.opts.shard_size, fsync=self.opts.fsync, post=self._shard_closed)
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
         return PerImageSink(self.cache_files, self.opts.writer_threads, fsync=self.opts.fsync)
 
-    def _upload_shard(self, name: str, path: Path) -> None:
-        """Upload a closed shard under its final name (multipart when large), then drop the local copy."""
-        crash_point("shard-before-upload")
-        self.store.publish_file(f"{SHARDS_DIR}/{name}", path, move=True)
-        crash_point("shard-after-upload")
+    def _shard_closed(self, shard: ClosedShard) -> None:
+        """Upload a closed shard of a remote store under its final name (multipart when large, then the local
+        copy is dropped); keep its index entries for this rank's part file."""
+        if self.remote:
+            crash_point("shard-before-upload")
+            self.store.publish_file(f"{SHARDS_DIR}/{shard.info.name}", shard.path, move=True)
+            crash_point("shard-after-upload")
+        self.closed.append((shard.info, shard.entries))
 
     def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
         """Metadata every record of this run shares."""
@@ -629,20 +631,18 @@ class Build:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[BackgroundWriter]:
-        """The sink and writer thread of a loop: closes them at the end (on an error, drops the open shard),
-        closes the progress bar, and keeps the byte count, the closed shards and the writer's stage seconds."""
+        """The sink and writer thread of a loop: closes them at the end (on an error, the sink drops the open
+        shard), closes the progress bar, and keeps the byte count and the writer's stage seconds (the closed
+        shards arrive through the writer's ``post`` hook, :meth:`_shard_closed`)."""
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
         waits = self.stats.stage_seconds
         try:
-            yield writer
-            t0 = time.perf_counter()
-            writer.close()
-            waits["drain_writer"] += time.perf_counter() - t0
-        except BaseException:
-            if isinstance(sink, ShardSink):
-                sink.writer.abort()
-            raise
+            with sink:
+                yield writer
+                t0 = time.perf_counter()
+                writer.close()
+                waits["drain_writer"] += time.perf_counter() - t0
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -650,7 +650,6 @@ class Build:
         waits["wait_writer"] += writer.wait_seconds
         waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
         self.stats.bytes_written = sink.bytes_written
-        self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
 
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""

@@ -35,7 +35,7 @@ from featstore.formats.manifest import find_manifest, new_manifest, read_manifes
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.codecs import CODECS, check_codec
 from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
-from featstore.formats.shards import ShardWriter, iter_shard_records, parse_shard_name, sha256_file
+from featstore.formats.shards import ClosedShard, ShardWriter, iter_shard_records, parse_shard_name, sha256_file
 from featstore.formats.storage import add_storage_options_argument, is_remote, redact, storage_options_of
 from featstore.merge import shard_order, collect_entries
 from featstore.loader import ShardStore, open_store, scan_per_image, shard_rows
@@ -55,7 +55,7 @@ class ExportResult:
     refused: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     out: Path | None = None
-    closed: list[Any] = field(default_factory=list)  # (ShardInfo, entries) of the shards an export closed
+    closed: list[ClosedShard] = field(default_factory=list)  # the shards an export closed
 
     @property
     def ok(self) -> bool:
@@ -230,10 +230,9 @@ def _write_shards(src: Source, out: Path, known: dict[str, list[Any]], res: Expo
     """Encode and append every record of ``src`` not yet in ``out``; returns (worst lossy bounds, legacy count)."""
     done = {e.key for es in known.values() for e in es}
     first_n = max((p[2] for p in map(parse_shard_name, known) if p), default=-1) + 1
-    writer = ShardWriter(out / SHARDS_DIR, prefix, 0, first_n, shard_size, fsync=fsync)
     lossy: dict[str, dict[str, Any]] = {}
     legacy = 0
-    try:
+    with ShardWriter(out / SHARDS_DIR, prefix, 0, first_n, shard_size, fsync=fsync, post=res.closed.append) as writer:
         for key in src.keys:
             if key in done:
                 res.unchanged += 1
@@ -249,13 +248,7 @@ def _write_shards(src: Source, out: Path, known: dict[str, list[Any]], res: Expo
             worst_bounds(lossy, rec.meta.get("lossy") or {})
             writer.write(key, encode_record(rec, codec=codec))
             res.written += 1
-        writer.close_shard()
-    except BaseException:
-        writer.abort()
-        raise
-    for info, es in writer.closed_shards:
-        known[info.name] = es
-    res.closed = writer.closed_shards
+    known.update((s.info.name, s.entries) for s in res.closed)
     return lossy, legacy
 
 
@@ -278,7 +271,7 @@ def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], r
     specs = Counter(int(x) for x in ix.cols["spec"]) if n else Counter()
     shapes = Counter({shape_key(ix.specs[i][0][2]): c for i, c in specs.items()})
     dtypes = {ix.specs[i][0][1] for i in specs}
-    sha = {i.name: i.sha256 for i, _ in res.closed}
+    sha = {s.info.name: s.info.sha256 for s in res.closed}
     sha.update({s["name"]: s["sha256"] for s in (old or {}).get("shards", []) if s.get("sha256")})
     base = src.manifest or {}
     m = new_manifest(layout="shards", data_root=str(src.data_root),

@@ -275,6 +275,14 @@ class ShardSink:
         self.writer.close_shard()
         self.pool.shutdown()
 
+    def __enter__(self) -> "ShardSink":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: Any) -> None:
+        """Leaving on an error drops the open shard (:class:`ShardWriter`'s exit) and stops the pool."""
+        self.writer.__exit__(exc_type, *rest)
+        self.pool.shutdown()
+
 
 class PerImageSink:
     """Writes each record as its per-image cache file (the layout's checked destination; temporary name, then
@@ -300,6 +308,12 @@ class PerImageSink:
 
     def close(self) -> None:
         """Stop the pool."""
+        self.pool.shutdown()
+
+    def __enter__(self) -> "PerImageSink":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
         self.pool.shutdown()
 
 
