@@ -37,7 +37,7 @@ from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers, to_host
 from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.faults import crash_point
-from featstore.formats.manifest import parse_manifest, read_manifest, shape_key
+from featstore.formats.manifest import SETTING_FIELDS, parse_manifest, read_manifest, shape_key
 from featstore.formats.keys import CacheLayout
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import Record, dtype_name, parse_dtype
@@ -49,7 +49,8 @@ from featstore.fsutil import atomic_write_bytes, is_temp_name, remove_dead_temps
 from featstore.lock import BuildLock, StorageLock
 from featstore.options import check_build_options, check_output_writable, shown
 from featstore.staleness import frames_changed, is_checkable, source_changed
-from featstore.merge import (collect_entries, list_store_shards, merge_per_image_store, merge_shard_store,
+from featstore.formats.shardstore import list_store_shards, shard_order
+from featstore.merge import (collect_entries, merge_per_image_store, merge_shard_store,
                              per_image_manifest_path, wait_for_parts, write_part)
 from featstore.context import PlanExecutor
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
@@ -266,10 +267,7 @@ class Build:
                 and (prev.get("context") or {"mode": "image"}) == self.context_settings()
                 and prev.get("compute") in (None, self.compute_name()))
         if same:
-            keys = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec", "tokens",
-                    "compute",
-                    "source_fingerprint")
-            self._settings = dict({k: prev[k] for k in keys if k in prev}, data_root=str(self.data_root),
+            self._settings = dict({k: prev[k] for k in SETTING_FIELDS if k in prev}, data_root=str(self.data_root),
                                   cache_root=str(self.cache_root) if self.cache_root else None)
             self.store_dtype, self.layers = parse_dtype(dtype), layers
         return same
@@ -494,7 +492,7 @@ class Build:
         if self.opts.format == "shards":
             _, known = collect_entries(self.store)
             wanted = set(keys)
-            shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
+            shards = sorted(known, key=shard_order)
             return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
         done = {}
         for k in keys:
