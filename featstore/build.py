@@ -190,7 +190,7 @@ class Build:
         self.discovery_record: dict[str, Any] | None = None
         self.missing_ledger: str | None = None
         self.bar: tqdm | None = None
-        self.closed: list = []
+        self.closed: list[ClosedShard] = []  # this rank's shards, for its part file
         self._settings: dict[str, Any] | None = None
         self.device: torch.device | None = None
         self.data_root = Path(opts.data_root).resolve()
@@ -589,7 +589,7 @@ class Build:
             crash_point("shard-before-upload")
             self.store.publish_file(f"{SHARDS_DIR}/{shard.info.name}", shard.path, move=True)
             crash_point("shard-after-upload")
-        self.closed.append((shard.info, shard.entries))
+        self.closed.append(shard)
 
     def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
         """Metadata every record of this run shares."""

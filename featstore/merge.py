@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,7 +23,7 @@ from featstore.errors import StoreError
 from featstore.formats.index import Index, write_index
 from featstore.formats.manifest import COUNT_FIELDS, BuildSettings, Manifest, read_manifest, read_store_manifest, write_manifest
 from featstore.formats.shardstore import finalize_shard_store, list_store_shards
-from featstore.formats.shards import ShardEntry, ShardInfo, scan_shard
+from featstore.formats.shards import ClosedShard, ShardEntry, scan_shard
 from featstore.formats.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
                                        read_json)
 from featstore.faults import crash_point
@@ -37,8 +38,7 @@ def part_stem(gid: int) -> str:
     return f"rank-{gid:05d}"
 
 
-def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any],
-               closed: Iterable[tuple[ShardInfo, list[ShardEntry]]] = ()) -> None:
+def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any], closed: Iterable[ClosedShard] = ()) -> None:
     """Record what one rank did: its closed shards' index entries (shard stores) and its summary.
 
     ``parts_dir`` may be a remote prefix: the part index is uploaded first, the summary (which marks the
@@ -46,11 +46,11 @@ def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any],
     """
     parts = parse_location(parts_dir)
     closed = list(closed)
-    summary = dict(summary, shards=[s.__dict__ for s, _ in closed])
+    summary = dict(summary, shards=[asdict(s.info) for s in closed])
     if closed or summary.get("layout") == "shards":
-        names = [s.name for s, _ in closed]
+        names = [s.info.name for s in closed]
         with local_file_to_publish(parts, f"{part_stem(gid)}.fsi") as path:
-            write_index(path, names, ((i, e) for i, (_, es) in enumerate(closed) for e in es))
+            write_index(path, names, ((i, e) for i, s in enumerate(closed) for e in s.entries))
     crash_point("part-index-written")
     publish_json(parts, f"{part_stem(gid)}.json", summary)
 

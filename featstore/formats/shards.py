@@ -176,11 +176,6 @@ class ShardWriter:
         self._entries.append(entry_from_record_bytes(key, data_offset, data))
         crash_point("record-appended")
 
-    @property
-    def pending(self) -> int:
-        """Records written to the open (not yet visible) shard."""
-        return len(self._entries)
-
     def close_shard(self) -> ShardInfo | None:
         """Finish the open shard (end-of-archive blocks, fsync, rename to its final name) and call ``post``."""
         if self._tar is None:
