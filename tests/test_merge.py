@@ -67,3 +67,6 @@ def test_manifest_round_trips_every_field_and_keeps_other_tools_fields():
               "cache_format": "<image_path>.vggt_cache.pt"}
     assert Manifest.from_json(legacy).layout == "per-image" and Manifest.from_json(legacy).is_complete()
     assert not Manifest.from_json(dict(legacy, total_images=0, processed_images=0)).is_complete()
+    nulls = Manifest.from_json(dict(legacy, counts=None, model=None, compute=None))  # a hand-edited document
+    assert nulls.is_complete() and nulls.counts["failed"] == 0 and nulls.compute is None
+    assert nulls.settings().differences(BuildSettings(model={"fingerprint": "f"})) == []

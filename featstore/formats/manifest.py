@@ -74,7 +74,7 @@ class BuildSettings:
                 continue
             mine, theirs = getattr(self, name), getattr(other, name)
             if name == "model":
-                mine, theirs = mine.get("fingerprint"), theirs.get("fingerprint")
+                mine, theirs = (mine or {}).get("fingerprint"), (theirs or {}).get("fingerprint")
             elif isinstance(mine, dict) and isinstance(theirs, dict):
                 mine, theirs = ({k: d[k] for k in sorted(mine.keys() & theirs.keys())} for d in (mine, theirs))
             if mine is not None and theirs is not None and mine != theirs:
@@ -134,7 +134,8 @@ class Manifest(BuildSettings):
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "Manifest":
         """The manifest a JSON document describes (featstore's of any version, or an older script's)."""
-        known = {k: copy.deepcopy(v) for k, v in doc.items() if k in JSON_ORDER}
+        # a null where the schema has a value (an older or hand-edited document) reads as the default
+        known = {k: copy.deepcopy(v) for k, v in doc.items() if k in JSON_ORDER and (v is not None or k in NULLABLE)}
         m = cls(**known, extra={k: copy.deepcopy(v) for k, v in doc.items() if k not in JSON_ORDER})
         if "layout" not in doc:
             m.layout = "per-image" if m.cache_format == PER_IMAGE_FORMAT else "shards"
@@ -167,6 +168,9 @@ JSON_ORDER = ("total_images", "processed_images", "vggt_model_path", "data_root"
               "context", "dtype", "compute", "codec", "lossy", "tokens", "feature_shapes", "counts", "failures_ledger",
               "missing_ledger", "sources", "source_fingerprint", "times", "world_size", "parts", "shards", "index",
               "provenance_unknown")
+
+
+NULLABLE = frozenset(k for k, v in Manifest().to_json().items() if v is None)
 
 
 def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any) -> dict[str, Any]:
