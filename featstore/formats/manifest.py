@@ -3,6 +3,9 @@
 Shard stores keep it as ``<out>/manifest.json``; per-image stores as ``<data root>/vggt_cache_manifest.json``
 (the file older tools read). The fields older tools read (``total_images``, ``processed_images``,
 ``vggt_model_path``, ``data_root``, ``cache_format``) are always present.
+
+Writers build it as a :class:`Manifest` (its :class:`BuildSettings`, the one list of build settings, and the one
+:meth:`Manifest.is_complete`); :func:`read_manifest` gives readers the plain document.
 """
 
 from __future__ import annotations
