@@ -43,7 +43,8 @@ def make_store(out: Path, n: int) -> float:
     t0 = time.time()
     # 16 MB shards hold ~10k of these tiny records (a real 1 GB shard holds ~250 records of ~4 MB).
     # verify works shard by shard, so its working set follows records per shard, not the store's size.
-    w = ShardWriter(out / "shards", "vggt", 0, 0, 16 << 20, fsync=False)
+    closed: list = []
+    w = ShardWriter(out / "shards", "vggt", 0, 0, 16 << 20, fsync=False, post=closed.append)
     feats = torch.arange(32, dtype=torch.float16).reshape(1, 4, 8)
     meta = {"layers": {"features": 0}, "model": "synthetic", "preprocess": "crop", "tokens": "patch",
             "source": {"size": 1, "mtime_ns": 1}}
@@ -51,8 +52,8 @@ def make_store(out: Path, n: int) -> float:
         key = f"ep{i // 1000:05d}/frame.{i % 1000:04d}.jpg"
         w.write(key, encode_record(Record(key, key, {"features": feats}, meta)))
     w.close_shard()
-    names = [info.name for info, _ in w.closed_shards]
-    write_index(out / INDEX_NAME, names, ((i, e) for i, (_, es) in enumerate(w.closed_shards) for e in es))
+    names = [s.info.name for s in closed]
+    write_index(out / INDEX_NAME, names, ((i, e) for i, s in enumerate(closed) for e in s.entries))
     m = new_manifest(layout="shards", data_root="", model_path="synthetic", dtype="float16",
                      tensors={"features": {"layer": 0, "dtype": "float16"}}, layers=[0])
     m["model"]["fingerprint"] = "synthetic"
@@ -60,7 +61,7 @@ def make_store(out: Path, n: int) -> float:
     m.update(total_images=n, processed_images=n, complete=True, feature_shapes={"[1, 4, 8]": n},
              counts=dict(m["counts"], records=n, processed=n),
              shards=[{"name": i.name, "records": i.records, "bytes": i.bytes, "sha256": i.sha256}
-                     for i, _ in w.closed_shards],
+                     for i in (s.info for s in closed)],
              index={"name": INDEX_NAME, "records": n, "bytes": (out / INDEX_NAME).stat().st_size,
                     "sha256": sha256_file(out / INDEX_NAME)})
     write_manifest(out / "manifest.json", m)

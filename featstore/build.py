@@ -45,12 +45,13 @@ from featstore.formats.layout import (BUILD_CONFIG, INDEX_NAME, MISSING_LEDGER, 
                                       PER_IMAGE_STATE_DIR, SHARDS_DIR)
 from featstore.formats.manifest import shape_key
 from featstore.formats.record import Record, dtype_name, parse_dtype
-from featstore.formats.shards import ShardWriter, parse_shard_name
+from featstore.formats.keys import CacheLayout
+from featstore.formats.shards import ClosedShard, ShardWriter, parse_shard_name
+from featstore.formats.shardstore import list_store_shards
 from featstore.formats.storage import LocalStorage, Storage, publish_json, reset_staging_dir
 from featstore.fsutil import atomic_write_bytes, remove_temp_files
 from featstore.lock import lock_for_rank
-from featstore.merge import (list_store_shards, merge_per_image_store, merge_shard_store, per_image_manifest_path,
-                             wait_for_parts, write_part)
+from featstore.merge import merge_per_image_store, merge_shard_store, per_image_manifest_path, wait_for_parts, write_part
 from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.options import BuildOptions, check_build_options, check_output_writable, shown
 from featstore.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
@@ -135,7 +136,7 @@ class Build:
         self.discovery_record: dict[str, Any] | None = None
         self.missing_ledger: str | None = None
         self.bar: tqdm | None = None
-        self.closed: list = []
+        self.closed: list[ClosedShard] = []  # this rank's shards, for its part file
         self._settings: dict[str, Any] | None = None
         self.device: torch.device | None = None
         # set by load_model (or, with nothing left to build, by adopt_previous_settings)
@@ -153,6 +154,7 @@ class Build:
         else:
             self.state_dir = self.out / PER_IMAGE_STATE_DIR / PARTS_DIR
             self.parts = LocalStorage(self.state_dir)
+        self.cache_files = CacheLayout(self.data_root, self.cache_root)  # where per-image caches go
         self.where = self.store.display  # the output, safe for messages
 
     # --- setup -------------------------------------------------------------------------------------------
@@ -385,16 +387,18 @@ class Build:
             existing = [parse_shard_name(n) for n in list_store_shards(self.store)]
             first_n = max((p[2] for p in existing if p), default=-1) + 1
             writer = ShardWriter(self.out / SHARDS_DIR, self.opts.shard_prefix, self.gid, first_n,
-                                 self.opts.shard_size, fsync=self.opts.fsync,
-                                 publish=self._upload_shard if self.remote else None)
+                                 self.opts.shard_size, fsync=self.opts.fsync, post=self._shard_closed)
             return ShardSink(writer, self.opts.writer_threads, self.opts.zstd_level, self.opts.codec)
-        return PerImageSink(self.data_root, self.cache_root, self.opts.writer_threads, fsync=self.opts.fsync)
+        return PerImageSink(self.cache_files, self.opts.writer_threads, fsync=self.opts.fsync)
 
-    def _upload_shard(self, name: str, path: Path) -> None:
-        """Upload a closed shard under its final name (multipart when large), then drop the local copy."""
-        crash_point("shard-before-upload")
-        self.store.publish_file(f"{SHARDS_DIR}/{name}", path, move=True)
-        crash_point("shard-after-upload")
+    def _shard_closed(self, shard: ClosedShard) -> None:
+        """Upload a closed shard of a remote store under its final name (multipart when large, then the local
+        copy is dropped); keep its index entries for this rank's part file."""
+        if self.remote:
+            crash_point("shard-before-upload")
+            self.store.publish_file(f"{SHARDS_DIR}/{shard.info.name}", shard.path, move=True)
+            crash_point("shard-after-upload")
+        self.closed.append(shard)
 
     def _record_meta(self, image_size: tuple[int, int]) -> dict[str, Any]:
         """Metadata every record of this run shares."""
@@ -434,20 +438,18 @@ class Build:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[BackgroundWriter]:
-        """The sink and writer thread of a loop: closes them at the end (on an error, drops the open shard),
-        closes the progress bar, and keeps the byte count, the closed shards and the writer's stage seconds."""
+        """The sink and writer thread of a loop: closes them at the end (on an error, the sink drops the open
+        shard), closes the progress bar, and keeps the byte count and the writer's stage seconds (the closed
+        shards arrive through the writer's ``post`` hook, :meth:`_shard_closed`)."""
         sink = self._sink()
         writer = BackgroundWriter(sink, self._records, self._on_written)
         waits = self.stats.stage_seconds
         try:
-            yield writer
-            t0 = time.perf_counter()
-            writer.close()
-            waits["drain_writer"] += time.perf_counter() - t0
-        except BaseException:
-            if isinstance(sink, ShardSink):
-                sink.writer.abort()
-            raise
+            with sink:
+                yield writer
+                t0 = time.perf_counter()
+                writer.close()
+                waits["drain_writer"] += time.perf_counter() - t0
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -455,7 +457,6 @@ class Build:
         waits["wait_writer"] += writer.wait_seconds
         waits.update({f"writer_{k}": v for k, v in sink.seconds.items()})
         self.stats.bytes_written = sink.bytes_written
-        self.closed = sink.writer.closed_shards if isinstance(sink, ShardSink) else []
 
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""

@@ -356,7 +356,8 @@ def _merge_remote(url: str, args: argparse.Namespace) -> int:
     from featstore.errors import StoreError
     from featstore.formats.storage import parse_location
     from featstore.formats.layout import PARTS_DIR
-    from featstore.merge import list_store_shards, merge_shard_store
+    from featstore.formats.shardstore import list_store_shards
+    from featstore.merge import merge_shard_store
 
     log = logging.getLogger("featstore")
     try:

@@ -17,32 +17,30 @@ per-image cache or a lossless copy never passes for the model's exact output.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from featstore.formats.layout import DEFAULT_SHARD_BYTES, INDEX_NAME, PER_IMAGE_MANIFEST, PER_IMAGE_SUFFIX, SHARDS_DIR, SHARD_MANIFEST
+from featstore.formats.layout import DEFAULT_SHARD_BYTES, PER_IMAGE_MANIFEST, SHARDS_DIR, SHARD_MANIFEST
 from featstore.errors import FeatstoreError, RecordError, StoreError
-from featstore.formats.aliases import write_alias_index
-from featstore.formats.index import Index, IndexEntry, write_index
-from featstore.formats.keys import is_safe_relative_key
-from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, shape_key, write_manifest
+from featstore.formats.index import IndexEntry
+from featstore.formats.keys import CacheLayout
+from featstore.formats.manifest import BuildSettings, Manifest, find_manifest, read_manifest, shape_key, write_manifest
 from featstore.formats.perimage import read_pt, scan_per_image, write_pt
-from featstore.formats.store import Store
 from featstore.formats.codecs import check_codec
 from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
-from featstore.formats.shards import ShardWriter, iter_shard_records, parse_shard_name, sha256_file
-from featstore.merge import shard_order, collect_entries
+from featstore.formats.shards import ClosedShard, ShardWriter, iter_shard_records, parse_shard_name
+from featstore.formats.shardstore import finalize_shard_store
+from featstore.formats.store import Store
+from featstore.formats.storage import parse_location
+from featstore.merge import collect_entries
 from featstore.loader import ShardStore, open_store, shard_rows
 
 log = logging.getLogger("featstore")
-COPIED_FIELDS = ("vggt_model_path", "model", "layers", "tensors", "preprocess", "context", "dtype", "compute", "tokens",
-                 "source_fingerprint", "total_images", "sources")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
 
 
@@ -55,27 +53,12 @@ class ExportResult:
     refused: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     out: Path | None = None
-    closed: list[Any] = field(default_factory=list)  # (ShardInfo, entries) of the shards an export closed
+    closed: list[ClosedShard] = field(default_factory=list)  # the shards an export closed
 
     @property
     def ok(self) -> bool:
         """True when every record was exported."""
         return not self.refused and not self.failed
-
-
-def safe_destination(key: str, root: Path) -> Path:
-    """The per-image file for ``key`` under ``root``; RecordError if it would land outside ``root``."""
-    if not is_safe_relative_key(key):
-        raise RecordError(f"refusing key {key!r}: it is absolute or contains '..', so its cache would land "
-                          f"outside {root}")
-    dest = root / (key + PER_IMAGE_SUFFIX)
-    real_root = os.path.realpath(root)
-    real_parent = os.path.realpath(dest.parent)
-    if real_parent != real_root and not real_parent.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise RecordError(f"refusing key {key!r}: its folder resolves through a link to {real_parent}, outside {root}")
-    if dest.is_symlink():
-        raise RecordError(f"refusing key {key!r}: {dest} is a symbolic link")
-    return dest
 
 
 def _same_record(path: Path, rec: Record) -> bool:
@@ -114,7 +97,31 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
                         storage_options: dict[str, Any] | None = None) -> ExportResult:
     """Write every live record of a shard store (local or an fsspec URL) as a per-image cache, plus the
     per-image manifest."""
-    store: Store = open_store(store_path, storage_options=storage_options)
+    store = _image_store_to_export(store_path, storage_options)
+    data_root = Path(store.manifest.get("data_root") or "")
+    if out is None and not data_root.is_dir():
+        raise StoreError(f"the manifest's data root {data_root} does not exist; pass --out DIR to mirror the caches there")
+    root = Path(out).resolve() if out is not None else data_root
+    root.mkdir(parents=True, exist_ok=True)
+    res = ExportResult(out=root)
+    shapes, lossy = _write_per_image_files(store, CacheLayout(data_root, root if out is not None else None), res, fsync)
+    src = Manifest.from_json(store.manifest)
+    pm = Manifest.new(layout="per-image", data_root=str(data_root), model_path="")
+    pm.use_settings(src.settings())
+    done = res.written + res.unchanged
+    pm.codec = None  # per-image files have no shard codec
+    pm.total_images, pm.sources, pm.provenance_unknown = src.total_images, src.sources, list(src.provenance_unknown or [])
+    pm.cache_root, pm.processed_images, pm.feature_shapes = str(root) if out is not None else None, done, dict(shapes)
+    pm.counts.update(records=done, failed=len(res.failed) + len(res.refused))
+    pm.complete, pm.lossy = src.complete and res.ok, lossy or None
+    pm.times = {"started": None, "finished": time.time(), "seconds": None}
+    write_manifest(root / PER_IMAGE_MANIFEST, pm)
+    return res
+
+
+def _image_store_to_export(store_path: Path | str, storage_options: dict[str, Any] | None) -> ShardStore:
+    """The shard store of per-image records to export; StoreError for a per-image or a sample store."""
+    store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
     if store.context.get("mode") == "sample":
@@ -122,18 +129,18 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
                          "its frames, so a per-image file beside one image cannot hold them (and training code "
                          "reading per-image caches would take them for context-free features); read the store with "
                          "open_store(...).get_sample(frames) or featstore.load_sample_features instead")
-    m = store.manifest
-    data_root = Path(m.get("data_root") or "")
-    if out is None and not data_root.is_dir():
-        raise StoreError(f"the manifest's data root {data_root} does not exist; pass --out DIR to mirror the caches there")
-    root = Path(out).resolve() if out is not None else data_root
-    root.mkdir(parents=True, exist_ok=True)
-    res = ExportResult(out=root)
+    return store
+
+
+def _write_per_image_files(store: ShardStore, layout: CacheLayout, res: ExportResult, fsync: bool
+                           ) -> tuple[Counter, dict[str, dict[str, Any]]]:
+    """Write each live record to its cache file (identical files left alone); returns the feature shapes and
+    the worst lossy bounds of the records exported."""
     shapes: Counter = Counter()
     lossy: dict[str, dict[str, Any]] = {}
     for e, data in _stored_records(store):
         try:
-            dest = safe_destination(e.key, root)
+            dest = layout.destination(e.key)
         except RecordError as err:
             res.refused.append(e.key)
             log.error("%s", err)
@@ -154,16 +161,7 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_pt(dest, rec, fsync=fsync)
         res.written += 1
-    done = res.written + res.unchanged
-    pm = new_manifest(layout="per-image", data_root=str(data_root), model_path=str(m.get("vggt_model_path", "")),
-                      **{k: m[k] for k in COPIED_FIELDS if k in m and k != "vggt_model_path"})
-    pm.update(cache_root=str(root) if out is not None else None, processed_images=done, feature_shapes=dict(shapes),
-              provenance_unknown=list(m.get("provenance_unknown") or []),
-              counts=dict(pm["counts"], records=done, failed=len(res.failed) + len(res.refused)),
-              complete=bool(m.get("complete")) and res.ok, lossy=lossy or None,
-              times={"started": None, "finished": time.time(), "seconds": None})
-    write_manifest(root / PER_IMAGE_MANIFEST, pm)
-    return res
+    return shapes, lossy
 
 
 @dataclass
@@ -190,7 +188,8 @@ def _per_image_source(data_root: Path) -> Source:
 
 
 def _pt_reader(croot: Path) -> Callable[[str], Record]:
-    return lambda key: read_pt(croot / (key + PER_IMAGE_SUFFIX), key=key)
+    layout = CacheLayout(croot)
+    return lambda key: read_pt(layout.path(key), key=key)
 
 
 def _shard_source(store: ShardStore) -> Source:
@@ -248,10 +247,9 @@ def _write_shards(src: Source, out: Path, known: dict[str, list[Any]], res: Expo
     """Encode and append every record of ``src`` not yet in ``out``; returns (worst lossy bounds, legacy count)."""
     done = {e.key for es in known.values() for e in es}
     first_n = max((p[2] for p in map(parse_shard_name, known) if p), default=-1) + 1
-    writer = ShardWriter(out / SHARDS_DIR, prefix, 0, first_n, shard_size, fsync=fsync)
     lossy: dict[str, dict[str, Any]] = {}
     legacy = 0
-    try:
+    with ShardWriter(out / SHARDS_DIR, prefix, 0, first_n, shard_size, fsync=fsync, post=res.closed.append) as writer:
         for key in src.keys:
             if key in done:
                 res.unchanged += 1
@@ -267,13 +265,7 @@ def _write_shards(src: Source, out: Path, known: dict[str, list[Any]], res: Expo
             worst_bounds(lossy, rec.meta.get("lossy") or {})
             writer.write(key, encode_record(rec, codec=codec))
             res.written += 1
-        writer.close_shard()
-    except BaseException:
-        writer.abort()
-        raise
-    for info, es in writer.closed_shards:
-        known[info.name] = es
-    res.closed = writer.closed_shards
+    known.update((s.info.name, s.entries) for s in res.closed)
     return lossy, legacy
 
 
@@ -288,39 +280,34 @@ def worst_bounds(into: dict[str, dict[str, Any]], bounds: dict[str, dict[str, An
 def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], res: ExportResult,
                           old: dict[str, Any] | None, codec: str, lossy: dict[str, dict[str, Any]],
                           legacy: int) -> None:
-    shards = sorted(known, key=shard_order)
-    n = write_index(out / INDEX_NAME, shards, ((i, e) for i, s in enumerate(shards) for e in known[s]))
-    if ((src.manifest or {}).get("context") or {}).get("mode") == "sample":
-        write_alias_index(out, shards, known)
-    ix = Index(out / INDEX_NAME)  # fail loudly now rather than in training if the index is unreadable
-    specs = Counter(int(x) for x in ix.cols["spec"]) if n else Counter()
-    shapes = Counter({shape_key(ix.specs[i][0][2]): c for i, c in specs.items()})
-    dtypes = {ix.specs[i][0][1] for i in specs}
-    sha = {i.name: i.sha256 for i, _ in res.closed}
-    sha.update({s["name"]: s["sha256"] for s in (old or {}).get("shards", []) if s.get("sha256")})
+    """Write the index and the manifest of the exported store (settings from the source's manifest, what an
+    older script's caches cannot tell listed in ``provenance_unknown``)."""
+    store = parse_location(out)
     base = src.manifest or {}
-    m = new_manifest(layout="shards", data_root=str(src.data_root),
-                     model_path=str(base.get("vggt_model_path", "unknown")),
-                     **{k: base[k] for k in COPIED_FIELDS if k in base and k != "vggt_model_path"})
-    if not m["dtype"] and len(dtypes) == 1:
-        m["dtype"] = next(iter(dtypes))
-    if not m["tensors"] and len(dtypes) == 1:
-        m["tensors"] = {"features": {"layer": None, "dtype": next(iter(dtypes))}}
-    m["tensors"] = {name: dict(t, codec=codec) if isinstance(t, dict) else t for name, t in m["tensors"].items()}
+    checksums = [asdict(s.info) for s in res.closed] + list((old or {}).get("shards", []))
+    final = finalize_shard_store(store, known, sample_context=(base.get("context") or {}).get("mode") == "sample",
+                                 checksums=checksums)
+    m = Manifest.new(layout="shards", data_root=str(src.data_root), model_path="")
+    m.use_settings(BuildSettings.of(base))
+    m.vggt_model_path = str(base.get("vggt_model_path", "unknown"))
+    only = next(iter(final.dtypes)) if len(final.dtypes) == 1 else None
+    m.dtype = m.dtype or only
+    if not m.tensors and only:
+        m.tensors = {"features": {"layer": None, "dtype": only}}
+    m.tensors = {name: dict(t, codec=codec) if isinstance(t, dict) else t for name, t in m.tensors.items()}
     worst_bounds(lossy, (old or {}).get("lossy") or {})
-    unknown = list(base.get("provenance_unknown") or [])
+    m.provenance_unknown = list(base.get("provenance_unknown") or [])
     if legacy or (old and old.get("provenance_unknown")):
-        unknown += [u for u in LEGACY_UNKNOWN if u not in unknown]
-    total = max(int(base.get("total_images") or 0), n)
-    m.update(total_images=total, processed_images=n, feature_shapes=dict(shapes), provenance_unknown=unknown,
-             counts=dict(m["counts"], records=n, failed=len(res.failed)), complete=res.ok and n >= total,
-             codec=codec, lossy=lossy or None,
-             shards=[{"name": s, "records": len(known[s]), "bytes": (out / SHARDS_DIR / s).stat().st_size,
-                      "sha256": sha.get(s) or sha256_file(out / SHARDS_DIR / s)} for s in shards],
-             index={"name": INDEX_NAME, "records": n, "bytes": (out / INDEX_NAME).stat().st_size,
-                    "sha256": sha256_file(out / INDEX_NAME)},
-             times={"started": None, "finished": time.time(), "seconds": None})
+        m.provenance_unknown += [u for u in LEGACY_UNKNOWN if u not in m.provenance_unknown]
+    m.total_images, m.processed_images = max(int(base.get("total_images") or 0), final.records), final.records
+    m.sources, m.feature_shapes, m.codec, m.lossy = base.get("sources"), final.feature_shapes, codec, lossy or None
+    m.counts.update(records=final.records, failed=len(res.failed))
+    m.shards, m.index = final.shards, final.index
+    m.complete = res.ok and m.is_complete()
+    m.times = {"started": None, "finished": time.time(), "seconds": None}
     if legacy:
         log.warning("%d of %d caches have no featstore metadata (older scripts); the manifest lists what is "
-                    "unknown about their provenance", legacy, n)
+                    "unknown about their provenance", legacy, final.records)
     write_manifest(out / SHARD_MANIFEST, m)
+    for name in final.superseded:
+        (out / SHARDS_DIR / name).unlink()

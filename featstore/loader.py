@@ -44,9 +44,9 @@ from featstore.formats.layout import ALIAS_INDEX, INDEX_NAME, PER_IMAGE_SUFFIX, 
 from featstore.env import Consumer, consumer, data_root_override, dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
 from featstore.formats.index import Index, IndexEntry, local_index_file
-from featstore.formats.keys import encode_key, key_for_path, key_under, root_prefixes
+from featstore.formats.keys import CacheLayout, cache_file_beside, encode_key, key_for_path, key_under, root_prefixes
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, read_store_manifest
-from featstore.formats.perimage import cache_path_for, read_pt, scan_per_image
+from featstore.formats.perimage import read_pt, scan_per_image
 from featstore.formats.codecs import dequantize_int8, empty_tensor, scratch, unpack_scales
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
 from featstore.formats.shards import iter_shard_records
@@ -408,11 +408,12 @@ class PerImageStore(SampleLookup, _Lookup):
         self.data_root = os.path.abspath(data_root) if data_root else (
             manifest.get("data_root") or str(root) if mirrored else str(root))
         self.root = self.cache_root or Path(self.data_root)
+        self.cache_files = CacheLayout(self.data_root, self.cache_root)
         self._keys: list[str] | None = None
 
     def path_for(self, key: str) -> Path:
         """The cache file that holds ``key``."""
-        return cache_path_for(key, Path(self.data_root), self.cache_root)
+        return self.cache_files.path(key)
 
     def record(self, key: str) -> Record:
         """Every tensor and the metadata of ``key``'s cache file (a key or an image path, like ``store[x]``)."""
@@ -528,9 +529,8 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: AnyStor
         _announce(f"{store.layout} store {store.root}")
         return store.get(image_path)
     _announce(f"per-image caches {PER_IMAGE_SUFFIX} beside the images")
-    p = Path(os.fspath(image_path) + PER_IMAGE_SUFFIX)
     try:
-        return read_pt(p).features
+        return read_pt(cache_file_beside(image_path)).features
     except FileNotFoundError:
         return None
 

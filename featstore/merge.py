@@ -15,23 +15,22 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
-from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import Index, write_index
-from featstore.formats.manifest import (REQUIRED, new_manifest, read_manifest, read_store_manifest, shape_key,
-                                        write_manifest)
-from featstore.formats.shards import ShardEntry, ShardInfo, parse_shard_name, scan_stored_shard, sha256_file
+from featstore.formats.manifest import COUNT_FIELDS, BuildSettings, Manifest, read_manifest, read_store_manifest, write_manifest
+from featstore.formats.shardstore import finalize_shard_store, list_store_shards
+from featstore.formats.shards import ClosedShard, ShardEntry, scan_stored_shard
 from featstore.formats.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
-                                       read_json, sha256_of)
+                                       read_json)
 from featstore.faults import crash_point
 from featstore.fsutil import is_temp_name
 from featstore.formats.layout import FAILURES_LEDGER, INDEX_NAME, PARTS_DIR, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARDS_DIR, SHARD_MANIFEST
 
 log = logging.getLogger("featstore")
-PER_IMAGE_FAILURES = PER_IMAGE_FAILURES_LEDGER
 
 
 def part_stem(gid: int) -> str:
@@ -39,8 +38,7 @@ def part_stem(gid: int) -> str:
     return f"rank-{gid:05d}"
 
 
-def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any],
-               closed: Iterable[tuple[ShardInfo, list[ShardEntry]]] = ()) -> None:
+def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any], closed: Iterable[ClosedShard] = ()) -> None:
     """Record what one rank did: its closed shards' index entries (shard stores) and its summary.
 
     ``parts_dir`` may be a remote prefix: the part index is uploaded first, the summary (which marks the
@@ -48,11 +46,11 @@ def write_part(parts_dir: Path | Storage, gid: int, summary: dict[str, Any],
     """
     parts = parse_location(parts_dir)
     closed = list(closed)
-    summary = dict(summary, shards=[s.__dict__ for s, _ in closed])
+    summary = dict(summary, shards=[asdict(s.info) for s in closed])
     if closed or summary.get("layout") == "shards":
-        names = [s.name for s, _ in closed]
+        names = [s.info.name for s in closed]
         with local_file_to_publish(parts, f"{part_stem(gid)}.fsi") as path:
-            write_index(path, names, ((i, e) for i, (_, es) in enumerate(closed) for e in es))
+            write_index(path, names, ((i, e) for i, s in enumerate(closed) for e in s.entries))
     crash_point("part-index-written")
     publish_json(parts, f"{part_stem(gid)}.json", summary)
 
@@ -104,13 +102,6 @@ def _known_entries(store: Storage, shards: list[str]) -> dict[str, list[ShardEnt
     return known
 
 
-def list_store_shards(store: Path | Storage) -> dict[str, int]:
-    """The complete shards of a store (temporary files excluded): name -> size in bytes."""
-    st = parse_location(store)
-    return {n.rsplit("/", 1)[-1]: size for n, size in st.list(SHARDS_DIR).items()
-            if parse_shard_name(n.rsplit("/", 1)[-1])}
-
-
 def collect_entries(out_dir: Path | Storage) -> tuple[list[str], dict[str, list[ShardEntry]]]:
     """Every complete shard and its entries (from indexes where known, else by scanning the shard)."""
     store = parse_location(out_dir)
@@ -123,16 +114,7 @@ def collect_entries(out_dir: Path | Storage) -> tuple[list[str], dict[str, list[
     return shards, known
 
 
-def shard_order(name: str) -> tuple[int, int]:
-    # Later shards of a rank supersede earlier ones; across ranks a key has one owner per world size.
-    p = parse_shard_name(name)
-    return (p[2], p[1]) if p else (0, 0)
-
-
-COUNTED = ("processed", "skipped", "failed", "missing", "stale_rebuilt", "malformed_annotation_lines")
-
-
-def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+def _merge_summaries(parts: list[dict[str, Any]]) -> tuple[dict[str, int], Counter, list[dict[str, Any]]]:
     """The ranks' counts, feature shapes and failures added up."""
     counts: Counter = Counter()
     shapes: Counter = Counter()
@@ -141,7 +123,7 @@ def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
         counts.update(p.get("counts", {}))
         shapes.update(p.get("feature_shapes", {}))
         failures += p.get("failures", [])
-    return {"counts": dict(counts), "shapes": dict(shapes), "failures": failures}
+    return {k: counts.get(k, 0) for k in COUNT_FIELDS if k != "records"}, shapes, failures
 
 
 def _write_ledger(store: Storage, name: str, failures: list[dict[str, Any]]) -> None:
@@ -149,8 +131,25 @@ def _write_ledger(store: Storage, name: str, failures: list[dict[str, Any]]) -> 
     store.publish_bytes(name, text.encode("utf-8"))
 
 
-def _old_manifest(store: Storage) -> dict[str, Any] | None:
-    return read_store_manifest(store) if store.exists(SHARD_MANIFEST) else None
+def check_part_settings(parts: list[dict[str, Any]]) -> None:
+    """StoreError naming the first part built with other settings than the first part (and each setting that
+    differs): one store holds records of one set of settings."""
+    if not parts:
+        return
+    first = BuildSettings.of(parts[0])
+    for p in parts[1:]:
+        diffs = first.differences(BuildSettings.of(p))
+        if diffs:
+            said = "; ".join(f"{name}: {_short(mine)} in {part_stem(parts[0]['gid'])}, {_short(theirs)} in "
+                             f"{part_stem(p['gid'])}" for name, mine, theirs in diffs)
+            raise StoreError(f"refusing to merge parts built with different settings ({said}): one store holds "
+                             f"records of one set of settings; rebuild the part that differs with the others' flags "
+                             f"(--no-skip-existing), then merge again")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def merge_shard_store(out_dir: Path | Storage) -> dict[str, Any]:
@@ -158,110 +157,51 @@ def merge_shard_store(out_dir: Path | Storage) -> dict[str, Any]:
     part files. Index and manifest are replaced last, after every shard they name exists."""
     store = parse_location(out_dir)
     parts = read_parts(store.sub(PARTS_DIR))
-    old = _old_manifest(store)
-    base = parts[0] if parts else (old or {})
-    shards, known = collect_entries(store)
-    shards.sort(key=shard_order)
-    # Drop shards whose every record is superseded by a later shard (a rebuild): their data lives on elsewhere.
-    latest: dict[str, str] = {}
-    for name in shards:
-        for e in known[name]:
-            latest[e.key] = name
-    live = [s for s in shards if any(latest[e.key] == s for e in known[s]) or not known[s]]
+    check_part_settings(parts)
+    old = read_store_manifest(store) if store.exists(SHARD_MANIFEST) else None
+    _, known = collect_entries(store)
+    m, _, failures = _merged_manifest("shards", parts, old)
     crash_point("merge-before-index")
-    with local_file_to_publish(store, INDEX_NAME) as index_path:
-        n = write_index(index_path, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
-        index_meta = {"name": INDEX_NAME, "records": n, "bytes": index_path.stat().st_size,
-                      "sha256": sha256_file(index_path)}
-        feat_shapes = _feature_shapes(Index(index_path))
-    if ((base.get("context") or {}).get("mode")) == "sample":
-        _write_aliases(store, live, known)
-    shard_meta = _shard_records(store, live, known, old, parts, latest)
-    merged = _merge_summaries(parts)
-    m = _base_manifest("shards", base, old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
-    counts["records"] = n
+    earlier = [*(old or {}).get("shards", []), *(s for p in parts for s in p.get("shards", []))]
+    final = finalize_shard_store(store, known, sample_context=m.context.get("mode") == "sample", checksums=earlier)
     if parts:
-        _write_ledger(store, FAILURES_LEDGER, merged["failures"])
-    total = max([p.get("total_images", 0) for p in parts] or [m.get("total_images", 0)])
-    m.update(total_images=total, processed_images=n, counts=counts, feature_shapes=feat_shapes,
-             shards=shard_meta, failures_ledger=FAILURES_LEDGER if store.exists(FAILURES_LEDGER) else None,
-             complete=bool(total) and n >= total - counts.get("failed", 0) - counts.get("missing", 0),
-             index=index_meta)
+        _write_ledger(store, FAILURES_LEDGER, failures)
+    m.processed_images, m.feature_shapes = final.records, final.feature_shapes
+    m.counts["records"], m.shards, m.index = final.records, final.shards, final.index
+    m.failures_ledger = FAILURES_LEDGER if store.exists(FAILURES_LEDGER) else None
+    m.complete = m.is_complete()
     crash_point("merge-before-manifest")
-    publish_json(store, SHARD_MANIFEST, _checked(m))
+    publish_json(store, SHARD_MANIFEST, m.to_json())
     crash_point("merge-before-cleanup")
-    for s in shards:
-        if s not in live:
-            log.info("removing fully superseded shard %s", s)
-            store.delete(f"{SHARDS_DIR}/{s}")
+    for s in final.superseded:
+        log.info("removing fully superseded shard %s", s)
+        store.delete(f"{SHARDS_DIR}/{s}")
     _remove_parts(store.sub(PARTS_DIR))
-    return m
+    return m.to_json()
 
 
-def _checked(m: dict[str, Any]) -> dict[str, Any]:
-    missing = [k for k in REQUIRED if k not in m]
-    if missing:
-        raise ValueError(f"manifest lacks required fields {missing}")
-    return m
-
-
-def _feature_shapes(ix: Index) -> dict[str, int]:
-    shapes: Counter = Counter()
-    for row in range(len(ix)):
-        spec = ix.specs[int(ix.cols["spec"][row])]
-        shapes[shape_key(spec[0][2])] += 1
-    return dict(shapes)
-
-
-def _write_aliases(store: Storage, live: list[str], known: dict[str, list[ShardEntry]]) -> None:
-    local = store.local_path()
-    if local is None:
-        log.warning("%s: the alias index (frame-list lookups of id-keyed samples) is not written for remote "
-                    "stores yet; look samples up by their keys", store.display)
-        return
-    write_alias_index(local, live, known)
-
-
-def _shard_records(store: Storage, live: list[str], known: dict[str, list[ShardEntry]], old: dict[str, Any] | None,
-                   parts: list[dict[str, Any]], latest: dict[str, str]) -> list[dict[str, Any]]:
-    """The manifest's shard list (``records``: the shard's records the index points to, superseded copies not
-    counted); sha256 reused from earlier manifests and part files, computed otherwise."""
-    cached: dict[str, dict[str, Any]] = {}
-    for s in (old or {}).get("shards", []):
-        cached[s["name"]] = s
-    for p in parts:
-        for s in p.get("shards", []):
-            cached[s["name"]] = s
-    sizes = list_store_shards(store)
-    out = []
-    for name in live:
-        size = sizes[name]
-        c = cached.get(name)
-        sha = c["sha256"] if c and c.get("bytes") == size else sha256_of(store, f"{SHARDS_DIR}/{name}")
-        records = sum(1 for e in known[name] if latest[e.key] == name)
-        out.append({"name": name, "records": records, "bytes": size, "sha256": sha})
-    return out
-
-
-def _base_manifest(layout: str, base: dict[str, Any], old: dict[str, Any] | None,
-                   parts: list[dict[str, Any]]) -> dict[str, Any]:
-    fields = ("model", "layers", "tensors", "preprocess", "context", "dtype", "codec", "compute", "tokens",
-              "source_fingerprint",
-              "cache_root", "sources", "missing_ledger")
-    src = base if parts else (old or {})
-    m = new_manifest(layout=layout, data_root=str(src.get("data_root", "")),
-                     model_path=str(src.get("vggt_model_path", src.get("model_path", ""))),
-                     **{k: src[k] for k in fields if k in src})
-    if old:
-        m["times"] = old.get("times", m["times"])
+def _merged_manifest(layout: str, parts: list[dict[str, Any]], old: dict[str, Any] | None
+                     ) -> tuple[Manifest, Counter, list[dict[str, Any]]]:
+    """The manifest's settings, provenance, counts and times from the parts (whose settings agree), else from
+    the current manifest (a merge again); with the parts' feature shapes and failures added up."""
+    src = parts[0] if parts else (old or {})
+    m = Manifest.new(layout=layout, data_root=str(src.get("data_root", "")), model_path="")
+    m.use_settings(BuildSettings.of(src))
+    m.cache_root, m.sources, m.missing_ledger = (src.get(k) for k in ("cache_root", "sources", "missing_ledger"))
+    counts, shapes, failures = _merge_summaries(parts)
     if parts:
         started = min(p["times"]["started"] for p in parts)
         finished = max(p["times"]["finished"] for p in parts)
-        m["times"] = {"started": started, "finished": finished, "seconds": round(finished - started, 3)}
-        m["world_size"] = parts[0].get("world_size", len(parts))
-        m["parts"] = sorted(p["gid"] for p in parts)
-    return m
+        m.times = {"started": started, "finished": finished, "seconds": round(finished - started, 3)}
+        m.world_size = parts[0].get("world_size", len(parts))
+        m.parts = sorted(p["gid"] for p in parts)
+        m.total_images = max(p.get("total_images", 0) for p in parts)
+        m.counts.update(counts)
+    elif old:
+        prev = Manifest.from_json(old)
+        m.total_images, m.counts, m.times = prev.total_images, prev.counts, prev.times
+        m.world_size, m.parts = prev.world_size, prev.parts
+    return m, shapes, failures
 
 
 def _remove_parts(parts: Storage) -> None:
@@ -283,25 +223,20 @@ def merge_per_image_store(root: Path, manifest_path: Path) -> dict[str, Any]:
         if old is None:
             raise StoreError(f"nothing to merge under {root}: no part files and no manifest")
         return old
-    merged = _merge_summaries(parts)
-    m = _base_manifest("per-image", parts[0], old, parts)
-    counts = dict(m["counts"], **{k: merged["counts"].get(k, 0) for k in COUNTED})
-    done = sum(p.get("done_images", 0) for p in parts)
-    counts["records"] = done
-    _write_ledger(parse_location(root), PER_IMAGE_FAILURES, merged["failures"])
-    shapes = Counter((old or {}).get("feature_shapes", {}))
-    shapes.update(merged["shapes"])
-    total = max(p.get("total_images", 0) for p in parts)
-    m.update(total_images=total, processed_images=done, counts=counts, feature_shapes=dict(shapes),
-             failures_ledger=PER_IMAGE_FAILURES,
-             complete=bool(total) and done >= total - counts.get("failed", 0) - counts.get("missing", 0))
+    check_part_settings(parts)
+    m, shapes, failures = _merged_manifest("per-image", parts, old)
+    _write_ledger(parse_location(root), PER_IMAGE_FAILURES_LEDGER, failures)
+    m.counts["records"] = m.processed_images = sum(p.get("done_images", 0) for p in parts)
+    m.feature_shapes = dict(Counter((old or {}).get("feature_shapes", {})) + shapes)
+    m.failures_ledger = PER_IMAGE_FAILURES_LEDGER
+    m.complete = m.is_complete()
     write_manifest(manifest_path, m)
     _remove_parts(parse_location(parts_dir))
     try:
         (root / PER_IMAGE_STATE_DIR).rmdir()
     except OSError:
         pass
-    return m
+    return m.to_json()
 
 
 def wait_for_parts(parts_dir: Path | Storage, expected: int, timeout_s: float = 7 * 24 * 3600) -> None:

@@ -22,13 +22,13 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from featstore.faults import crash_point
-from featstore.formats.perimage import cache_path_for, encode_pt
+from featstore.formats.keys import CacheLayout
+from featstore.formats.perimage import encode_pt
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.fsutil import atomic_write_bytes
@@ -301,19 +301,28 @@ class ShardSink:
         self.writer.close_shard()
         self.pool.shutdown()
 
+    def __enter__(self) -> "ShardSink":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: Any) -> None:
+        """Leaving on an error drops the open shard (:class:`ShardWriter`'s exit) and stops the pool."""
+        self.writer.__exit__(exc_type, *rest)
+        self.pool.shutdown()
+
 
 class PerImageSink:
-    """Writes each record as ``<image>.vggt_cache.pt`` (temporary name, then rename) using a thread pool."""
+    """Writes each record as its per-image cache file (the layout's checked destination; temporary name, then
+    rename) using a thread pool."""
 
-    def __init__(self, data_root: Path, cache_root: Path | None, threads: int, fsync: bool = True):
-        self.data_root, self.cache_root, self.fsync = data_root, cache_root, fsync
+    def __init__(self, layout: CacheLayout, threads: int, fsync: bool = True):
+        self.layout, self.fsync = layout, fsync
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-write")
         self.bytes_written = 0
         self.seconds: Counter = Counter()
 
     def _write_one(self, rec: Record) -> int:
         data = encode_pt(rec)
-        atomic_write_bytes(cache_path_for(rec.key, self.data_root, self.cache_root), data, fsync=self.fsync)
+        atomic_write_bytes(self.layout.destination(rec.key), data, fsync=self.fsync)
         crash_point("per-image-written")
         return len(data)
 
@@ -325,6 +334,12 @@ class PerImageSink:
 
     def close(self) -> None:
         """Stop the pool."""
+        self.pool.shutdown()
+
+    def __enter__(self) -> "PerImageSink":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
         self.pool.shutdown()
 
 

@@ -18,12 +18,14 @@ from typing import Any, Sequence
 
 from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.formats.layout import BUILD_CONFIG, SHARD_MANIFEST, SHARDS_DIR, STORE_DIR
-from featstore.formats.manifest import parse_manifest, read_manifest
-from featstore.formats.perimage import cache_path_for, read_pt
-from featstore.formats.shards import parse_shard_name, read_record_meta, read_record_meta_at, salvage_shard
+from featstore.formats.keys import CacheLayout
+from featstore.formats.manifest import SETTING_FIELDS, parse_manifest, read_manifest
+from featstore.formats.perimage import read_pt
+from featstore.formats.shards import read_record_meta, read_record_meta_at, salvage_shard
 from featstore.formats.storage import LocalStorage, Storage, is_remote, parse_location, redact, staging_dir
 from featstore.fsutil import is_temp_name, remove_temp_files
-from featstore.merge import collect_entries, list_store_shards, per_image_manifest_path
+from featstore.formats.shardstore import list_store_shards, shard_order
+from featstore.merge import collect_entries, per_image_manifest_path
 from featstore.samples import RecordItem, SampleItem
 from featstore.staleness import frames_changed, is_checkable, source_changed
 
@@ -31,9 +33,7 @@ log = logging.getLogger("featstore")
 
 #: The image size of stores recorded before ``preprocess.target_size`` existed (they were all built at 518).
 UNRECORDED_TARGET_SIZE = 518
-#: The settings a store records that a run reusing them (nothing left to build) carries over.
-CARRIED_SETTINGS = ("model", "vggt_model_path", "layers", "tensors", "preprocess", "context", "dtype", "codec",
-                    "tokens", "compute", "source_fingerprint")
+
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def reusable_settings(recorded: dict[str, Any] | None, requested: dict[str, Any]
         return None
     if recorded.get("vggt_model_path") != requested["vggt_model_path"] or settings_differences(recorded, requested):
         return None
-    return {k: recorded[k] for k in CARRIED_SETTINGS if k in recorded}
+    return {k: recorded[k] for k in SETTING_FIELDS if k in recorded}
 
 
 # --- what is done ----------------------------------------------------------------------------------------------
@@ -165,22 +165,28 @@ def salvage_unfinished_shards(t: BuildTarget, gid: int, fsync: bool = True) -> N
                      f"kept its {kept[1]} complete records as {kept[0]}" if kept else "nothing to keep, removed")
 
 
-def done_sources(t: BuildTarget, keys: list[str]) -> dict[str, tuple[str, int]]:
-    """Where the stored record of each of ``keys`` is: key -> (shard, offset), or (cache file, 0). For per-image
-    stores, first removes the temporary cache files of these keys (a killed run's; this rank's lock is held)."""
-    if t.layout == "shards":
-        _, known = collect_entries(t.store)
-        wanted = set(keys)
-        shards = sorted(known, key=lambda n: (parse_shard_name(n) or ("", 0, 0))[2])
-        return {e.key: (s, e.offset) for s in shards for e in known[s] if e.key in wanted}
-    paths = {k: cache_path_for(k, t.data_root, t.cache_root) for k in keys}
+def per_image_caches(t: BuildTarget, keys: list[str]) -> dict[str, Path]:
+    """Where each key's cache file goes, by the writers' strict rule (StoreError for a key whose cache would
+    land outside its root, before anything is written); removes the temporary cache files of these keys (a
+    killed run's: this rank's lock is held)."""
+    layout = CacheLayout(t.data_root, t.cache_root)
+    paths = {k: layout.destination(k) for k in keys}
     by_dir: dict[Path, set[str]] = {}
     for p in paths.values():
         by_dir.setdefault(p.parent, set()).add(p.name)
     for folder, names in by_dir.items():
         for p in remove_temp_files(folder, finals=names, any_writer=True):
             log.info("removing unfinished cache file %s left by an interrupted build", p)
-    return {k: (str(p), 0) for k, p in paths.items() if p.is_file()}
+    return paths
+
+
+def done_sources(t: BuildTarget, keys: list[str]) -> dict[str, tuple[str, int]]:
+    """Where the stored record of each of ``keys`` is: key -> (shard, offset), or (cache file, 0)."""
+    if t.layout == "shards":
+        _, known = collect_entries(t.store)
+        wanted = set(keys)
+        return {e.key: (s, e.offset) for s in sorted(known, key=shard_order) for e in known[s] if e.key in wanted}
+    return {k: (str(p), 0) for k, p in per_image_caches(t, keys).items() if p.is_file()}
 
 
 @dataclass
@@ -238,6 +244,8 @@ class ResumePlan:
 def plan_resume(t: BuildTarget, mine: list[RecordItem], skip_existing: bool, rebuild_stale: bool) -> ResumePlan:
     """Of this rank's items, those still to build: not stored yet, or (``rebuild_stale``) stale."""
     if not skip_existing:
+        if t.layout == "per-image":
+            per_image_caches(t, [it.key for it in mine])  # refuse a cache outside its root before any work
         return ResumePlan(list(mine))
     done = done_sources(t, [it.key for it in mine])
     plan = ResumePlan([])

@@ -20,12 +20,12 @@ from featstore.fsutil import temp_name_for
 
 def write_shard(folder, keys):
     """A real shard of one small record per key; returns (path, the writer's entries)."""
-    w = ShardWriter(folder, "vggt", 0, 0, fsync=False)
-    for i, key in enumerate(keys):
-        t = torch.arange(12 * 16, dtype=torch.float32).reshape(1, 12, 16) * (i + 1)
-        w.write(key, encode_record(Record(key, key, {"features": t}, {"model": "m"})))
-    info = w.close_shard()
-    return folder / info.name, w.closed_shards[0][1]
+    closed = []
+    with ShardWriter(folder, "vggt", 0, 0, fsync=False, post=closed.append) as w:
+        for i, key in enumerate(keys):
+            t = torch.arange(12 * 16, dtype=torch.float32).reshape(1, 12, 16) * (i + 1)
+            w.write(key, encode_record(Record(key, key, {"features": t}, {"model": "m"})))
+    return closed[0].path, closed[0].entries
 
 
 KEYS = ["a/0.png", "a/1.png", "b/2.jpg"]

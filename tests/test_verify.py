@@ -131,18 +131,18 @@ def test_nan_in_shard_record_supersedes(store, tmp_path):
 def test_superseded_records_are_information(store, tmp_path):
     st = open_store(store)
     key = sorted(st.keys())[5]
-    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 100, fsync=False)
-    w.write(key, encode_record(st.record(key)))
-    w.close_shard()
+    closed: list = []
+    with ShardWriter(store / SHARDS_DIR, "vggt", 0, 100, fsync=False, post=closed.append) as w:
+        w.write(key, encode_record(st.record(key)))
     # Keep the old shard (merge would drop a fully superseded shard): rebuild index + manifest by hand.
     m = json.loads((store / "manifest.json").read_text())
     ix = Index(store / INDEX_NAME)
-    shards = list(ix.shards) + [w.closed_shards[0][0].name]
+    shards = list(ix.shards) + [closed[0].info.name]
     entries = [(ix.shards.index(e.shard), ShardEntry(e.key, e.offset, e.length, e.crc32, e.tensors, e.source))
                for e in ix.entries() if e.key != key]
-    entries += [(len(shards) - 1, w.closed_shards[0][1][0])]
+    entries += [(len(shards) - 1, closed[0].entries[0])]
     write_index(store / INDEX_NAME, shards, entries)
-    info = w.closed_shards[0][0]
+    info = closed[0].info
     m["shards"].append({"name": info.name, "records": 1, "bytes": info.bytes, "sha256": info.sha256})
     old = ix.get(key).shard
     for s in m["shards"]:

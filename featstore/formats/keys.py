@@ -1,8 +1,13 @@
-"""Image keys and their webdataset-safe tar member names.
+"""Image keys, the paths they name, and their webdataset-safe tar member names.
 
-An image key is the image's posix path relative to the data root (``ep1/frame.000.jpg``). webdataset
-splits a member name at the first dot of its basename, so keys are percent-encoded into a flat token with
-no dots or slashes; the original key is also stored inside the record.
+An image key is the image's posix path relative to the data root (``ep1/frame.000.jpg``), or its absolute
+path for an image outside the data root. This module is the one place that goes from a key to a path and
+back: the source image (:func:`key_for_path`, :func:`image_path_of`) and the per-image cache file
+(:class:`CacheLayout`: ``path`` for readers, ``destination`` for writers, which refuses any file outside the
+root, and ``key_of``).
+
+webdataset splits a member name at the first dot of its basename, so keys are percent-encoded into a flat
+token with no dots or slashes; the original key is also stored inside the record.
 """
 
 from __future__ import annotations
@@ -11,9 +16,8 @@ import os
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from featstore.formats.layout import RECORD_EXT
-
-
+from featstore.errors import RecordError
+from featstore.formats.layout import PER_IMAGE_SUFFIX, RECORD_EXT
 
 def encode_key(key: str) -> str:
     """Encode ``key`` as a token of ``[A-Za-z0-9_%-]`` only (reversible, non-UTF-8 names included)."""
@@ -76,3 +80,69 @@ def key_for_path(image_path: str | os.PathLike[str], data_root: str | os.PathLik
             if candidate.startswith(prefixes):
                 return key_under(candidate, prefixes)
     return Path(ap).as_posix()
+
+
+def image_path_of(key: str, data_root: str | os.PathLike[str]) -> str:
+    """Where the source image of ``key`` lives: under the data root, or the key itself when absolute."""
+    return key if key.startswith("/") else os.path.join(data_root, key)
+
+
+class CacheLayout:
+    """Where the per-image caches of one store lie: beside the images under the data root, or mirrored under
+    a cache root; key -> file for readers (:meth:`path`) and writers (:meth:`destination`), and file -> key."""
+
+    def __init__(self, data_root: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None):
+        self.data_root = Path(data_root)
+        self.cache_root = Path(cache_root) if cache_root is not None else None
+        self.root = self.cache_root or self.data_root
+        self._real_root: str | None = None
+        self._checked: dict[Path, None] = {}  # folders already found inside the root (this run)
+
+    def path(self, key: str) -> Path:
+        """The file ``key``'s cache is read from (an absolute key: beside the image, when not mirrored)."""
+        if key.startswith("/"):
+            if self.cache_root is not None:
+                raise RecordError(f"image {key!r} lies outside the data root, so it has no place under the cache "
+                                  f"root {self.cache_root}; move it under the data root or write caches beside images")
+            return Path(key + PER_IMAGE_SUFFIX)
+        if not is_safe_relative_key(key):
+            raise RecordError(f"refusing key {key!r}: it would escape the output root")
+        return self.root / (key + PER_IMAGE_SUFFIX)
+
+    def destination(self, key: str) -> Path:
+        """The file a writer may create for ``key``, never outside the root. RecordError for an absolute key or
+        one with ``..``, a folder that resolves through a link to outside the root, or a file that is a link."""
+        if not is_safe_relative_key(key):
+            raise RecordError(f"refusing key {key!r}: it is absolute or contains '..', so its cache would land "
+                              f"outside {self.root}; keep the images under the data root, or use a shard store")
+        dest = self.root / (key + PER_IMAGE_SUFFIX)
+        if dest.parent not in self._checked:
+            self._check_inside(key, dest.parent)
+        if dest.is_symlink():
+            raise RecordError(f"refusing key {key!r}: {dest} is a symbolic link; remove it and re-run")
+        return dest
+
+    def _check_inside(self, key: str, folder: Path) -> None:
+        """RecordError unless ``folder`` resolves (links followed) to the root or a folder under it."""
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        real_root, real = self._real_root, os.path.realpath(folder)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            fix = ("mirror the caches under another folder (--out DIR), or use a shard store" if self.cache_root is None
+                   else "remove the link from the output folder, or choose another one")
+            raise RecordError(f"refusing key {key!r}: its folder resolves through a link to {real}, outside "
+                              f"{self.root}; {fix}")
+        self._checked[folder] = None
+
+    def key_of(self, path: str | os.PathLike[str]) -> str | None:
+        """The key whose cache is the file ``path`` under the root (the inverse of :meth:`path`), or None when
+        it is not a cache file."""
+        p = os.fspath(path)
+        if not p.endswith(PER_IMAGE_SUFFIX):
+            return None
+        return Path(os.path.relpath(p, self.root)).as_posix()[: -len(PER_IMAGE_SUFFIX)]
+
+
+def cache_file_beside(image_path: str | os.PathLike[str]) -> Path:
+    """The per-image cache file beside an image, as older training code reads it (``<image>.vggt_cache.pt``)."""
+    return Path(os.fspath(image_path) + PER_IMAGE_SUFFIX)

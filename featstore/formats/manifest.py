@@ -3,13 +3,18 @@
 Shard stores keep it as ``<out>/manifest.json``; per-image stores as ``<data root>/vggt_cache_manifest.json``
 (the file older tools read). The fields older tools read (``total_images``, ``processed_images``,
 ``vggt_model_path``, ``data_root``, ``cache_format``) are always present.
+
+Writers build it as a :class:`Manifest` (its :class:`BuildSettings`, the one list of build settings, and the one
+:meth:`Manifest.is_complete`); :func:`read_manifest` gives readers the plain document.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from featstore.errors import StoreError
 from featstore.fsutil import atomic_write_json
@@ -20,62 +25,166 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")
+LAYOUTS = ("shards", "per-image")
+
+
+def _no_model() -> dict[str, Any]:
+    return {"fingerprint": None, "name": None, "config": None}
+
+
+@dataclass
+class BuildSettings:
+    """What every record of a store shares, set by the build's flags: a resume into the store and a merge of
+    its parts must agree on them. Manifests, ``build.json`` and part summaries hold them as top-level fields."""
+
+    vggt_model_path: str = ""
+    model: dict[str, Any] = field(default_factory=_no_model)  # {"fingerprint", "name", "config"}
+    layers: list[int] = field(default_factory=list)
+    tensors: dict[str, Any] = field(default_factory=dict)  # name -> {"layer": int, "dtype": str, "codec": str}
+    # "crop", "pad" or "janusvln", apply_exif, target_size (longest or width side), multiple (14 or 28)
+    preprocess: dict[str, Any] = field(default_factory=lambda: {"mode": None, "apply_exif": False})
+    # "image": a record per image; "sample": a record per training sample (its frames streamed as causal
+    # context, one frame's tokens kept), with {"reference_frame", "history"}
+    context: dict[str, Any] = field(default_factory=lambda: {"mode": "image"})
+    dtype: str | None = None
+    compute: str | None = None  # how the model ran: its weights' dtype, or "autocast-bfloat16"
+    codec: str | None = None  # shard codec the build or export wrote with (zstd, raw, int8); None: zstd (older)
+    tokens: str = "patch"  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
+    source_fingerprint: str = "stat"  # "stat" (size, mtime) or "sha256"
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> "BuildSettings":
+        """The settings recorded in a manifest, ``build.json`` or part summary (absent fields: defaults)."""
+        found = {k: copy.deepcopy(doc[k]) for k in SETTING_FIELDS if k in doc}
+        if "vggt_model_path" not in found and "model_path" in doc:  # part summaries of early versions
+            found["vggt_model_path"] = str(doc["model_path"])
+        return cls(**found)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as top-level manifest fields."""
+        return {k: copy.deepcopy(getattr(self, k)) for k in SETTING_FIELDS}
+
+    def differences(self, other: "BuildSettings") -> list[tuple[str, Any, Any]]:
+        """(field, mine, other's) for each setting in which records built with ``self`` and ``other`` differ.
+
+        The model is compared by fingerprint, and dict settings on the keys both record; an unknown value
+        (None, as older stores have) differs from nothing. The checkpoint's path (each machine of a job array
+        may keep it elsewhere) and the tensor table (derived from layers, dtype and codec) are not compared.
+        """
+        out = []
+        for name in SETTING_FIELDS:
+            if name in ("vggt_model_path", "tensors"):
+                continue
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "model":
+                mine, theirs = (mine or {}).get("fingerprint"), (theirs or {}).get("fingerprint")
+            elif isinstance(mine, dict) and isinstance(theirs, dict):
+                mine, theirs = ({k: d[k] for k in sorted(mine.keys() & theirs.keys())} for d in (mine, theirs))
+            if mine is not None and theirs is not None and mine != theirs:
+                out.append((name, mine, theirs))
+        return out
+
+
+SETTING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BuildSettings))  # the one list of build settings
+
+
+@dataclass
+class Manifest(BuildSettings):
+    """A store's manifest: its build settings plus what the store holds (counts, shards, index, times).
+
+    ``to_json`` writes the JSON document older tools and every featstore version read (fields in
+    :data:`JSON_ORDER`, then any fields of other tools kept from the document read).
+    """
+
+    total_images: int = 0
+    processed_images: int = 0
+    data_root: str = ""
+    cache_format: str = SHARD_FORMAT
+    featstore_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+    layout: str = "shards"
+    cache_root: str | None = None  # per-image caches mirrored under --out; None when beside the images
+    complete: bool = False
+    lossy: dict[str, Any] | None = None  # {tensor: {"codec", "rel_l2", "max_abs"}}: worst bounds of lossy records
+    feature_shapes: dict[str, int] = field(default_factory=dict)  # "[1, P, C]" -> count
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_FIELDS, 0))
+    failures_ledger: str | None = None
+    missing_ledger: str | None = None  # MISSING_LEDGER / PER_IMAGE_MISSING_LEDGER when annotated images are missing
+    # how images were chosen (featstore.sources.Discovery.to_record): annotation files with their counts,
+    # image list, data_path, or a scan; verify compares the store with the same sources
+    sources: dict[str, Any] | None = None
+    times: dict[str, Any] = field(default_factory=lambda: {"started": None, "finished": None, "seconds": None})
+    world_size: int = 1
+    parts: list[int] | None = None
+    shards: list[dict[str, Any]] = field(default_factory=list)  # [{"name", "records", "bytes", "sha256"}]
+    index: dict[str, Any] | None = None  # {"name", "records", "bytes", "sha256"}
+    provenance_unknown: list[str] = field(default_factory=list)  # fields an export from legacy caches could not know
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of other tools, kept as read
+
+    @classmethod
+    def new(cls, *, layout: str, data_root: str, model_path: str, **values: Any) -> "Manifest":
+        """A manifest of this featstore version (``layout`` is ``"shards"`` or ``"per-image"``)."""
+        from featstore import __version__
+
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'shards' or 'per-image', not {layout!r}")
+        unknown = set(values) - set(JSON_ORDER)
+        if unknown:
+            raise ValueError(f"unknown manifest fields {sorted(unknown)}")
+        return cls(layout=layout, data_root=data_root, vggt_model_path=model_path, featstore_version=__version__,
+                   cache_format=PER_IMAGE_FORMAT if layout == "per-image" else SHARD_FORMAT, **values)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> "Manifest":
+        """The manifest a JSON document describes (featstore's of any version, or an older script's)."""
+        # a null where the schema has a value (an older or hand-edited document) reads as the default
+        known = {k: copy.deepcopy(v) for k, v in doc.items() if k in JSON_ORDER and (v is not None or k in NULLABLE)}
+        m = cls(**known, extra={k: copy.deepcopy(v) for k, v in doc.items() if k not in JSON_ORDER})
+        if "layout" not in doc:
+            m.layout = "per-image" if m.cache_format == PER_IMAGE_FORMAT else "shards"
+        return m
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (every schema field present)."""
+        return {**{k: copy.deepcopy(getattr(self, k)) for k in JSON_ORDER}, **self.extra}
+
+    def settings(self) -> BuildSettings:
+        """The build settings this manifest records."""
+        return BuildSettings.of(self.to_json())
+
+    def use_settings(self, settings: BuildSettings) -> None:
+        """Record ``settings`` as this store's build settings."""
+        for k, v in settings.to_json().items():
+            setattr(self, k, v)
+
+    def is_complete(self) -> bool:
+        """Whether every image the sources name is stored, or listed as failed or missing (a re-run of the
+        build has nothing to add)."""
+        settled = self.processed_images + self.counts.get("failed", 0) + self.counts.get("missing", 0)
+        return self.total_images > 0 and settled >= self.total_images
+
+
+COUNT_FIELDS = ("records", "processed", "skipped", "failed", "missing", "stale_rebuilt", "malformed_annotation_lines")
+# the manifest's fields in the order every featstore version has written them
+JSON_ORDER = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format", "featstore_version",
+              "schema_version", "layout", "cache_root", "complete", "model", "layers", "tensors", "preprocess",
+              "context", "dtype", "compute", "codec", "lossy", "tokens", "feature_shapes", "counts", "failures_ledger",
+              "missing_ledger", "sources", "source_fingerprint", "times", "world_size", "parts", "shards", "index",
+              "provenance_unknown")
+
+
+NULLABLE = frozenset(k for k, v in Manifest().to_json().items() if v is None)
 
 
 def new_manifest(*, layout: str, data_root: str, model_path: str, **fields: Any) -> dict[str, Any]:
-    """Return a manifest with every schema field present (``layout`` is ``"shards"`` or ``"per-image"``)."""
-    from featstore import __version__
-
-    if layout not in ("shards", "per-image"):
-        raise ValueError(f"layout must be 'shards' or 'per-image', not {layout!r}")
-    m: dict[str, Any] = {
-        "total_images": 0,
-        "processed_images": 0,
-        "vggt_model_path": model_path,
-        "data_root": data_root,
-        "cache_format": PER_IMAGE_FORMAT if layout == "per-image" else SHARD_FORMAT,
-        "featstore_version": __version__,
-        "schema_version": SCHEMA_VERSION,
-        "layout": layout,
-        "cache_root": None,  # per-image caches mirrored under --out; None when beside the images
-        "complete": False,
-        "model": {"fingerprint": None, "name": None, "config": None},
-        "layers": [],
-        "tensors": {},  # name -> {"layer": int, "dtype": str}
-        "preprocess": {"mode": None, "apply_exif": False},
-        # "image": a record per image; "sample": a record per training sample (its frames streamed as causal
-        # context, one frame's tokens kept), with {"reference_frame", "history"}
-        "context": {"mode": "image"},
-        "dtype": None,
-        "compute": None,  # how the model ran: its weights' dtype, or "autocast-bfloat16" (fp32 weights, autocast)
-        "codec": None,  # shard codec the build or export wrote with (zstd, raw, int8); None: zstd (older stores)
-        "lossy": None,  # {tensor: {"codec", "rel_l2", "max_abs"}}: worst bounds of records decoded from a lossy codec
-        "tokens": "patch",  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
-        "feature_shapes": {},  # "[1, P, C]" -> count
-        "counts": {"records": 0, "processed": 0, "skipped": 0, "failed": 0, "missing": 0, "stale_rebuilt": 0,
-                   "malformed_annotation_lines": 0},
-        "failures_ledger": None,
-        "missing_ledger": None,  # MISSING_LEDGER / PER_IMAGE_MISSING_LEDGER when annotated images are missing
-        # how images were chosen (featstore.sources.Discovery.to_record): annotation files with their counts,
-        # image list, data_path, or a scan; verify compares the store with the same sources
-        "sources": None,
-        "source_fingerprint": "stat",  # "stat" (size, mtime) or "sha256"
-        "times": {"started": None, "finished": None, "seconds": None},
-        "world_size": 1,
-        "parts": None,
-        "shards": [],  # [{"name", "records", "bytes", "sha256"}]
-        "index": None,  # {"name", "records", "bytes", "sha256"}
-        "provenance_unknown": [],  # fields an export from legacy caches could not know
-    }
-    unknown = set(fields) - set(m)
-    if unknown:
-        raise ValueError(f"unknown manifest fields {sorted(unknown)}")
-    m.update(fields)
-    return m
+    """A manifest document with every schema field present (``layout`` is ``"shards"`` or ``"per-image"``)."""
+    return Manifest.new(layout=layout, data_root=data_root, model_path=model_path, **fields).to_json()
 
 
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(path: Path, manifest: Manifest | dict[str, Any]) -> None:
     """Validate and write a manifest atomically."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_json()
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ValueError(f"manifest lacks required fields {missing}")

@@ -56,6 +56,16 @@ class ShardInfo:
     sha256: str
 
 
+@dataclass(frozen=True)
+class ClosedShard:
+    """What :class:`ShardWriter` hands its ``post`` hook as each shard closes: the shard, the index entries of
+    its records (in offset order) and the local file under its final name."""
+
+    info: ShardInfo
+    entries: list[ShardEntry]
+    path: Path
+
+
 
 def parse_shard_name(name: str) -> tuple[str, int, int] | None:
     """Return (prefix, rank, n) for a shard file name, or None."""
@@ -118,19 +128,31 @@ class _TarAppender:
 
 
 class ShardWriter:
-    """Appends encoded records to tar shards, rolling over at ``max_bytes``; closes each shard atomically."""
+    """Appends encoded records to tar shards, rolling over at ``max_bytes``; closes each shard atomically and
+    hands it to ``post`` (to upload it, or collect its index entries: the writer keeps only the open shard's).
+
+    A context manager: leaving the block closes the open shard; leaving it on an error drops the open shard's
+    temporary file (the closed shards stay).
+    """
 
     def __init__(self, shards_dir: Path, prefix: str, rank: int, first_n: int, max_bytes: int = DEFAULT_SHARD_BYTES,
-                 fsync: bool = True, publish: Callable[[str, Path], None] | None = None):
+                 fsync: bool = True, post: Callable[[ClosedShard], None] | None = None):
         self.dir, self.prefix, self.rank, self.n = Path(shards_dir), prefix, rank, first_n
-        self.max_bytes, self.fsync = max_bytes, fsync
-        self.publish = publish  # called with (name, local path) once a shard is complete (remote upload)
-        self.closed_shards: list[tuple[ShardInfo, list[ShardEntry]]] = []
+        self.max_bytes, self.fsync, self.post = max_bytes, fsync, post
         self._f: BinaryIO | None = None
         self._tar: _TarAppender | None = None
         self._entries: list[ShardEntry] = []
         self._tmp: Path | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        if exc_type is None:
+            self.close_shard()
+        else:
+            self.abort()
 
     def _open(self) -> None:
         final = self.dir / shard_name(self.prefix, self.rank, self.n)
@@ -156,13 +178,8 @@ class ShardWriter:
         self._entries.append(entry_from_record_bytes(key, data_offset, data))
         crash_point("record-appended")
 
-    @property
-    def pending(self) -> int:
-        """Records written to the open (not yet visible) shard."""
-        return len(self._entries)
-
     def close_shard(self) -> ShardInfo | None:
-        """Finish the open shard: end-of-archive blocks, fsync, rename to its final name."""
+        """Finish the open shard (end-of-archive blocks, fsync, rename to its final name) and call ``post``."""
         if self._tar is None:
             return None
         assert self._f is not None and self._tmp is not None
@@ -179,13 +196,13 @@ class ShardWriter:
         if self.fsync:
             fsync_dir(self.dir)
         crash_point("shard-after-rename")
-        if self.publish is not None:
-            self.publish(name, self.dir / name)
         info = ShardInfo(name, len(self._entries), self._tar.pos, self._tar.sha.hexdigest())
-        self.closed_shards.append((info, self._entries))
+        closed = ClosedShard(info, self._entries, self.dir / name)
         self._tar = self._f = self._tmp = None
         self._entries = []
         self.n += 1
+        if self.post is not None:
+            self.post(closed)
         return info
 
     def abort(self) -> None:

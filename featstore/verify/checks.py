@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from featstore.errors import FeatstoreError
+from featstore.formats.keys import image_path_of
 from featstore.formats.manifest import shape_key
 from featstore.formats.record import Record, decode_record, dtype_name
 from featstore.staleness import frames_changed, is_checkable, source_changed
@@ -47,11 +48,6 @@ class Expectations:
                    preprocess=(m.get("preprocess") or {}).get("mode"),
                    tokens=m.get("tokens"), context=(m.get("context") or {}).get("mode", "image"),
                    data_root=data_root if data_root and os.path.isdir(data_root) else None, rebuild=rebuild)
-
-
-def image_path_of(key: str, data_root: str) -> str:
-    """Where the source image of ``key`` lives."""
-    return key if key.startswith("/") else os.path.join(data_root, key)
 
 
 def check_record_bytes(key: str, data: bytes, ex: Expectations, fix: str, where: str) -> tuple[list[Finding], Counter]:

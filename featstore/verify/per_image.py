@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from featstore.errors import FeatstoreError
-from featstore.formats.layout import PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, PER_IMAGE_SUFFIX
+from featstore.formats.keys import CacheLayout
+from featstore.formats.layout import PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR
 from featstore.formats.perimage import read_pt
 from featstore.verify.checks import Expectations, check_record
 from featstore.verify.fixes import rebuild_command
@@ -78,11 +79,12 @@ def leftover_findings(root: Path, rebuild: str) -> list[Finding]:
 def check_per_image_files(root: str, keys: list[str], ex: Expectations) -> CheckedBatch:
     """Check a batch of per-image cache files (runs in a worker process)."""
     batch = CheckedBatch(records=len(keys))
+    layout = CacheLayout(root)
     for key in keys:
-        path = os.path.join(root, key + PER_IMAGE_SUFFIX)
+        path = layout.path(key)
         fix = f"delete {path} and re-run `{ex.rebuild}`"
         try:
-            rec = read_pt(Path(path), key=key)
+            rec = read_pt(path, key=key)
         except (FeatstoreError, OSError) as e:
             batch.findings.append(Finding("corrupt", key, str(e), fix))
             continue

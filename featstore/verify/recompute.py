@@ -17,7 +17,7 @@ import torch
 from featstore.errors import StoreError
 from featstore.formats.record import Record, dtype_name, lossy_max_abs
 from featstore.formats.storage import FsspecStorage, Storage
-from featstore.verify.checks import image_path_of
+from featstore.formats.keys import image_path_of
 from featstore.verify.report import Finding, Report
 
 # Relative error (max |stored - recomputed| / max |recomputed|) accepted per storage dtype.
