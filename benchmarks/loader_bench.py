@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import featstore  # noqa: E402
 from featstore.formats.layout import PER_IMAGE_MANIFEST
 from featstore.export import export_to_shards  # noqa: E402
-from featstore.formats.codecs import CODECS, unshuffle_into, unzstd  # noqa: E402
+from featstore.formats.codecs import CODECS, unshuffle_into, unzstd_into  # noqa: E402
 from featstore.formats.manifest import new_manifest, write_manifest
 from featstore.formats.perimage import write_pt  # noqa: E402
 from featstore.formats.storage import parse_location, storage_options_from_json  # noqa: E402
@@ -134,18 +134,22 @@ def random_access(tmp: Path, order: list[str], codecs: list[str]) -> dict[str, C
 
 
 def bare_zstd(tmp: Path, order: list[str]) -> Callable[[], int]:
-    """zstd decompress + unshuffle of each record's frame, bytes already in memory: the floor of the zstd codec."""
+    """The floor of the zstd codec: each record's frame, already in memory, decompressed into a reused buffer
+    and unshuffled into a fresh output array (freed before the next, as a reader's caller drops its tensor)."""
     store = open_store(tmp / "zstd")
     frames = []
     for k in order:
         data = bytes(store.read_bytes(store.entry(k)))
         _, specs, pos = decode_header(data)
         frames.append((memoryview(data)[pos:pos + specs[0].zbytes], specs[0].nbytes))
+    planes = np.empty(max((n for _, n in frames), default=0), np.uint8)
 
     def run() -> int:
         for frame, nbytes in frames:
+            unzstd_into(frame, planes[:nbytes], "bench")
             out = np.empty(nbytes, np.uint8)
-            unshuffle_into(unzstd(frame, nbytes, "bench"), 2, out)
+            unshuffle_into(planes[:nbytes], 2, out)
+            del out  # else the next output is allocated while this one lives, on fresh pages every time
         return len(frames)
     return run
 

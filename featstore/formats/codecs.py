@@ -23,6 +23,7 @@ header covers the decoded bytes (zstd, raw) or the stored payload (int8); reader
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import zlib
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ INT8_MAX = 127
 INT8_TARGET_REL_L2 = 0.008  # rounding error the levels are chosen for; bf16 output rounding adds ~0.1% (codec_bench.py)
 INT8_BLOCK = 0  # 0: one scale per token over all channels (per-block scales cost more bytes for the same error)
 ZSTD_FILTERS = ("byteshuffle", "none")  # the codec-less (legacy) header's filter values
+LITTLE_ENDIAN = sys.byteorder == "little"
+HEAP_TENSOR_BYTES = 1 << 16  # decoded tensors at least this large take their memory from numpy (see empty_tensor)
 
 _tls = threading.local()
 
@@ -107,13 +110,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool = True) -> torch.Tensor:
-    """An uninitialised, aligned CPU tensor; in a DataLoader worker it lives in shared memory, so handing it to
-    the main process costs no copy (torch would otherwise copy every tensor a worker returns into shared memory).
+    """An uninitialised CPU tensor; in a DataLoader worker it lives in shared memory, so handing it to the main
+    process costs no copy (torch would otherwise copy every tensor a worker returns into shared memory).
+
+    Elsewhere its memory comes from numpy's allocator, which reuses freed heap pages: ``torch.empty`` maps
+    fresh pages for every large tensor, and faulting them in cost ~10% of a zstd record's decode.
     """
-    if not shared or torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+    if shared and torch.utils.data.get_worker_info() is not None:
+        return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+    if nbytes < HEAP_TENSOR_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(np.empty(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def padding_for(n: int) -> int:
@@ -167,8 +175,17 @@ def shuffle_bytes(raw: memoryview, itemsize: int) -> bytes | memoryview:
 
 
 def unshuffle_into(planes: bytes | memoryview, itemsize: int, out: np.ndarray) -> None:
-    """Undo :func:`shuffle_bytes` into ``out`` (uint8, same size), one strided copy per byte plane."""
+    """Undo :func:`shuffle_bytes` into ``out`` (uint8, same size).
+
+    Two-byte elements (bf16, fp16) are rebuilt as ``low | high << 8`` in 16-bit lanes (two contiguous SIMD
+    passes, ~25% faster than strided byte copies); wider ones with one strided copy per byte plane.
+    """
     src = np.frombuffer(planes, dtype=np.uint8).reshape(itemsize, -1)
+    if itemsize == 2 and LITTLE_ENDIAN:
+        lanes = out.view(np.uint16)
+        np.left_shift(src[1], 8, out=lanes, dtype=np.uint16)  # little-endian: plane 1 is the high byte
+        np.bitwise_or(lanes, src[0], out=lanes)
+        return
     dst = out.reshape(-1, itemsize)
     for j in range(itemsize):
         dst[:, j] = src[j]
