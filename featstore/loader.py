@@ -50,11 +50,12 @@ from featstore.formats.keys import encode_key, key_for_path, key_under, root_pre
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, read_store_manifest
 from featstore.formats.perimage import cache_path_for, read_pt
 from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scales
-from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
+from featstore.formats.record import FEATURES, SCALES, Record, decode_record, output_nbytes, parse_dtype
 from featstore.formats.shards import iter_shard_records
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
 from featstore.fsutil import is_temp_name
+from featstore.sharedpool import SharedSample, SlotPool, aligned, worker_pool
 from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
@@ -78,6 +79,18 @@ def record_to_sample(rec: Record) -> dict[str, Any]:
     sample.update(rec.tensors)
     if rec.quantized:
         sample["quantized"] = dict(rec.quantized)
+    return sample
+
+
+def decode_to_sample(data: bytes | memoryview, dequantize: bool, pool: SlotPool | None) -> dict[str, Any]:
+    """The training sample of a stored record; with a DataLoader worker's ``pool``, its decoded tensors share one
+    recycled shared-memory slot, so the sample crosses to the main process without a copy or a new segment."""
+    sizes = output_nbytes(data, dequantize=dequantize) if pool is not None else []
+    if not sizes:
+        return record_to_sample(decode_record(data, verify=False, dequantize=dequantize))
+    slot = pool.slot(sum(aligned(n) for n in sizes))  # type: ignore[union-attr]
+    sample = SharedSample(record_to_sample(decode_record(data, verify=False, dequantize=dequantize, empty=slot.empty)))
+    sample.slot = slot
     return sample
 
 
@@ -814,8 +827,9 @@ class FeatureStream(torch.utils.data.IterableDataset):
             stored = ((e, self.store.read_bytes(e, for_decoding=True)) for e in (ix.entry(int(row)) for row in rows))
         else:
             stored = self._streamed(rows, stored_order)
+        pool = worker_pool()
         for e, data in stored:
-            sample = record_to_sample(decode_record(data, verify=False, dequantize=self.dequantize))
+            sample = decode_to_sample(data, self.dequantize, pool)
             sample["__key__"] = encode_key(e.key)
             yield sample
 

@@ -27,7 +27,7 @@ import sys
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ LITTLE_ENDIAN = sys.byteorder == "little"
 HEAP_TENSOR_BYTES = 1 << 16  # decoded tensors at least this large take their memory from numpy (see empty_tensor)
 
 _tls = threading.local()
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # how a decoder allocates an output tensor
 
 
 @dataclass
@@ -65,9 +66,9 @@ class Quantized:
     levels: int = 0  # the largest |value| the encoder allowed (0: unknown)
     packed: torch.Tensor | None = None  # both scales in one tensor, when decoded that way
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded tensor (``dtype`` defaults to the stored dtype)."""
-        return dequantize_int8(self.values, self.channel_scale, self.token_scale, dtype or self.dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, empty: Empty | None = None) -> torch.Tensor:
+        """The decoded tensor (``dtype`` defaults to the stored dtype; ``empty`` allocates it, on CPU)."""
+        return dequantize_int8(self.values, self.channel_scale, self.token_scale, dtype or self.dtype, empty)
 
     def packed_scales(self) -> torch.Tensor:
         """Both scales in one float32 tensor, ``[C + P * blocks]``: channel scales, then token scales.
@@ -273,14 +274,16 @@ def _encode_raw(t: torch.Tensor) -> tuple[dict[str, Any], list[Any]]:
 
 
 def _decode_raw(fields: Mapping[str, Any], payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...],
-                verify: bool) -> torch.Tensor:
+                verify: bool, empty: Empty) -> torch.Tensor:
     if verify:
         _check_crc(fields, payload)
-    return view_or_copy(payload, dtype, shape)
+    return view_or_copy(payload, dtype, shape, empty)
 
 
-def view_or_copy(payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor over ``payload``: a zero-copy view when the buffer is writable and aligned, else a copy."""
+def view_or_copy(payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...], empty: Empty | None = None
+                 ) -> torch.Tensor:
+    """A tensor over ``payload``: a zero-copy view when the buffer is writable and aligned, else a copy into
+    ``empty(shape, dtype)`` (default :func:`empty_tensor`)."""
     if not len(payload):
         return torch.empty(shape, dtype=dtype)
     if not payload.readonly:
@@ -289,7 +292,9 @@ def view_or_copy(payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...]
             t = torch.frombuffer(payload, dtype=torch.uint8)
         if t.data_ptr() % dtype.itemsize == 0:
             return t.view(dtype).reshape(shape)
-    return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).view(dtype).reshape(shape)
+    out = (empty or empty_tensor)(shape, dtype)
+    np.copyto(out.view(-1).view(torch.uint8).numpy(), np.frombuffer(payload, dtype=np.uint8))
+    return out
 
 
 def _storage_view(payload: memoryview) -> torch.Tensor | None:
@@ -360,8 +365,10 @@ def levels_for(token_max: torch.Tensor, channel_scale: torch.Tensor, norm: float
 
 
 def dequantize_int8(values: torch.Tensor, channel_scale: torch.Tensor, token_scale: torch.Tensor,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """``values * token_scale (per block of channels) * channel_scale`` as ``dtype``; leading batch dims broadcast."""
+                    dtype: torch.dtype, empty: Empty | None = None) -> torch.Tensor:
+    """``values * token_scale (per block of channels) * channel_scale`` as ``dtype``; leading batch dims broadcast.
+
+    On CPU the result is allocated with ``empty(shape, dtype)`` (default :func:`empty_tensor`)."""
     per_token = token_scale.shape[-1]
     channels = values.shape[-1]
     y = values.reshape(*values.shape[:-1], per_token, channels // per_token).to(torch.float32)
@@ -369,7 +376,7 @@ def dequantize_int8(values: torch.Tensor, channel_scale: torch.Tensor, token_sca
     y = y.view(values.shape).mul_(channel_scale.to(y.device, torch.float32))
     if values.device.type != "cpu":
         return y.to(dtype)
-    return empty_tensor(tuple(values.shape), dtype).copy_(y)  # shared memory inside a DataLoader worker
+    return (empty or empty_tensor)(tuple(values.shape), dtype).copy_(y)  # shared memory inside a DataLoader worker
 
 
 def error_bound(original: torch.Tensor, decoded: torch.Tensor) -> dict[str, float]:
@@ -419,7 +426,7 @@ def int8_sizes(fields: Mapping[str, Any], shape: tuple[int, ...]) -> tuple[int, 
 
 
 def _decode_int8(fields: Mapping[str, Any], payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...],
-                 verify: bool, dequantize: bool) -> torch.Tensor | Quantized:
+                 verify: bool, dequantize: bool, empty: Empty) -> torch.Tensor | Quantized:
     if verify:
         _check_crc(fields, payload)
     cs, ts, qb = int8_sizes(fields, shape)
@@ -431,11 +438,11 @@ def _decode_int8(fields: Mapping[str, Any], payload: memoryview, dtype: torch.dt
         unzstd_into(frame, values.view(-1).view(torch.uint8).numpy(), what)
         channel_scale = view_or_copy(payload[:cs], torch.float32, (channels,))
         token_scale = view_or_copy(payload[cs:cs + ts], torch.float32, (*shape[:-1], per_token))
-        return Quantized(values, channel_scale, token_scale, dtype, bound).dequantize()
+        return Quantized(values, channel_scale, token_scale, dtype, bound).dequantize(empty=empty)
     # Values and both scales in one (shared-memory, in a worker) buffer: a sample whose tensors are views of
     # one storage crosses to the main process as one file descriptor. Stored scales are already packed.
     scales_at = numel + padding_for(numel)
-    buf = empty_tensor((scales_at + cs + ts,), torch.uint8)
+    buf = empty((scales_at + cs + ts,), torch.uint8)
     unzstd_into(frame, buf[:numel].numpy(), what)
     buf[scales_at:].numpy()[:] = np.frombuffer(payload[:cs + ts], dtype=np.uint8)
     packed = buf[scales_at:].view(torch.float32)
@@ -459,14 +466,32 @@ def encode(name: str, t: torch.Tensor, codec: str, level: int = DEFAULT_ZSTD_LEV
 
 
 def decode(fields: Mapping[str, Any], payload: memoryview, dtype: torch.dtype, shape: tuple[int, ...], *,
-           verify: bool = False, dequantize: bool = True) -> torch.Tensor | Quantized:
-    """Decode one tensor's payload; lossy codecs return :class:`Quantized` when ``dequantize=False``."""
+           verify: bool = False, dequantize: bool = True, empty: Empty = empty_tensor) -> torch.Tensor | Quantized:
+    """Decode one tensor's payload; lossy codecs return :class:`Quantized` when ``dequantize=False``.
+
+    Output tensors are allocated with ``empty(shape, dtype)``, at most :func:`output_nbytes` in all.
+    """
     codec = codec_of(fields)
     if codec == "zstd":
-        return _decode_zstd(fields, payload, empty_tensor(shape, dtype), verify)
+        return _decode_zstd(fields, payload, empty(shape, dtype), verify)
     if codec == "raw":
-        return _decode_raw(fields, payload, dtype, shape, verify)
-    return _decode_int8(fields, payload, dtype, shape, verify, dequantize)
+        return _decode_raw(fields, payload, dtype, shape, verify, empty)
+    return _decode_int8(fields, payload, dtype, shape, verify, dequantize, empty)
+
+
+def output_nbytes(fields: Mapping[str, Any], shape: tuple[int, ...], dtype: torch.dtype, *, dequantize: bool,
+                  copies_raw: bool) -> list[int]:
+    """Sizes of the tensors :func:`decode` allocates with ``empty`` for this entry, in order (``copies_raw``:
+    the payload is read-only, so a ``raw`` tensor is copied rather than viewed)."""
+    codec = codec_of(fields)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if codec == "raw" and not copies_raw:
+        return []
+    if codec != "int8" or dequantize:
+        return [nbytes]
+    cs, ts, _ = int8_sizes(fields, shape)
+    numel = math.prod(shape)
+    return [numel + padding_for(numel) + cs + ts]
 
 
 def validate_fields(fields: Mapping[str, Any], shape: tuple[int, ...], nbytes: int) -> None:
