@@ -297,8 +297,9 @@ class SampleLookup:
 class ShardStore(SampleLookup, _Lookup):
     """Random access to a shard store: index lookup, then one read of just the record's bytes.
 
-    Local stores read from cached file handles (and maps, see :class:`ShardFile`); remote stores (``s3://...``) send one ranged GET per
-    record, after fetching the index once (see :func:`featstore.formats.index.local_index_file`).
+    Local stores read from cached file handles and maps (see :class:`ShardFile`); remote stores (``s3://...``)
+    send one ranged GET per record, after fetching the index once (see
+    :func:`featstore.formats.index.local_index_file`).
     """
 
     layout = "shards"

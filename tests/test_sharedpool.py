@@ -48,8 +48,8 @@ def test_a_sample_crosses_by_reference_and_arrives_as_a_plain_dict():
     got = receive(send(sample))
     assert type(got) is dict and list(got) == ["key", "features", "features_scales", "quantized"]
     assert got["key"] == "a" and got["quantized"] == {"features": "float32"}
-    assert torch.equal(got["features"], torch.full((32, 32), 7.0)) and torch.equal(got["features_scales"],
-                                                                                   torch.full((16,), 7, dtype=torch.int8))
+    assert torch.equal(got["features"], torch.full((32, 32), 7.0))
+    assert torch.equal(got["features_scales"], torch.full((16,), 7, dtype=torch.int8))
     got["features"][0, 0] = -1.0  # the receiver's tensor is the worker's memory, not a copy
     assert float(sample["features"][0, 0]) == -1.0
     plain = SharedSample(key="b", other=torch.ones(3))  # no slot: pickled as usual, values copied
