@@ -92,6 +92,7 @@ class Slot:
         memory = arena.bytes[self.offset:self.offset + nbytes]
         weakref.finalize(memory, pool.slot_dead, arena, index).atexit = False  # when no tensor of it lives here
         self.tensor = torch.from_numpy(memory)
+        self.address = self.tensor.data_ptr()
         self.used = 0
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -103,8 +104,9 @@ class Slot:
         return self.tensor[start:start + nbytes].view(dtype).view(shape)
 
     def holds(self, t: torch.Tensor) -> bool:
-        """Whether ``t`` is a view of this slot's memory."""
-        return t.device.type == "cpu" and t.untyped_storage().data_ptr() == self.tensor.data_ptr()
+        """Whether ``t`` is a view of this slot's memory (not, say, of shared memory torch moved its storage to
+        when something else pickled it)."""
+        return t.device.type == "cpu" and t.untyped_storage().data_ptr() == self.address
 
 
 class SlotPool:

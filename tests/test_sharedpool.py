@@ -56,6 +56,17 @@ def test_a_sample_crosses_by_reference_and_arrives_as_a_plain_dict():
     assert type(receive(send(plain))) is dict and torch.equal(receive(send(plain))["other"], torch.ones(3))
 
 
+def test_a_tensor_torch_moved_to_its_own_shared_memory_is_no_longer_sent_by_reference():
+    pool = SlotPool()
+    sample = make_sample(pool, "a", 3.0)
+    alone = receive(bytes(ForkingPickler.dumps(sample["features"])))  # torch moves the storage to new shared memory
+    assert torch.equal(alone, torch.full((32, 32), 3.0)) and sample["features"].is_shared()
+    gc.collect()
+    assert sample.slot.arena.live[sample.slot.index] == 0  # the slot's memory is no longer referenced
+    got = receive(send(sample))  # so the sample pickles its moved tensors as usual, never the reusable slot
+    assert torch.equal(got["features"], torch.full((32, 32), 3.0)) and sum(sample.slot.arena.sent) == 0
+
+
 def test_slots_are_reused_only_after_the_worker_and_the_receiver_release_them():
     pool = SlotPool()
     first = make_sample(pool, "a", 1.0)
