@@ -18,6 +18,7 @@ from featstore.merge import merge_shard_store
 from featstore import sharedpool
 from featstore.sharedpool import SharedSample, worker_pool
 from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+from tests.test_codecs import legacy_record
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,23 @@ def test_build_records_the_codec_and_reads_need_no_flag(stores):
         assert float(err.norm() / want.features.float().norm()) == pytest.approx(bound["rel_l2"], rel=1e-5)
     shard_bytes = {c: sum(p.stat().st_size for p in (stores / c / SHARDS_DIR).glob("*.tar")) for c in ("zstd", "int8")}
     assert shard_bytes["int8"] < shard_bytes["zstd"]
+
+
+def test_records_written_before_codecs_read_through_the_map_and_the_worker_pool(stores, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(stores / "zstd", store)
+    keys = open_store(store).keys()[:4]
+    old = {k: torch.randn(1, 300, 128).to(torch.bfloat16) for k in keys}  # large: the heap / slot output paths
+    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 70, fsync=False)
+    for k, t in old.items():
+        w.write(k, legacy_record(k, t))
+    w.close_shard()
+    merge_shard_store(store)
+    st = open_store(store)
+    assert all(torch.equal(st[k], t) for k, t in old.items())
+    dl = torch.utils.data.DataLoader(stream(store), batch_size=None, num_workers=2)
+    got = {s["key"]: s["features"] for s in dl}
+    assert sorted(got) == st.keys() and all(torch.equal(got[k], t) for k, t in old.items())
 
 
 def test_per_image_build_refuses_a_shard_codec(stores, tmp_path):
