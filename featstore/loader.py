@@ -55,7 +55,7 @@ from featstore.formats.shards import iter_shard_records
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
 from featstore.fsutil import is_temp_name
-from featstore.sharedpool import SharedSample, SlotPool, aligned, worker_pool
+from featstore.sharedpool import SharedSample, Slot, SlotPool, aligned, worker_pool
 from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
@@ -82,9 +82,18 @@ def record_to_sample(rec: Record) -> dict[str, Any]:
     return sample
 
 
-def decode_to_sample(data: bytes | memoryview, dequantize: bool, pool: SlotPool | None) -> dict[str, Any]:
+def decode_to_sample(data: bytes | memoryview, dequantize: bool, pool: SlotPool | None, read_into: Slot | None = None
+                     ) -> dict[str, Any]:
     """The training sample of a stored record; with a DataLoader worker's ``pool``, its decoded tensors share one
-    recycled shared-memory slot, so the sample crosses to the main process without a copy or a new segment."""
+    recycled shared-memory slot, so the sample crosses to the main process without a copy or a new segment.
+
+    ``read_into``: the pool slot ``data`` was read into (an uncompressed record, whose ``raw`` tensors are views
+    of it; any other tensor of the record is allocated as usual).
+    """
+    if read_into is not None:
+        sample = SharedSample(record_to_sample(decode_record(data, verify=False, dequantize=dequantize)))
+        sample.slot = read_into
+        return sample
     sizes = output_nbytes(data, dequantize=dequantize) if pool is not None else []
     if not sizes:
         return record_to_sample(decode_record(data, verify=False, dequantize=dequantize))
@@ -124,13 +133,15 @@ def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dty
 
 
 # --- random access ---------------------------------------------------------------------------------------
-def read_record_into(fd: int, offset: int, length: int, shared: bool = True) -> memoryview | None:
-    """``length`` bytes at ``offset`` of ``fd`` read into a fresh buffer (no intermediate copy), or None if short.
+def read_record_into(fd: int, offset: int, length: int, shared: bool = True, buffer: memoryview | None = None
+                     ) -> memoryview | None:
+    """``length`` bytes at ``offset`` of ``fd`` read into ``buffer`` (exactly ``length`` bytes) or a fresh one
+    (no intermediate copy); None if the file is short.
 
-    ``shared``: in a DataLoader worker, put the buffer in shared memory (worth it when tensors will be views of
-    it, as for ``raw`` records).
+    ``shared``: in a DataLoader worker, put a fresh buffer in shared memory (worth it when tensors will be views
+    of it, as for ``raw`` records).
     """
-    view = memoryview(empty_tensor((length,), torch.uint8, shared=shared).numpy())
+    view = buffer if buffer is not None else memoryview(empty_tensor((length,), torch.uint8, shared=shared).numpy())
     got = 0
     while got < length:
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -366,13 +377,14 @@ class ShardStore(SampleLookup, _Lookup):
                 self._files.popitem(last=False)
             return f
 
-    def read_bytes(self, e: IndexEntry, for_decoding: bool = False) -> memoryview:
+    def read_bytes(self, e: IndexEntry, for_decoding: bool = False, buffer: memoryview | None = None
+                   ) -> memoryview:
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError).
 
-        Read straight into a fresh, aligned, writable buffer (for a ``raw`` record, shared memory inside a
-        DataLoader worker, so tensors decoded as views of it cross to the main process without another copy);
-        from a remote store, one ranged GET. ``for_decoding``: the caller only decodes the bytes, so a compressed
-        record is a read-only view of the mapped shard (no copy at all).
+        Read straight into ``buffer`` (``e.length`` bytes) or a fresh, aligned, writable one (for a ``raw``
+        record, shared memory inside a DataLoader worker, so tensors decoded as views of it cross to the main
+        process without another copy); from a remote store, one ranged GET. ``for_decoding``: the caller only
+        decodes the bytes, so a compressed record is a read-only view of the mapped shard (no copy at all).
         """
         if not self.storage.is_local:
             data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
@@ -383,10 +395,10 @@ class ShardStore(SampleLookup, _Lookup):
         self._check_pid()
         f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
         uncompressed = e.length >= decoded_bytes(e)
-        if for_decoding and not uncompressed:
+        if for_decoding and not uncompressed and buffer is None:
             buf = f.view(e.offset, e.length)
         else:
-            buf = read_record_into(f.fileno(), e.offset, e.length, shared=uncompressed)
+            buf = read_record_into(f.fileno(), e.offset, e.length, shared=uncompressed, buffer=buffer)
         del f
         if buf is None:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
@@ -824,15 +836,22 @@ class FeatureStream(torch.utils.data.IterableDataset):
 
     def _samples(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[dict[str, Any]]:
         ix = self.store.index
-        if self.store.storage.is_local:
-            stored = ((e, self.store.read_bytes(e, for_decoding=True)) for e in (ix.entry(int(row)) for row in rows))
-        else:
-            stored = self._streamed(rows, stored_order)
         pool = worker_pool()
-        for e, data in stored:
-            sample = decode_to_sample(data, self.dequantize, pool)
+        if self.store.storage.is_local:
+            stored = (self._read_local(ix.entry(int(row)), pool) for row in rows)
+        else:
+            stored = ((e, data, None) for e, data in self._streamed(rows, stored_order))
+        for e, data, slot in stored:
+            sample = decode_to_sample(data, self.dequantize, pool, read_into=slot)
             sample["__key__"] = encode_key(e.key)
             yield sample
+
+    def _read_local(self, e: IndexEntry, pool: SlotPool | None) -> tuple[IndexEntry, memoryview, Slot | None]:
+        """A record's bytes from local disk: an uncompressed one straight into a pool slot (in a worker)."""
+        if pool is None or e.length < decoded_bytes(e):
+            return e, self.store.read_bytes(e, for_decoding=True), None
+        slot = pool.slot(e.length)
+        return e, self.store.read_bytes(e, buffer=memoryview(slot.tensor.numpy())), slot
 
     def _streamed(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[tuple[IndexEntry, bytes]]:
         """``(entry, bytes)`` of ``rows`` in that order, read from a remote store in ``stored_order`` (whole runs

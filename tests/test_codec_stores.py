@@ -188,7 +188,7 @@ def with_arena_count(sample: dict) -> tuple[dict, int]:
     return sample, len(worker_pool().arenas)
 
 
-@pytest.mark.parametrize("codec,dequantize", [("int8", False), ("zstd", True)])
+@pytest.mark.parametrize("codec,dequantize", [("int8", False), ("zstd", True), ("raw", True)])
 def test_worker_slots_are_recycled_without_overwriting_held_samples(stores, monkeypatch, codec, dequantize):
     monkeypatch.setattr(sharedpool, "ARENA_BYTES", 1)  # 2 slots per arena: many arena switches and reuses
     st = open_store(stores / codec)
