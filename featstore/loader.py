@@ -23,8 +23,10 @@ were read but not yet emitted by the shuffle buffer (so the order is the same as
 Reads add nothing to the one unavoidable copy: a ``raw`` record is read with ``preadv`` into a fresh aligned
 buffer (shared memory in a DataLoader worker) and its tensors are views of it; a compressed record is decoded
 straight from a read-only map of its shard file (:class:`ShardFile`), so its bytes are not copied at all; and
-decoded tensors are allocated in shared memory inside workers, so torch does not copy them again to hand them
-to the main process.
+inside workers outputs live in shared memory, so torch does not copy them again to hand them to the main
+process. ``stream``'s workers go further: they read and decode into recycled slots of shared-memory arenas
+(:mod:`featstore.sharedpool`), and a sample crosses by reference, without a new segment or a passed
+descriptor.
 """
 
 from __future__ import annotations
