@@ -197,9 +197,17 @@ def zstd_frame(data: bytes | memoryview, level: int) -> bytes:
     return compressor(level).compress(data)
 
 
+def content_size(frame: memoryview, what: str) -> int:
+    """The decoded size a zstd frame's header claims (-1: not recorded); RecordError for a damaged header."""
+    try:
+        return zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise RecordError(f"{what}: zstd frame header is corrupt ({e})") from None
+
+
 def unzstd(frame: memoryview, nbytes: int, what: str) -> bytes:
     """Decompress one zstd frame that must hold exactly ``nbytes`` (checked before allocating)."""
-    claimed = zstandard.frame_content_size(frame)
+    claimed = content_size(frame, what)
     if claimed != nbytes:
         raise RecordError(f"{what}: zstd frame claims {claimed} bytes, header says {nbytes}")
     try:
@@ -214,7 +222,7 @@ def unzstd(frame: memoryview, nbytes: int, what: str) -> bytes:
 def unzstd_into(frame: memoryview, out: np.ndarray, what: str) -> None:
     """Decompress one zstd frame straight into ``out`` (uint8), which it must fill exactly; the frame's
     content checksum is checked at its end."""
-    claimed = zstandard.frame_content_size(frame)
+    claimed = content_size(frame, what)
     if claimed != out.nbytes:
         raise RecordError(f"{what}: zstd frame claims {claimed} bytes, header says {out.nbytes}")
     try:
