@@ -71,14 +71,12 @@ class Arena:
         self.header = self.bytes[:self.base].view(np.int64)
         self.sent = [0] * self.count  # samples pickled from each slot (ever)
         self.live = [0] * self.count  # references to each slot's memory alive in this process
-        self.cursor = 0
 
     def free_slot(self) -> int | None:
-        """A slot nothing uses, here or in a receiver (the next one after the last taken), or None."""
-        for j in range(self.count):
-            i = (self.cursor + j) % self.count
+        """The first slot nothing uses, here or in a receiver, or None. Lowest first: a worker keeps reusing the
+        few slots its samples in flight need, so the rest of the arena is never touched (no pages, no memory)."""
+        for i in range(self.count):
             if self.live[i] == 0 and int(self.header[1 + i]) == self.sent[i]:
-                self.cursor = i + 1
                 return i
         return None
 
