@@ -186,6 +186,12 @@ class Consumer:
         return self.world_size * self.num_workers
 
 
+def in_dataloader_worker() -> bool:
+    """True inside a DataLoader worker process (cheap: no environment parsing, for per-record use)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.utils.data.get_worker_info() is not None
+
+
 def consumer(environ: Mapping[str, str] | None = None) -> Consumer:
     """Which rank (:func:`dist_env`'s precedence) and which DataLoader worker (``get_worker_info()``; worker
     0 of 1 in the main process) this code runs in."""

@@ -20,10 +20,13 @@ A store may live on object storage (``s3://bucket/prefix`` or any fsspec URL, se
 reads each consumer's runs of shards sequentially in large chunks with read-ahead, holding records that
 were read but not yet emitted by the shuffle buffer (so the order is the same as on local disk).
 
-Reads add nothing to the one unavoidable copy: a record is read with ``preadv`` into a fresh aligned buffer
-(for ``raw`` records, shared memory in a DataLoader worker), ``raw`` tensors are views of it, and decoded
-tensors are allocated in shared memory inside workers, so torch does not copy them again to hand them to
-the main process.
+Reads add nothing to the one unavoidable copy: a ``raw`` record is read with ``preadv`` into a fresh aligned
+buffer (shared memory in a DataLoader worker) and its tensors are views of it; a compressed record is decoded
+straight from a read-only map of its shard file (:class:`ShardFile`), so its bytes are not copied at all; and
+inside workers outputs live in shared memory, so torch does not copy them again to hand them to the main
+process. ``stream``'s workers go further: they read and decode into recycled slots of shared-memory arenas
+(:mod:`featstore.sharedpool`), and a sample crosses by reference, without a new segment or a passed
+descriptor.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import mmap
 import os
 import random
 import threading
@@ -47,12 +51,13 @@ from featstore.formats.index import Index, IndexEntry, local_index_file
 from featstore.formats.keys import CacheLayout, cache_file_beside, encode_key, key_for_path, key_under, root_prefixes
 from featstore.formats.manifest import find_manifest, new_manifest, read_manifest, read_store_manifest
 from featstore.formats.perimage import read_pt, scan_per_image
-from featstore.formats.codecs import dequantize_int8, empty_tensor, scratch, unpack_scales
-from featstore.formats.record import FEATURES, SCALES, Record, decode_record, parse_dtype
+from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scales
+from featstore.formats.record import FEATURES, SCALES, Record, decode_record, output_nbytes, parse_dtype
 from featstore.formats.shards import iter_shard_records
 from featstore.formats.store import Store
 from featstore.formats.storage import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
+from featstore.sharedpool import SharedSample, Slot, SlotPool, aligned, worker_pool
 from featstore.samples import sample_key
 
 log = logging.getLogger("featstore")
@@ -76,6 +81,27 @@ def record_to_sample(rec: Record) -> dict[str, Any]:
     sample.update(rec.tensors)
     if rec.quantized:
         sample["quantized"] = dict(rec.quantized)
+    return sample
+
+
+def decode_to_sample(data: bytes | memoryview, dequantize: bool, pool: SlotPool | None, read_into: Slot | None = None
+                     ) -> dict[str, Any]:
+    """The training sample of a stored record; with a DataLoader worker's ``pool``, its decoded tensors share one
+    recycled shared-memory slot, so the sample crosses to the main process without a copy or a new segment.
+
+    ``read_into``: the pool slot ``data`` was read into (an uncompressed record, whose ``raw`` tensors are views
+    of it; any other tensor of the record is allocated as usual).
+    """
+    if read_into is not None:
+        sample = SharedSample(record_to_sample(decode_record(data, verify=False, dequantize=dequantize)))
+        sample.slot = read_into
+        return sample
+    sizes = output_nbytes(data, dequantize=dequantize) if pool is not None else []
+    if not sizes:
+        return record_to_sample(decode_record(data, verify=False, dequantize=dequantize))
+    slot = pool.slot(sum(aligned(n) for n in sizes))  # type: ignore[union-attr]
+    sample = SharedSample(record_to_sample(decode_record(data, verify=False, dequantize=dequantize, empty=slot.empty)))
+    sample.slot = slot
     return sample
 
 
@@ -109,18 +135,15 @@ def dequantize(sample: Mapping[str, Any], name: str = FEATURES, dtype: torch.dty
 
 
 # --- random access ---------------------------------------------------------------------------------------
-def read_record_into(fd: int, offset: int, length: int, shared: bool = True, reuse: bool = False
+def read_record_into(fd: int, offset: int, length: int, shared: bool = True, buffer: memoryview | None = None
                      ) -> memoryview | None:
-    """``length`` bytes at ``offset`` of ``fd`` read into a buffer (no intermediate copy), or None if short.
+    """``length`` bytes at ``offset`` of ``fd`` read into ``buffer`` (exactly ``length`` bytes) or a fresh one
+    (no intermediate copy); None if the file is short.
 
-    ``shared``: in a DataLoader worker, put a new buffer in shared memory (worth it when tensors will be views
-    of it, as for ``raw`` records). ``reuse``: read into this thread's reusable buffer instead, valid until its
-    next such read (for compressed records, whose decoded tensors never point into it).
+    ``shared``: in a DataLoader worker, put a fresh buffer in shared memory (worth it when tensors will be views
+    of it, as for ``raw`` records).
     """
-    if reuse:
-        view = memoryview(scratch(length, "record"))
-    else:
-        view = memoryview(empty_tensor((length,), torch.uint8, shared=shared).numpy())
+    view = buffer if buffer is not None else memoryview(empty_tensor((length,), torch.uint8, shared=shared).numpy())
     got = 0
     while got < length:
         n = os.preadv(fd, [view[got:]], offset + got)
@@ -133,6 +156,42 @@ def read_record_into(fd: int, offset: int, length: int, shared: bool = True, reu
 def decoded_bytes(e: IndexEntry) -> int:
     """Bytes of the tensors a record decodes to; a record at least that long stores them uncompressed (raw)."""
     return sum(math.prod(shape) * parse_dtype(dtype).itemsize for _, dtype, shape in e.tensors)
+
+
+class ShardFile:
+    """An open shard file and, once a compressed record is read from it, a read-only map of the whole file.
+
+    Compressed records decode straight from the map (the page cache), so their bytes are never copied. The
+    file's size is checked before every view, so a shard truncated after it was mapped gives a short read
+    (RecordError), not SIGBUS, and one that grew is mapped again.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb", buffering=0)
+        self.map: mmap.mmap | None = None
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes at ``offset`` as a read-only view of the map, or None if the file is shorter."""
+        end = offset + length
+        if length <= 0 or os.fstat(self.file.fileno()).st_size < end:
+            return None
+        m = self.map
+        if m is None or len(m) < end:
+            m = self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        start = offset - offset % mmap.PAGESIZE
+        m.madvise(mmap.MADV_WILLNEED, start, end - start)  # one read-ahead of the whole record when it is cold
+        return memoryview(m)[offset:end]
+
+    def close(self) -> None:
+        self.file.close()
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a decode still holds a view: the map closes when that view is released
+                pass
 
 
 class _Lookup:
@@ -161,20 +220,21 @@ class _Lookup:
             keys = [key_under(real, pre) for pre in self._root_prefixes() if real.startswith(pre)]
         return keys + [Path(absolute).as_posix()]
 
-    def _candidates(self, image: str | os.PathLike[str]) -> list[str]:
+    def _candidates(self, image: str | os.PathLike[str]) -> Iterator[str]:
+        """Keys ``image`` may stand for, most likely first; path resolution only runs when the plain key misses."""
         p = os.fspath(image)
         if not isinstance(p, str):
             raise TypeError(f"expected a key or a path, not {type(image).__name__}")
-        keys = [] if os.path.isabs(p) else [Path(p).as_posix().removeprefix("./")]
-        return keys + self._keys_of_path(os.path.abspath(p))
+        if not os.path.isabs(p):
+            yield Path(p).as_posix().removeprefix("./")
+        yield from self._keys_of_path(os.path.abspath(p))
 
     def lookup(self, image: Any) -> str | None:
         """The stored key ``image`` (a key or an image path) stands for, or None when the store lacks it."""
         try:
-            candidates = self._candidates(image)
+            return next((k for k in self._candidates(image) if self._has_key(k)), None)
         except TypeError:
             return None
-        return next((k for k in candidates if self._has_key(k)), None)
 
     def key_for(self, image_path: str | os.PathLike[str]) -> str:
         """The key of an image (a key, an absolute path, or a path relative to the current directory): the stored
@@ -250,8 +310,9 @@ class SampleLookup:
 class ShardStore(SampleLookup, _Lookup):
     """Random access to a shard store: index lookup, then one read of just the record's bytes.
 
-    Local stores ``preadv`` from cached file handles; remote stores (``s3://...``) send one ranged GET per
-    record, after fetching the index once (see :func:`featstore.formats.index.local_index_file`).
+    Local stores read from cached file handles and maps (see :class:`ShardFile`); remote stores (``s3://...``)
+    send one ranged GET per record, after fetching the index once (see
+    :func:`featstore.formats.index.local_index_file`).
     """
 
     layout = "shards"
@@ -305,26 +366,27 @@ class ShardStore(SampleLookup, _Lookup):
                     self._index = Index(self._index_file)
         return self._index
 
-    def _file(self, shard: str) -> Any:
+    def _file(self, shard: str) -> ShardFile:
         with self._lock:
             f = self._files.get(shard)
             if f is not None:
                 self._files.move_to_end(shard)
                 return f
-            f = open(self.root / SHARDS_DIR / shard, "rb", buffering=0)
+            f = ShardFile(self.root / SHARDS_DIR / shard)
             self._files[shard] = f
             while len(self._files) > self.max_open:
                 # Dropped, not closed: a thread still reading keeps its reference; CPython closes it after.
                 self._files.popitem(last=False)
             return f
 
-    def read_bytes(self, e: IndexEntry, for_decoding: bool = False) -> memoryview:
+    def read_bytes(self, e: IndexEntry, for_decoding: bool = False, buffer: memoryview | None = None
+                   ) -> memoryview:
         """The stored bytes of one record (exactly ``e.length`` of them, or RecordError).
 
-        Read straight into a fresh, aligned, writable buffer (for a ``raw`` record, shared memory inside a
-        DataLoader worker, so tensors decoded as views of it cross to the main process without another copy);
-        from a remote store, one ranged GET. ``for_decoding``: the caller decodes the bytes before this thread
-        reads again, so a compressed record may go to a reused buffer (no fresh pages per record).
+        Read straight into ``buffer`` (``e.length`` bytes) or a fresh, aligned, writable one (for a ``raw``
+        record, shared memory inside a DataLoader worker, so tensors decoded as views of it cross to the main
+        process without another copy); from a remote store, one ranged GET. ``for_decoding``: the caller only
+        decodes the bytes, so a compressed record is a read-only view of the mapped shard (no copy at all).
         """
         if not self.storage.is_local:
             data = self.storage.read_range(f"{SHARDS_DIR}/{e.shard}", e.offset, e.length)
@@ -335,8 +397,10 @@ class ShardStore(SampleLookup, _Lookup):
         self._check_pid()
         f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
         uncompressed = e.length >= decoded_bytes(e)
-        buf = read_record_into(f.fileno(), e.offset, e.length, shared=uncompressed,
-                               reuse=for_decoding and not uncompressed)
+        if for_decoding and not uncompressed and buffer is None:
+            buf = f.view(e.offset, e.length)
+        else:
+            buf = read_record_into(f.fileno(), e.offset, e.length, shared=uncompressed, buffer=buffer)
         del f
         if buf is None:
             raise RecordError(f"shard {e.shard} is truncated: record {e.key!r} needs {e.length} bytes at offset "
@@ -362,6 +426,25 @@ class ShardStore(SampleLookup, _Lookup):
     def features_of(self, key: str) -> torch.Tensor:
         """The ``features`` tensor stored under exactly ``key``."""
         return self.features_at(self.entry(key))
+
+    def _entry_of(self, image: Any) -> IndexEntry | None:
+        """The index entry ``image`` (a key or an image path) stands for, found with one index search per candidate."""
+        try:
+            candidates = self._candidates(image)
+            return next((e for e in map(self.index.get, candidates) if e is not None), None)
+        except TypeError:
+            return None
+
+    def get(self, image: str | os.PathLike[str], default: Any = None) -> torch.Tensor | Any:
+        """The features of an image (key or path), or ``default`` when the store lacks it."""
+        e = self._entry_of(image)
+        return self.features_at(e) if e is not None else default
+
+    def __getitem__(self, image: str | os.PathLike[str]) -> torch.Tensor:
+        e = self._entry_of(image)
+        if e is None:
+            raise KeyError(image)
+        return self.features_at(e)
 
     def features_at(self, e: IndexEntry) -> torch.Tensor:
         """The ``features`` tensor of the record an index entry points at."""
@@ -729,14 +812,22 @@ class FeatureStream(torch.utils.data.IterableDataset):
 
     def _samples(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[dict[str, Any]]:
         ix = self.store.index
+        pool = worker_pool()
         if self.store.storage.is_local:
-            stored = ((e, self.store.read_bytes(e, for_decoding=True)) for e in (ix.entry(int(row)) for row in rows))
+            stored = (self._read_local(ix.entry(int(row)), pool) for row in rows)
         else:
-            stored = self._streamed(rows, stored_order)
-        for e, data in stored:
-            sample = record_to_sample(decode_record(data, verify=False, dequantize=self.dequantize))
+            stored = ((e, data, None) for e, data in self._streamed(rows, stored_order))
+        for e, data, slot in stored:
+            sample = decode_to_sample(data, self.dequantize, pool, read_into=slot)
             sample["__key__"] = encode_key(e.key)
             yield sample
+
+    def _read_local(self, e: IndexEntry, pool: SlotPool | None) -> tuple[IndexEntry, memoryview, Slot | None]:
+        """A record's bytes from local disk: an uncompressed one straight into a pool slot (in a worker)."""
+        if pool is None or e.length < decoded_bytes(e):
+            return e, self.store.read_bytes(e, for_decoding=True), None
+        slot = pool.slot(e.length)
+        return e, self.store.read_bytes(e, buffer=memoryview(slot.tensor.numpy())), slot
 
     def _streamed(self, rows: np.ndarray, stored_order: np.ndarray) -> Iterator[tuple[IndexEntry, bytes]]:
         """``(entry, bytes)`` of ``rows`` in that order, read from a remote store in ``stored_order`` (whole runs

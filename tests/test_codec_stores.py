@@ -15,7 +15,10 @@ from featstore.formats.record import Record, decode_header, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.loader import open_store, stream
 from featstore.merge import merge_shard_store
+from featstore import sharedpool
+from featstore.sharedpool import SharedSample, worker_pool
 from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+from tests.test_codecs import legacy_record
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,23 @@ def test_build_records_the_codec_and_reads_need_no_flag(stores):
         assert float(err.norm() / want.features.float().norm()) == pytest.approx(bound["rel_l2"], rel=1e-5)
     shard_bytes = {c: sum(p.stat().st_size for p in (stores / c / SHARDS_DIR).glob("*.tar")) for c in ("zstd", "int8")}
     assert shard_bytes["int8"] < shard_bytes["zstd"]
+
+
+def test_records_written_before_codecs_read_through_the_map_and_the_worker_pool(stores, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(stores / "zstd", store)
+    keys = open_store(store).keys()[:4]
+    old = {k: torch.randn(1, 300, 128).to(torch.bfloat16) for k in keys}  # large: the heap / slot output paths
+    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 70, fsync=False)
+    for k, t in old.items():
+        w.write(k, legacy_record(k, t))
+    w.close_shard()
+    merge_shard_store(store)
+    st = open_store(store)
+    assert all(torch.equal(st[k], t) for k, t in old.items())
+    dl = torch.utils.data.DataLoader(stream(store), batch_size=None, num_workers=2)
+    got = {s["key"]: s["features"] for s in dl}
+    assert sorted(got) == st.keys() and all(torch.equal(got[k], t) for k, t in old.items())
 
 
 def test_per_image_build_refuses_a_shard_codec(stores, tmp_path):
@@ -144,19 +164,60 @@ def test_verify_recompute_compares_within_the_stored_bound(stores, tmp_path):
 
 
 def shared_in_worker(sample: dict) -> dict:
-    """collate_fn, run inside the DataLoader worker: which of the sample's tensors are already shared memory."""
-    return {k: v.is_shared() for k, v in sample.items() if isinstance(v, torch.Tensor)}
+    """collate_fn, run inside the DataLoader worker: which of the sample's tensors are already shared memory
+    (torch's, or a slot of the worker's recycled pool, which pickles by reference)."""
+    slot = sample.slot if isinstance(sample, SharedSample) else None
+    return {k: v.is_shared() or (slot is not None and slot.holds(v)) for k, v in sample.items()
+            if isinstance(v, torch.Tensor)}
 
 
 @pytest.mark.parametrize("codec,dequantize", [("zstd", True), ("raw", True), ("int8", True), ("int8", False)])
 def test_worker_samples_are_born_in_shared_memory(stores, codec, dequantize):
-    # torch copies every tensor a worker returns into shared memory unless it already is: decoded tensors
-    # (and raw views of the read buffer) are allocated there, so crossing to the main process copies nothing
+    # torch copies every tensor a worker returns into shared memory unless it already is: decoded tensors are
+    # allocated in a recycled shared slot (raw ones are views of a shared read buffer), so crossing to the main
+    # process copies nothing
     dl = torch.utils.data.DataLoader(stream(stores / codec, dequantize=dequantize), batch_size=None, num_workers=1,
                                      collate_fn=shared_in_worker)
     flags = list(dl)
     assert len(flags) == 12 and all(f and all(f.values()) for f in flags), flags[0]
     assert all(set(f) == ({"features", "features_scales"} if not dequantize else {"features"}) for f in flags)
+
+
+def with_arena_count(sample: dict) -> tuple[dict, int]:
+    """collate_fn, run inside the DataLoader worker: the sample and how many arenas the worker's pool holds."""
+    return sample, len(worker_pool().arenas)
+
+
+@pytest.mark.parametrize("codec,dequantize", [("int8", False), ("zstd", True), ("raw", True)])
+def test_worker_slots_are_recycled_without_overwriting_held_samples(stores, monkeypatch, codec, dequantize):
+    monkeypatch.setattr(sharedpool, "ARENA_BYTES", 1)  # 2 slots per arena: many arena switches and reuses
+    st = open_store(stores / codec)
+    want = {k: st.record(k, dequantize=dequantize).tensors for k in st.keys()}
+    ds = stream(stores / codec, dequantize=dequantize, shuffle_buffer=4)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True,
+                                     collate_fn=with_arena_count)
+    held = [s for s, _ in dl]  # epoch 0 kept: its slots stay pinned while later epochs decode
+    arenas = []
+    for epoch in range(1, 6):
+        ds.set_epoch(epoch)
+        for sample, count in dl:  # dropped at once: their slots are reused
+            assert all(torch.equal(sample[n], t) for n, t in want[sample["key"]].items())
+            arenas.append(count)
+    assert len(held) == 12 and all(torch.equal(s[n], t) for s in held for n, t in want[s["key"]].items())
+    # each worker pins 3 arenas for epoch 0 and needs about 2 more in flight; without reuse, 3 more every epoch
+    assert max(arenas) <= 7, arenas
+
+
+def test_batched_stream_from_recycled_slots(stores):
+    st = open_store(stores / "int8")
+    dl = torch.utils.data.DataLoader(stream(stores / "int8", dequantize=False), batch_size=5, num_workers=2)
+    batches = list(dl)
+    assert sum(len(b["key"]) for b in batches) == 12
+    for b in batches:
+        for i, key in enumerate(b["key"]):
+            rec = st.record(key, dequantize=False)
+            assert torch.equal(b["features"][i], rec.features)
+            assert torch.equal(b["features_scales"][i], rec.tensors["features_scales"])
 
 
 def storages_in_worker(sample: dict) -> int:

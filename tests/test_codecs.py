@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import featstore
 from featstore.errors import RecordError
+from featstore.formats import codecs
 from featstore.formats.codecs import CODECS
 from featstore.formats.record import Record, decode_header, decode_record, encode_record
 from featstore.loader import record_to_sample
@@ -57,6 +58,29 @@ def test_lossless_codecs_are_bit_exact_including_nonfinite(codec, dtype):
     assert torch.equal(rec.features.view(torch.uint8), t.view(torch.uint8))
     assert torch.equal(rec.tensors["layer_1"], extra)
     assert [s.codec for s in decode_header(data)[1]] == [codec, codec]
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_unshuffle_undoes_the_shuffle_into_aligned_and_misaligned_outputs(itemsize):
+    raw = np.random.default_rng(itemsize).integers(0, 256, 4096 * itemsize, dtype=np.uint8)
+    planes = codecs.shuffle_bytes(memoryview(raw), itemsize)
+    for offset in (0, 1):
+        buf = np.zeros(raw.size + 1, np.uint8)
+        codecs.unshuffle_into(planes, itemsize, buf[offset:offset + raw.size])
+        assert np.array_equal(buf[offset:offset + raw.size], raw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_large_tensors_decode_bit_exact_into_reused_heap_memory(dtype):
+    t = torch.randn(2, 300, 128).to(dtype)  # above HEAP_TENSOR_BYTES: the numpy-allocated output path
+    assert t.nbytes >= codecs.HEAP_TENSOR_BYTES
+    for _ in range(3):  # freed outputs are reused: each decode must still fill its tensor completely
+        rec = round_trip(t, "zstd", verify=True)
+        assert rec.features.dtype == dtype and rec.features.shape == t.shape
+        assert torch.equal(rec.features.view(torch.uint8), t.view(torch.uint8))
+        del rec
+    q = round_trip(t.float(), "int8")
+    assert q.features.dtype == torch.float32 and rel_l2(q.features, t.float()) <= q.bounds["features"]["rel_l2"] + 1e-6
 
 
 def test_raw_decodes_as_views_of_an_aligned_buffer():
@@ -175,15 +199,25 @@ def test_legacy_records_decode_unchanged():
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_a_flipped_payload_byte_is_caught_by_verify_decoding(codec):
-    t = torch.randn(1, 64, 32).to(torch.bfloat16)
+    t = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     data = encode_record(Record("k", "k", {"features": t}), codec=codec)
+    want = decode_record(data).features
     _, specs, first = decode_header(data)
     rng = np.random.default_rng(0)
-    for pos in rng.integers(first, first + specs[0].zbytes, size=40):
+    flips = [(first, 0), (first + 3, 7)]  # the zstd magic (int8: a scale): a damaged frame header is a RecordError
+    flips += [(int(p), int(rng.integers(8))) for p in rng.integers(first, first + specs[0].zbytes, size=40)]
+    caught = 0
+    for pos, bit in flips:
         bad = bytearray(data)
-        bad[pos] ^= 1 << int(rng.integers(8))
-        with pytest.raises(RecordError):
-            decode_record(bytes(bad), verify=True)
+        bad[pos] ^= 1 << bit
+        try:
+            got = decode_record(bytes(bad), verify=True)
+        except RecordError:
+            caught += 1
+            continue
+        # zstd ignores a few bits (an unused frame-header flag, padding at a bitstream's end): the same values
+        assert codec == "zstd" and torch.equal(got.features.view(torch.uint8), want.view(torch.uint8)), (pos, bit)
+    assert caught >= len(flips) - 2
 
 
 def test_hostile_int8_headers_are_refused_before_allocating():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import itertools
 import logging
+import os
 import shutil
 import threading
 
@@ -13,6 +14,7 @@ import torch
 import webdataset as wds
 
 import featstore
+from featstore.errors import RecordError
 from featstore.formats.layout import SHARDS_DIR
 from featstore.formats.record import encode_record
 from featstore.formats.shards import ShardWriter
@@ -87,6 +89,28 @@ def test_open_store_in_workers_threads_and_small_lru(stores):
     for t in threads:
         t.join()
     assert not errors and len(store.storage._files) <= 2
+
+
+def test_compressed_records_read_from_the_mapped_shard_survive_truncation_and_growth(stores, tmp_path):
+    store_dir = tmp_path / "few"
+    shutil.copytree(stores / "few", store_dir)
+    st = open_store(store_dir)
+    keys = st.keys()
+    want = {k: st[k].clone() for k in keys}  # maps every shard
+    last = max((st.entry(k) for k in keys), key=lambda e: (e.shard, e.offset))
+    shard = store_dir / SHARDS_DIR / last.shard
+    original = shard.read_bytes()
+    os.truncate(shard, last.offset + 10)  # in place, under the live map: a read must fail cleanly, not SIGBUS
+    with pytest.raises(RecordError, match="truncated"):
+        st[last.key]
+    for k in keys:
+        if k != last.key:
+            assert torch.equal(st[k], want[k])
+    with open(shard, "r+b") as f:  # the same file grows back: mapped again
+        f.write(original)
+    assert torch.equal(st[last.key], want[last.key])
+    st.close()
+    assert all(torch.equal(st[k], want[k]) for k in keys)  # reopened after close
 
 
 def test_load_cached_vggt_features(stores, monkeypatch):

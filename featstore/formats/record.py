@@ -211,14 +211,14 @@ def _add_tensor(rec: Record, spec: TensorSpec, value: torch.Tensor | Quantized) 
 
 
 def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[str, ...] | None = None,
-                  dequantize: bool = True) -> Record:
+                  dequantize: bool = True, empty: codecs.Empty = codecs.empty_tensor) -> Record:
     """Parse shard record bytes back into a :class:`Record`.
 
     zstd frames carry an xxh64 content checksum, always checked, so a corrupt zstd payload never decodes.
     ``verify=True`` also checks each tensor's crc32 (what ``featstore verify`` does; the loader's hot path
     skips it). Lossy tensors decode to their stored dtype, or with ``dequantize=False`` stay int8 next to
     their scales (see :class:`Record`). Tensors of ``raw`` records are views of ``buf`` when it is writable
-    and aligned.
+    and aligned; every other tensor is allocated with ``empty(shape, dtype)`` (:func:`output_nbytes` in all).
     """
     header, specs, pos = decode_header(buf)
     mv = memoryview(buf)
@@ -233,12 +233,22 @@ def decode_record(buf: bytes | memoryview, *, verify: bool = True, only: tuple[s
             rec.bounds[spec.name] = bound
         if only is None or spec.name in only:
             value = codecs.decode(spec.fields, mv[pos:end], parse_dtype(spec.dtype), spec.shape, verify=verify,
-                                  dequantize=dequantize)
+                                  dequantize=dequantize, empty=empty)
             _add_tensor(rec, spec, value)
         pos = end + spec.pad
     if pos != len(mv):
         raise RecordError(f"record {header['key']!r} has {len(mv) - pos} unexpected trailing bytes")
     return rec
+
+
+def output_nbytes(buf: bytes | memoryview, *, only: tuple[str, ...] | None = None, dequantize: bool = True
+                  ) -> list[int]:
+    """Sizes of the tensors :func:`decode_record` allocates with ``empty`` for ``buf``, in order."""
+    _, specs, _ = decode_header(buf)
+    copies_raw = memoryview(buf).readonly
+    return [n for spec in specs if only is None or spec.name in only
+            for n in codecs.output_nbytes(spec.fields, spec.shape, parse_dtype(spec.dtype), dequantize=dequantize,
+                                          copies_raw=copies_raw)]
 
 
 def with_lossy_provenance(rec: Record) -> Record:
