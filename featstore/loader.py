@@ -226,7 +226,9 @@ class _Lookup:
         if not isinstance(p, str):
             raise TypeError(f"expected a key or a path, not {type(image).__name__}")
         if not os.path.isabs(p):
-            yield Path(p).as_posix().removeprefix("./")
+            parts = p.split("/")
+            plain = "" not in parts and "." not in parts
+            yield p if plain else Path(p).as_posix().removeprefix("./")  # Path only where it changes the key
         yield from self._keys_of_path(os.path.abspath(p))
 
     def lookup(self, image: Any) -> str | None:
