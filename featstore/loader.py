@@ -22,7 +22,7 @@ were read but not yet emitted by the shuffle buffer (so the order is the same as
 
 Reads add nothing to the one unavoidable copy: a ``raw`` record is read with ``preadv`` into a fresh aligned
 buffer (shared memory in a DataLoader worker) and its tensors are views of it; a compressed record is decoded
-straight from a read-only map of its shard file (:class:`ShardFile`), so its bytes are not copied at all; and
+straight from a read-only map of its shard file (:class:`featstore.formats.storage.MappedFile`), so its bytes are not copied at all; and
 inside workers outputs live in shared memory, so torch does not copy them again to hand them to the main
 process. ``stream``'s workers go further: they read and decode into recycled slots of shared-memory arenas
 (:mod:`featstore.sharedpool`), and a sample crosses by reference, without a new segment or a passed
@@ -31,10 +31,8 @@ descriptor.
 
 from __future__ import annotations
 
-import collections
 import logging
 import math
-import mmap
 import os
 import random
 import threading
@@ -158,42 +156,6 @@ def decoded_bytes(e: IndexEntry) -> int:
     return sum(math.prod(shape) * parse_dtype(dtype).itemsize for _, dtype, shape in e.tensors)
 
 
-class ShardFile:
-    """An open shard file and, once a compressed record is read from it, a read-only map of the whole file.
-
-    Compressed records decode straight from the map (the page cache), so their bytes are never copied. The
-    file's size is checked before every view, so a shard truncated after it was mapped gives a short read
-    (RecordError), not SIGBUS, and one that grew is mapped again.
-    """
-
-    def __init__(self, path: Path):
-        self.file = open(path, "rb", buffering=0)
-        self.map: mmap.mmap | None = None
-
-    def fileno(self) -> int:
-        return self.file.fileno()
-
-    def view(self, offset: int, length: int) -> memoryview | None:
-        """``length`` bytes at ``offset`` as a read-only view of the map, or None if the file is shorter."""
-        end = offset + length
-        if length <= 0 or os.fstat(self.file.fileno()).st_size < end:
-            return None
-        m = self.map
-        if m is None or len(m) < end:
-            m = self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
-        start = offset - offset % mmap.PAGESIZE
-        m.madvise(mmap.MADV_WILLNEED, start, end - start)  # one read-ahead of the whole record when it is cold
-        return memoryview(m)[offset:end]
-
-    def close(self) -> None:
-        self.file.close()
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:  # a decode still holds a view: the map closes when that view is released
-                pass
-
-
 class _Lookup:
     """What ``store[x]``, ``x in store`` and ``store.get(x)`` accept: a key, an absolute image path, or a path
     relative to the current directory, resolved under the data root (and under the manifest's original data
@@ -312,7 +274,7 @@ class SampleLookup:
 class ShardStore(SampleLookup, _Lookup):
     """Random access to a shard store: index lookup, then one read of just the record's bytes.
 
-    Local stores read from cached file handles and maps (see :class:`ShardFile`); remote stores (``s3://...``)
+    Local stores read from cached file handles and maps (see :class:`featstore.formats.storage.MappedFile`); remote stores (``s3://...``)
     send one ranged GET per record, after fetching the index once (see
     :func:`featstore.formats.index.local_index_file`).
     """
@@ -321,7 +283,7 @@ class ShardStore(SampleLookup, _Lookup):
 
     def __init__(self, root: Path | str, manifest: dict[str, Any], max_open: int = DEFAULT_MAX_OPEN,
                  storage: Storage | None = None, data_root: str | os.PathLike[str] | None = None):
-        self.storage = storage if storage is not None else LocalStorage(Path(root))
+        self.storage = storage if storage is not None else LocalStorage(Path(root), max_open)
         self.root: Path | str = Path(root) if self.storage.is_local else self.storage.display
         self.manifest = manifest
         self.data_root = os.path.abspath(data_root) if data_root else (manifest.get("data_root") or None)
@@ -330,7 +292,6 @@ class ShardStore(SampleLookup, _Lookup):
         self._pid = -1
         self._index: Index | None = None
         self._aliases: Index | bool | None = None  # False: the store has no alias index
-        self._files: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self._index_file: Path | None = None
         if self.storage.is_local and not self.storage.exists(INDEX_NAME):
             raise StoreError(f"shard store {self.root} has no {INDEX_NAME}; run `featstore merge {self.root}`")
@@ -340,7 +301,7 @@ class ShardStore(SampleLookup, _Lookup):
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into spawned DataLoader workers: carry the location only, reopen there.
         d = self.__dict__.copy()
-        d.update(_lock=None, _index=None, _aliases=None, _files=collections.OrderedDict(), _pid=-1)
+        d.update(_lock=None, _index=None, _aliases=None, _pid=-1)
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
@@ -351,7 +312,6 @@ class ShardStore(SampleLookup, _Lookup):
         # After a fork the parent's file handles are shared state: drop them and reopen lazily.
         if self._pid != os.getpid():
             self._lock = threading.Lock()
-            self._files = collections.OrderedDict()
             self._index = None
             self._aliases = None
             self._pid = os.getpid()
@@ -367,19 +327,6 @@ class ShardStore(SampleLookup, _Lookup):
                         self._index_file = local_index_file(self.storage)
                     self._index = Index(self._index_file)
         return self._index
-
-    def _file(self, shard: str) -> ShardFile:
-        with self._lock:
-            f = self._files.get(shard)
-            if f is not None:
-                self._files.move_to_end(shard)
-                return f
-            f = ShardFile(self.root / SHARDS_DIR / shard)
-            self._files[shard] = f
-            while len(self._files) > self.max_open:
-                # Dropped, not closed: a thread still reading keeps its reference; CPython closes it after.
-                self._files.popitem(last=False)
-            return f
 
     def read_bytes(self, e: IndexEntry, for_decoding: bool = False, buffer: memoryview | None = None
                    ) -> memoryview:
@@ -397,7 +344,7 @@ class ShardStore(SampleLookup, _Lookup):
                                   f"{e.offset}; run `featstore verify {self.root}`")
             return memoryview(data)
         self._check_pid()
-        f = self._file(e.shard)  # keep this reference until the read returns: an LRU eviction may drop the dict's
+        f = self.storage.mapped_file(f"{SHARDS_DIR}/{e.shard}")  # held until the read returns (LRU eviction)
         uncompressed = e.length >= decoded_bytes(e)
         if for_decoding and not uncompressed and buffer is None:
             buf = f.view(e.offset, e.length)
@@ -472,10 +419,6 @@ class ShardStore(SampleLookup, _Lookup):
 
     def close(self) -> None:
         """Close open shard files (the store reopens them on next use)."""
-        with self._lock:
-            for f in self._files.values():
-                f.close()
-            self._files.clear()
         self.storage.close()
 
 

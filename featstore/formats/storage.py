@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -333,6 +334,42 @@ class _ChunkStream(io.RawIOBase):
 
 
 # --- local -----------------------------------------------------------------------------------------------
+class MappedFile:
+    """An open file (a shard) and, once a compressed record is read from it, a read-only map of the whole file.
+
+    Compressed records decode straight from the map (the page cache), so their bytes are never copied. The
+    file's size is checked before every view, so a shard truncated after it was mapped gives a short read
+    (RecordError), not SIGBUS, and one that grew is mapped again.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb", buffering=0)
+        self.map: mmap.mmap | None = None
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes at ``offset`` as a read-only view of the map, or None if the file is shorter."""
+        end = offset + length
+        if length <= 0 or os.fstat(self.file.fileno()).st_size < end:
+            return None
+        m = self.map
+        if m is None or len(m) < end:
+            m = self.map = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_READ)
+        start = offset - offset % mmap.PAGESIZE
+        m.madvise(mmap.MADV_WILLNEED, start, end - start)  # one read-ahead of the whole record when it is cold
+        return memoryview(m)[offset:end]
+
+    def close(self) -> None:
+        self.file.close()
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a decode still holds a view: the map closes when that view is released
+                pass
+
+
 class LocalStorage(Storage):
     """A local folder: ``pread`` on cached file handles, atomic temp + fsync + rename writes."""
 
@@ -376,14 +413,16 @@ class LocalStorage(Storage):
     def read_bytes(self, name: str) -> bytes:
         return (self.root / name).read_bytes()
 
-    def _file(self, name: str) -> Any:
+    def mapped_file(self, name: str) -> MappedFile:
+        """The open file ``name`` (kept in an LRU of ``max_open``; mapped on its first :meth:`MappedFile.view`).
+        Keep the reference until the read returns: an eviction drops the LRU's, it does not close the file."""
         # Handles opened before a fork are shared with the parent: start afresh in a new process.
         if self._pid != os.getpid():
             self._files, self._lock, self._pid = collections.OrderedDict(), threading.Lock(), os.getpid()
         with self._lock:
             f = self._files.get(name)
             if f is None:
-                f = open(self.root / name, "rb", buffering=0)
+                f = MappedFile(self.root / name)
                 self._files[name] = f
                 while len(self._files) > self.max_open:
                     # Dropped, not closed: a thread still reading keeps its reference; CPython closes it after.
@@ -393,7 +432,7 @@ class LocalStorage(Storage):
             return f
 
     def read_range(self, name: str, offset: int, length: int) -> bytes:
-        f = self._file(name)
+        f = self.mapped_file(name)
         return os.pread(f.fileno(), length, offset)
 
     def iter_range(self, name: str, start: int = 0, end: int | None = None, *,
