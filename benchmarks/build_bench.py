@@ -30,13 +30,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from featstore.build import DECODE_CHUNK, Build, BuildOptions  # noqa: E402
-from featstore.context import PlanExecutor  # noqa: E402
-from featstore.pipeline import (DecodeOptions, ImageDataset, StepDataset, WorkItem, make_loader,  # noqa: E402
+from featstore.build.orchestrator import DECODE_CHUNK, Build, BuildOptions  # noqa: E402
+from featstore.build.context import PlanExecutor  # noqa: E402
+from featstore.build.pipeline import (DecodeOptions, ImageDataset, StepDataset, WorkItem, make_loader,  # noqa: E402
                                 shape_batches)
-from featstore.preprocess import to_unit_float  # noqa: E402
-from featstore.samples import SampleItem, episode_samples  # noqa: E402
-from featstore.schedule import plan_steps  # noqa: E402
+from featstore.model.preprocess import to_unit_float  # noqa: E402
+from featstore.discover.samples import SampleItem, episode_samples  # noqa: E402
+from featstore.build.schedule import plan_steps  # noqa: E402
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int], per_episode: int = 50) -> list[WorkItem]:

@@ -55,9 +55,9 @@ def golden_sets(golden: Path) -> dict[str, torch.Tensor]:
 
 def model_sets(n: int) -> dict[str, torch.Tensor]:
     """vggt-1b-random features (layer -2, patch tokens) of ``n`` sample images."""
-    from featstore.extract import Extractor
+    from featstore.build.extract import Extractor
     from featstore.model import load_vggt
-    from featstore.preprocess import preprocess_image
+    from featstore.model.preprocess import preprocess_image
 
     model = load_vggt("vggt-1b-random")
     ex = Extractor(model, (model.config.depth - 2,), torch.float32, "patch")
@@ -226,7 +226,7 @@ def speed_table(tokens: int, dim: int, repeats: int) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--golden", type=Path, default=Path(os.environ.get("FEATSTORE_GOLDEN") or
-                                                         REPO.parent / "shared" / "golden"))
+                                                         REPO / "tests" / "golden"))
     ap.add_argument("--model-images", type=int, default=0, help="also run vggt-1b-random on N sample images (slow)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", type=Path)

@@ -28,10 +28,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from featstore.context import PlanExecutor, kv_bytes_per_frame  # noqa: E402
+from featstore.build.context import PlanExecutor, kv_bytes_per_frame  # noqa: E402
 from featstore.model import get_config, load_vggt  # noqa: E402
-from featstore.samples import Sample, episode_samples  # noqa: E402
-from featstore.schedule import build_forest, peak_cache_frames, plan_steps  # noqa: E402
+from featstore.discover.samples import Sample, episode_samples  # noqa: E402
+from featstore.build.schedule import build_forest, peak_cache_frames, plan_steps  # noqa: E402
 
 JANUSVLN_FRAME_BYTES = kv_bytes_per_frame(get_config("vggt-1b"), (490, 644), 22, torch.bfloat16)
 CONFIGS = (("none", 1, "JanusVLN's way (B=1)"), ("none", None, "none, batched"), ("prefix", None, "prefix"),

@@ -20,12 +20,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_vggt": "featstore.model",
-    "preprocess_image": "featstore.preprocess",
-    "open_store": "featstore.loader",
-    "stream": "featstore.loader",
-    "load_cached_vggt_features": "featstore.loader",
-    "load_sample_features": "featstore.loader",
-    "dequantize": "featstore.loader",
+    "preprocess_image": "featstore.model.preprocess",
+    "open_store": "featstore.read",
+    "stream": "featstore.read",
+    "load_cached_vggt_features": "featstore.read",
+    "load_sample_features": "featstore.read",
+    "dequantize": "featstore.read",
 }
 
 __all__ = ["__version__", *_EXPORTS]

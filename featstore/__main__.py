@@ -1,6 +1,6 @@
 """``python -m featstore`` entry point (what ``torchrun -m featstore build ...`` runs)."""
 
-from featstore.cli import main
+from featstore.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -36,9 +36,9 @@ from featstore.formats.record import Record, decode_record, encode_record, with_
 from featstore.formats.shards import ClosedShard, ShardWriter, iter_shard_records, parse_shard_name
 from featstore.formats.shardstore import finalize_shard_store
 from featstore.formats.store import Store
-from featstore.formats.storage import parse_location
-from featstore.merge import collect_entries
-from featstore.loader import ShardStore, open_store, shard_rows
+from featstore.storage.backends import parse_location
+from featstore.build.merge import collect_entries
+from featstore.read.loader import ShardStore, open_store, shard_rows
 
 log = logging.getLogger("featstore")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]

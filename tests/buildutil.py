@@ -75,7 +75,7 @@ def run_inproc(*args: str, env: dict | None = None) -> subprocess.CompletedProce
     """
     import traceback
 
-    from featstore.cli import main
+    from featstore.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with environment(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -10,26 +10,42 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _find_golden() -> Path | None:
-    env = os.environ.get("FEATSTORE_GOLDEN")
-    candidates = [Path(env)] if env else []
-    candidates += [REPO_ROOT / "shared" / "golden", REPO_ROOT.parent / "shared" / "golden"]
-    for c in candidates:
-        if (c / "README.md").is_file():
-            return c
-    return None
+#: The golden reference data the tests read, in the repository (see tests/golden/README.md).
+GOLDEN_IN_REPO = REPO_ROOT / "tests" / "golden"
 
 
-GOLDEN_DIR = _find_golden()
+def _materialize_golden(src: Path, dst: Path) -> Path:
+    """A folder laid out as the golden data: `*.zst` files decompressed (zstd keeps the checkout small), the rest
+    linked. A file that should be there and is not surfaces as a FileNotFoundError naming its path."""
+    import zstandard
+
+    for f in sorted(src.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(src)
+        out = dst / (rel.with_suffix("") if f.suffix == ".zst" else rel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix == ".zst":
+            with open(f, "rb") as fin, open(out, "wb") as fout:
+                zstandard.ZstdDecompressor().copy_stream(fin, fout)
+        else:
+            out.symlink_to(f)
+    return dst
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    """The golden reference folder (../shared/golden beside the checkout, or $FEATSTORE_GOLDEN)."""
-    if GOLDEN_DIR is None:
-        pytest.fail("golden reference data not found: expected ../shared/golden beside the checkout "
-                    "or FEATSTORE_GOLDEN=/path/to/golden")
-    return GOLDEN_DIR
+def golden_dir(tmp_path_factory) -> Path:
+    """The golden reference folder: $FEATSTORE_GOLDEN when set (an uncompressed copy, e.g. ../shared/golden),
+    else the repository's tests/golden, decompressed once per session."""
+    env = os.environ.get("FEATSTORE_GOLDEN")
+    if env:
+        if not (Path(env) / "README.md").is_file():
+            pytest.fail(f"FEATSTORE_GOLDEN={env!r} is not a golden reference folder (no README.md there): "
+                        f"unset it to use {GOLDEN_IN_REPO}")
+        return Path(env)
+    if not (GOLDEN_IN_REPO / "README.md").is_file():
+        pytest.fail(f"golden reference data not found at {GOLDEN_IN_REPO}: the checkout is incomplete")
+    return _materialize_golden(GOLDEN_IN_REPO, tmp_path_factory.mktemp("golden"))
 
 
 def pytest_collection_modifyitems(config, items):

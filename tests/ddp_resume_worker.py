@@ -9,7 +9,7 @@ import sys
 
 import torch.distributed as dist
 
-from featstore.loader import stream
+from featstore.read.loader import stream
 
 
 def main() -> None:

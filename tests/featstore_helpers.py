@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from featstore.cli import main
+from featstore.cli.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "examples" / "sample"

@@ -1,8 +1,8 @@
 """Check the full-size VGGT-1B aggregator (golden rule weights) against the official outputs.
 
-    python tools/check_full_model.py [--golden ../shared/golden] [--tolerance 1e-4] [--all-fingerprints]
+    python tools/check_full_model.py [--golden tests/golden] [--tolerance 1e-4] [--all-fingerprints]
 
-Builds "vggt-1b-random" (rule weights for every aggregator key), runs shared/golden/full/input
+Builds "vggt-1b-random" (rule weights for every aggregator key), runs tests/golden/full/input
 (1x1x3x392x518) in float32 on CPU and compares layer-22 patch tokens, layer-23 patch tokens and
 layer-23 special tokens with full/expected. Exit status 0 when every max abs error <= tolerance.
 Needs about 8 GB of RAM; takes about a minute on 2 CPU cores.
@@ -58,8 +58,8 @@ def check_full_model(golden: Path, all_fingerprints: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--golden", type=Path, default=REPO_ROOT.parent / "shared" / "golden",
-                        help="golden reference folder (default: ../shared/golden beside the checkout)")
+    parser.add_argument("--golden", type=Path, default=REPO_ROOT / "tests" / "golden",
+                        help="golden reference folder (default: tests/golden in the checkout)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed (default 1e-4)")
     parser.add_argument("--all-fingerprints", action="store_true",
                         help="also compare all 1210 aggregator weights with full/weight_fingerprints.json")

@@ -16,7 +16,7 @@ temporary shard, while a shard is closed and renamed, between batches, while ran
 index, the index and the manifest, and before it cleans up), ``per-image`` (8 kills) and ``export``
 (shards -> per-image, 4 kills; then per-image -> shards, 2 kills).
 
-By default each run is a ``fork()`` of this (already imported) driver calling ``featstore.cli.main``,
+By default each run is a ``fork()`` of this (already imported) driver calling ``featstore.cli.main.main``,
 a real process killed with a real SIGKILL but without paying the import of torch each time;
 ``--spawn`` runs ``python -m featstore`` instead. Usage::
 
@@ -86,7 +86,7 @@ class Runner:
         self.logdir, self.spawn, self.n = logdir, spawn, 0
         logdir.mkdir(parents=True, exist_ok=True)
         if not spawn:
-            import featstore.cli  # noqa: F401  - import once, before any fork
+            import featstore.cli.main  # noqa: F401  - import once, before any fork
 
     def __call__(self, argv: list[str], kill_at: str | None = None) -> tuple[int, str]:
         """Run one command; returns (exit status, or -9 when killed; its log text)."""
@@ -112,7 +112,7 @@ class Runner:
                 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
-                from featstore.cli import main
+                from featstore.cli.main import main
 
                 code = main(argv)
             except BaseException:  # noqa: BLE001 - report, then leave without running the parent's atexit
@@ -173,7 +173,7 @@ def kill_series(run: Runner, argv: list[str], kills: list[str], note: list[dict[
 
 def temp_files(root: Path) -> list[str]:
     """Temporary files left visible under ``root``."""
-    from featstore.fsutil import is_temp_name
+    from featstore.runtime.fsutil import is_temp_name
 
     return [str(p) for p in root.rglob("*") if is_temp_name(p.name)]
 

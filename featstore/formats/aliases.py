@@ -1,7 +1,7 @@
 """The alias index of a sample store: frame-list lookups for records keyed by an annotation ``id``.
 
 A sample record's key is its annotation ``id`` when the id is unique, else the digest of its ordered frames
-(:func:`featstore.samples.sample_key`). So that a training dataset can find a record from the frames it holds
+(:func:`featstore.discover.samples.sample_key`). So that a training dataset can find a record from the frames it holds
 whatever the key, ``aliases.fsi`` (the index format of :mod:`featstore.formats.index`) maps the frame digest
 of every id-keyed record to that record's bytes. Stores whose keys are all digests have no alias index.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from featstore.formats.index import write_index
 from featstore.formats.shards import ShardEntry, read_record_meta
-from featstore.samples import SAMPLE_KEY_PREFIX, sample_key
+from featstore.discover.samples import SAMPLE_KEY_PREFIX, sample_key
 from featstore.formats.layout import ALIAS_INDEX, SHARDS_DIR
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import zstandard
 
-from featstore.env import in_dataloader_worker
+from featstore.runtime.env import in_dataloader_worker
 from featstore.errors import RecordError
 
 CODECS = ("zstd", "raw", "int8")

@@ -25,11 +25,11 @@ import numpy as np
 
 from featstore.errors import StoreError
 from featstore.formats.shards import ShardEntry
-from featstore.fsutil import atomic_open
+from featstore.runtime.fsutil import atomic_open
 from featstore.formats.layout import INDEX_NAME
 
 if TYPE_CHECKING:
-    from featstore.formats.storage import Storage
+    from featstore.storage.backends import Storage
 
 MAGIC = b"FSIDX001"
 ALIGN = 64

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from featstore.errors import StoreError
-from featstore.fsutil import atomic_write_json
+from featstore.runtime.fsutil import atomic_write_json
 from featstore.formats.layout import PER_IMAGE_FORMAT, PER_IMAGE_MANIFEST, SHARD_FORMAT, SHARD_MANIFEST, STORE_DIR
 
 if TYPE_CHECKING:
-    from featstore.formats.storage import Storage
+    from featstore.storage.backends import Storage
 
 SCHEMA_VERSION = 1
 REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")
@@ -110,7 +110,7 @@ class Manifest(BuildSettings):
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_FIELDS, 0))
     failures_ledger: str | None = None
     missing_ledger: str | None = None  # MISSING_LEDGER / PER_IMAGE_MISSING_LEDGER when annotated images are missing
-    # how images were chosen (featstore.sources.Discovery.to_record): annotation files with their counts,
+    # how images were chosen (featstore.discover.sources.Discovery.to_record): annotation files with their counts,
     # image list, data_path, or a scan; verify compares the store with the same sources
     sources: dict[str, Any] | None = None
     times: dict[str, Any] = field(default_factory=lambda: {"started": None, "finished": None, "seconds": None})

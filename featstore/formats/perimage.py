@@ -18,7 +18,7 @@ import torch
 from featstore.errors import RecordError, describe_load_error
 from featstore.formats.keys import CacheLayout
 from featstore.formats.record import Record, record_from_pt, record_to_pt
-from featstore.fsutil import atomic_write_bytes, is_temp_name
+from featstore.runtime.fsutil import atomic_write_bytes, is_temp_name
 
 
 def encode_pt(rec: Record) -> bytes:

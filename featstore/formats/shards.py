@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, S
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
 from featstore.formats.record import decode_header
-from featstore.faults import crash_point
-from featstore.fsutil import TMP_MARKER, disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
+from featstore.runtime.faults import crash_point
+from featstore.runtime.fsutil import TMP_MARKER, disk_full_is_store_error, fsync_dir, sweep_dead_temps_once, temp_name_for
 from featstore.formats.layout import DEFAULT_SHARD_BYTES, SHARD_RE, SHARDS_DIR, shard_name
 
 if TYPE_CHECKING:
-    from featstore.formats.storage import Storage
+    from featstore.storage.backends import Storage
 
 BLOCK = 512
 RECORD_SIZE = 20 * BLOCK  # tar archives end padded to a multiple of this

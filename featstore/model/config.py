@@ -73,7 +73,7 @@ class VGGTConfig:
 
 _NAMED: dict[str, VGGTConfig] = {
     "vggt-1b": VGGTConfig(),
-    # shared/golden/tiny/config.json: the official Aggregator and ViT, shrunk.
+    # tests/golden/tiny/config.json: the official Aggregator and ViT, shrunk.
     "tiny": VGGTConfig(
         name="tiny", embed_dim=64, depth=2, num_heads=4, dino_depth=2, dino_num_heads=4,
     ),

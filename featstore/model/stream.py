@@ -39,7 +39,7 @@ class StreamCache:
 
     @property
     def frames_held(self) -> int:
-        """Frame caches held (rows x frames), the unit of the memory bounds in `featstore.schedule`."""
+        """Frame caches held (rows x frames), the unit of the memory bounds in `featstore.build.schedule`."""
         return (self.batch_size or 0) * self.num_frames
 
     def _like(self, kv: list[KV | None], batch_size: int) -> "StreamCache":

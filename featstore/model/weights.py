@@ -1,4 +1,4 @@
-"""The golden deterministic weight rule (shared/golden/README.md section 3), for tests and benchmarks.
+"""The golden deterministic weight rule (tests/golden/README.md section 3), for tests and benchmarks.
 
 Each tensor is seeded by the SHA-256 of its full-model key (e.g. "aggregator.camera_token"), drawn
 with torch's CPU `randn`, then v = a + b*r in float32: (1, 0.05) for LayerNorm weights, (0.1, 0.02)

@@ -18,7 +18,7 @@ from featstore.errors import FeatstoreError
 from featstore.formats.keys import image_path_of
 from featstore.formats.manifest import shape_key
 from featstore.formats.record import Record, decode_record, dtype_name
-from featstore.staleness import frames_changed, is_checkable, source_changed
+from featstore.formats.staleness import frames_changed, is_checkable, source_changed
 from featstore.verify.fixes import rebuild_records
 from featstore.verify.report import INFO_LEGACY_RECORDS, INFO_NO_FINGERPRINT, Finding
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from featstore.formats.layout import is_lock_name
-from featstore.fsutil import is_temp_name
+from featstore.runtime.fsutil import is_temp_name
 from featstore.verify.report import Finding
 
 

@@ -1,6 +1,6 @@
 """``verify --recompute N``: re-run the model on N seeded records and compare with what is stored.
 
-One model and one :class:`~featstore.extract.Extractor` serve the whole run, in float32 on the device the user
+One model and one :class:`~featstore.build.extract.Extractor` serve the whole run, in float32 on the device the user
 chose (``--device``, default cpu; TF32 is off while it runs, so a GPU computes true float32). A record may differ
 from the fresh output by its storage dtype's tolerance plus the error bound a lossy codec stored with it.
 """
@@ -16,7 +16,7 @@ import torch
 
 from featstore.errors import StoreError
 from featstore.formats.record import Record, dtype_name, lossy_max_abs
-from featstore.formats.storage import FsspecStorage, Storage
+from featstore.storage.backends import FsspecStorage, Storage
 from featstore.formats.keys import image_path_of
 from featstore.verify.report import Finding, Report
 
@@ -41,7 +41,7 @@ class Recomputer:
     """Computes records afresh: one extractor (model, layers, tokens) for the run, on one device."""
 
     def __init__(self, model: Any, layers: tuple[int, ...], m: dict[str, Any], device: torch.device):
-        from featstore.extract import Extractor
+        from featstore.build.extract import Extractor
 
         self.ext = Extractor(model, layers, torch.float32, m.get("tokens") or "patch")
         self.device = device
@@ -50,7 +50,7 @@ class Recomputer:
         self.opts = {"apply_exif": bool(pre.get("apply_exif")), "image_size": int(pre.get("target_size") or 518)}
 
     def _image(self, key: str, data_root: str) -> torch.Tensor:
-        from featstore.preprocess import preprocess_image
+        from featstore.model.preprocess import preprocess_image
 
         return preprocess_image(image_path_of(key, data_root), self.mode, **self.opts)
 
@@ -82,7 +82,7 @@ def _true_float32() -> Iterator[None]:
 
 
 def _open(location: Path | Storage, data_root: str | None) -> Any:
-    from featstore.loader import open_store
+    from featstore.read.loader import open_store
 
     if isinstance(location, FsspecStorage):
         return open_store(location.url, storage_options=location.storage_options)
@@ -93,7 +93,7 @@ def recompute(report: Report, location: Path | Storage, model_path: str, n: int,
               device: str, rebuild: str) -> None:
     """Re-run the model on ``n`` seeded records on ``device`` and compare with the stored features (the worst
     error is reported)."""
-    from featstore.extract import pick_device
+    from featstore.build.extract import pick_device
     from featstore.model import load_vggt
 
     store = _open(location, data_root)

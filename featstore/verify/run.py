@@ -10,7 +10,7 @@ from typing import Any
 
 from featstore.errors import StoreError
 from featstore.formats.manifest import find_manifest, read_manifest, read_store_manifest
-from featstore.formats.storage import Storage, is_remote, local_path_of, parse_location
+from featstore.storage.backends import Storage, is_remote, local_path_of, parse_location
 from featstore.verify.checks import Expectations
 from featstore.verify.fixes import rebuild_command
 from featstore.verify.per_image import per_image_expectations, verify_per_image
