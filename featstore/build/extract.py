@@ -57,7 +57,8 @@ class Extractor:
         """Features for a batch (float in [0,1], or uint8 = value * 255) on the model's device (call
         :func:`to_host` to copy them out)."""
         assert self.forward is not None
-        out = self.forward(to_unit_float(images)[:, None], layers=self.layers)
+        pixels = images if getattr(self.model, "ignores_pixels", False) else to_unit_float(images)
+        out = self.forward(pixels[:, None], layers=self.layers)
         start = int(getattr(self.model, "patch_start_idx", 5)) if self.tokens == "patch" else 0
         return {n: out[i][:, :, start:].to(self.store_dtype) for n, i in zip(self.names, self.layers)}
 

@@ -51,11 +51,12 @@ from featstore.formats.shardstore import list_store_shards
 from featstore.storage.backends import LocalStorage, Storage, publish_json, reset_staging_dir
 from featstore.runtime.fsutil import atomic_write_bytes, remove_temp_files
 from featstore.build.locks import lock_for_rank
+from featstore.build.nullmodel import NULL_MODEL, load_model
 from featstore.build.merge import merge_per_image_store, merge_shard_store, per_image_manifest_path, wait_for_parts, write_part
 from featstore.model.checkpoint import default_dtype as default_model_dtype
 from featstore.build.options import BuildOptions, check_build_options, check_output_writable, shown
-from featstore.build.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions, ImageDataset,
-                                PerImageSink, ShardSink, StepDataset, WorkItem, make_loader,
+from featstore.build.pipeline import (BackgroundWriter, Batch, Decoded, DecodedStep, DecodeOptions,
+                                PerImageSink, ShardSink, StepDataset, WorkItem, image_loader, make_loader,
                                 preprocessed_size_of, sample_fingerprint, shape_batches)
 from featstore.model.preprocess import to_unit_float
 from featstore.build.resume import (build_target, check_compatible, plan_resume, previous_settings, rank_share,
@@ -64,8 +65,7 @@ from featstore.discover.samples import SampleItem, kept_index
 from featstore.build.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
-DECODE_CHUNK = 4  # images a decode worker sends at once
-NAMED_MODELS = ("tiny", "vggt-1b-random")
+NAMED_MODELS = ("tiny", "vggt-1b-random", NULL_MODEL)
 
 
 @dataclass
@@ -160,12 +160,10 @@ class Build:
     # --- setup -------------------------------------------------------------------------------------------
     def load_model(self, model: torch.nn.Module | None = None) -> None:
         """Load the model on this rank's device (or adopt an already loaded one); settle dtype and layers."""
-        from featstore.model import load_vggt
-
         dev = self.resolve_device()
         dtype = torch.float32 if self.opts.autocast else None  # None: bf16 on GPUs with bf16, else fp32
-        self.model = model if model is not None else load_vggt(self.opts.model, device=str(dev), dtype=dtype)
         self.store_dtype = parse_dtype(self.opts.dtype) if self.opts.dtype else default_store_dtype(dev)
+        self.model = model if model is not None else load_model(self.opts.model, dev, dtype, self.store_dtype)
         try:
             self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
         except ValueError as e:
@@ -461,9 +459,7 @@ class Build:
     def run_loop(self, todo: list[WorkItem]) -> None:
         """Decode, infer, and write every item of ``todo``; device work overlaps decode and write."""
         cuda = self.device.type == "cuda"
-        workers = self.opts.num_workers if len(todo) > 1 else 0
-        dataset = ImageDataset(todo, self.decode_options(), chunk=DECODE_CHUNK if workers else 1)
-        loader = make_loader(dataset, workers)
+        loader = image_loader(todo, self.decode_options(), self.opts.batch_size, self.opts.num_workers)
         self._progress(len(todo))
         max_batch = self.opts.batch_size
         with self._writing() as writer:

@@ -4,6 +4,7 @@ close, so a shard is visible under its final name only once complete."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tarfile
@@ -91,8 +92,10 @@ class ShardWriter:
         self._entries = []
         crash_point("shard-opened")
 
-    def write(self, key: str, data: bytes) -> None:
-        """Append one encoded record (rolls to a new shard first when the current one is full)."""
+    def write(self, key: str, data: bytes, entry: ShardEntry | None = None) -> None:
+        """Append one encoded record (rolls to a new shard first when the current one is full). ``entry``: the
+        record's index entry from :func:`entry_from_record_bytes` at any offset, made beforehand (on an encode
+        thread) so this thread spends no pass over the bytes on it."""
         if self._tar is not None and self._tar.pos + len(data) + 2 * BLOCK > self.max_bytes and self._entries:
             self.close_shard()
         if self._tar is None:
@@ -101,7 +104,9 @@ class ShardWriter:
         assert self._tar is not None and self._tmp is not None
         with disk_full_is_store_error(self._tmp, len(data) + 3 * BLOCK):
             data_offset = self._tar.add(member_name(key), data)
-        self._entries.append(entry_from_record_bytes(key, data_offset, data))
+        if entry is None or entry.key != key or entry.length != len(data):
+            entry = entry_from_record_bytes(key, data_offset, data)
+        self._entries.append(dataclasses.replace(entry, offset=data_offset))
         crash_point("record-appended")
 
     def close_shard(self) -> ShardInfo | None:
