@@ -3,6 +3,8 @@
     python benchmarks/build_bench.py                       # CPU: tiny model, 96 images
     python benchmarks/build_bench.py --model vggt-1b-random --device cuda --n 1024 --batch-size 32
 
+    python benchmarks/build_bench.py --model null --n 192 --json out.json   # the pipeline without the model
+
 Prints, for the same synthetic JPEG set:
 
 * decode-only images/s (DataLoader workers: read + decode + preprocess, what the build's loader does),
@@ -180,9 +182,10 @@ def context_main(args: argparse.Namespace, root: Path, tmp: str, items: list[Wor
     print(f"ratio end-to-end / model-only  = {e2e / mod:.3f}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny", help="tiny, vggt-1b-random, a checkpoint, or null: the stand-in "
+                    "model (decode-only vs end to end and the CPU budget per image; 640x640 sources by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=96, help="images")
     ap.add_argument("--size", default="640x480", help="source image size WxH")
@@ -204,6 +207,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.model == "null" and args.size == "640x480":
         args.size = "640x640"  # crop -> 518x518: full-size [1, 1369, 2048] outputs
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     w, h = (int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         root = Path(tmp) / "data"

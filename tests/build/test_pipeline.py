@@ -125,3 +125,31 @@ def test_pinned_batches_reach_the_device_intact_through_reused_slots(tmp_path):
     on_device = [(b.items, b.images.to("cuda", non_blocking=True)) for b in feeder if b.images.is_pinned()]
     assert len(on_device) == 3 and feeder.ring.allocations <= 2
     assert all(torch.equal(img.cpu(), singles[it]) for its, imgs in on_device for it, img in zip(its, imgs))
+
+
+def test_the_null_model_gives_full_size_outputs_without_computing(tmp_path):
+    from featstore.build.extract import Extractor
+    from featstore.build.nullmodel import NullModel
+
+    model = NullModel(torch.device("cpu"))
+    ex = Extractor(model, (4, 23), torch.bfloat16)
+    a = ex.run(torch.zeros(2, 3, 518, 518, dtype=torch.uint8))
+    b = ex.run(torch.full((3, 3, 518, 518), 255, dtype=torch.uint8))
+    assert list(a) == ["features", "layer_23"] and a["features"].shape == (2, 1, 1369, 2048)
+    assert b["features"].shape == (3, 1, 1369, 2048) and b["features"].dtype == torch.bfloat16
+    assert a["features"].data_ptr() == b["features"].data_ptr()  # one buffer, no per-batch work
+    assert a["features"].float().std() > 0.1  # feature-like values, not zeros: encode costs what it costs
+
+
+def test_a_build_with_the_null_model_writes_readable_full_size_records(tmp_path):
+    import featstore
+    from tests.buildutil import run_inproc
+
+    make_images(tmp_path / "data", 3, size=(560, 560))
+    out = tmp_path / "store"
+    r = run_inproc("build", "--data-root", str(tmp_path / "data"), "--model", "null", "--device", "cpu",
+                   "--no-progress", "--num-workers", "0", "--batch-size", "2", "--dtype", "bfloat16", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    store = featstore.open_store(out)
+    assert len(store) == 3 and store.manifest["model"]["fingerprint"] == "null"
+    assert all(store[k].shape == (1, 1369, 2048) and store[k].dtype == torch.bfloat16 for k in store.keys())
