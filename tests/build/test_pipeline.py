@@ -153,3 +153,23 @@ def test_a_build_with_the_null_model_writes_readable_full_size_records(tmp_path)
     store = featstore.open_store(out)
     assert len(store) == 3 and store.manifest["model"]["fingerprint"] == "null"
     assert all(store[k].shape == (1, 1369, 2048) and store[k].dtype == torch.bfloat16 for k in store.keys())
+
+
+def test_host_copies_of_cpu_outputs_are_the_outputs():
+    from featstore.build.hostcopy import to_host
+
+    feats = {"features": torch.randn(2, 1, 4, 8)}
+    host, event = to_host(feats)
+    assert event is None and host["features"] is feats["features"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="side-stream copies need a GPU")
+def test_host_copies_run_on_a_side_stream_and_hold_the_values_after_the_event():
+    from featstore.build.hostcopy import copy_stream, to_host
+
+    x = torch.randn(4, 1, 1369, 64, device="cuda")
+    y = (x * 2).to(torch.bfloat16)  # queued on the compute stream: the copy must wait for it
+    host, event = to_host({"features": y})
+    assert copy_stream(y.device) != torch.cuda.current_stream() and host["features"].is_pinned()
+    event.synchronize()
+    assert torch.equal(host["features"], (x * 2).to(torch.bfloat16).cpu())
