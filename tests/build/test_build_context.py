@@ -168,7 +168,8 @@ def test_per_image_format_and_bad_options_refused(tmp_path):
 
 
 def test_preset_janusvln_and_overrides(tmp_path):
-    from featstore.cli.main import make_parser, apply_preset
+    from featstore.cli.build import apply_preset
+    from featstore.cli.main import make_parser
 
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln"])
     apply_preset(args)
