@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from featstore.constants import NAMED_MODELS
 from featstore.build.context import PlanExecutor
 from featstore.runtime.env import dist_env
 from featstore.errors import FeatstoreError, OptionError, StoreError
@@ -49,7 +50,7 @@ from featstore.formats.keys import CacheLayout
 from featstore.formats.shards import ClosedShard, ShardWriter, parse_shard_name
 from featstore.formats.shardstore import list_store_shards
 from featstore.storage.backends import LocalStorage, Storage, publish_json, reset_staging_dir
-from featstore.runtime.fsutil import atomic_write_bytes, remove_temp_files
+from featstore.runtime.fsutil import atomic_write_bytes, jsonl_bytes, remove_temp_files
 from featstore.build.locks import lock_for_rank
 from featstore.build.merge import merge_per_image_store, merge_shard_store, per_image_manifest_path, wait_for_parts, write_part
 from featstore.model.checkpoint import default_dtype as default_model_dtype
@@ -65,7 +66,6 @@ from featstore.build.schedule import Step, plan_steps
 
 log = logging.getLogger("featstore")
 DECODE_CHUNK = 4  # images a decode worker sends at once
-NAMED_MODELS = ("tiny", "vggt-1b-random")
 
 
 @dataclass
@@ -306,14 +306,14 @@ class Build:
 
     def discover(self) -> Any:
         """The images to build (annotations, image list, annotation files found under the data root, or a scan)."""
-        from featstore.discover.sources import discover_images
+        from featstore.discover import discover_images
 
         found = discover_images(self.data_root, annotations=tuple(self.opts.annotations),
                                 image_list=self.opts.image_list, data_path=self.opts.data_path,
                                 find_annotations=True, exclude=self.output_dirs(),
                                 strict=self.opts.strict_annotations)
-        self.discovery_record = found.to_record(self.data_root)
-        self.missing_examples = list(found.missing[:20])
+        self.discovery_record = found.manifest_entry
+        self.missing_examples = found.missing_keys[:20]
         if self.gid == 0:
             self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
             _log_discovery(found, self.data_root, self.missing_ledger_where())
@@ -321,14 +321,14 @@ class Build:
 
     def discover_samples(self) -> Any:
         """The training samples to build (--context sample): annotation records, or episode folders (--history)."""
-        from featstore.discover.sources import discover_samples
+        from featstore.discover import discover_samples
 
         o = self.opts
         found = discover_samples(self.data_root, annotations=tuple(o.annotations), data_path=o.data_path,
                                  exclude=self.output_dirs(), strict=o.strict_annotations,
                                  reference_frame=o.reference_frame, history=o.history, history_pad=o.history_pad)
-        self.discovery_record = found.record
-        self.missing_examples = [m["key"] for m in found.missing[:20]]
+        self.discovery_record = found.manifest_entry
+        self.missing_examples = found.missing_keys[:20]
         if self.gid == 0:
             self.stats.missing, self.stats.malformed = len(found.missing), len(found.malformed)
             _log_sample_discovery(found, self.missing_ledger_where())
@@ -349,18 +349,16 @@ class Build:
         if self.gid != 0:
             return
         path = self.missing_ledger_path()
-        missing = [m.to_json() for m in found.missing_refs] if hasattr(found, "missing_refs") else found.missing
+        missing = [m.to_json() for m in found.missing]
         if self.remote:
-            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
             if missing:
-                self.store.publish_bytes(MISSING_LEDGER, text.encode("utf-8"))
+                self.store.publish_bytes(MISSING_LEDGER, jsonl_bytes(missing))
                 self.missing_ledger = MISSING_LEDGER
             else:
                 self.store.delete(MISSING_LEDGER)
             return
         if missing:
-            text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing)
-            atomic_write_bytes(path, text.encode("utf-8"), fsync=self.opts.fsync)
+            atomic_write_bytes(path, jsonl_bytes(missing), fsync=self.opts.fsync)
             self.missing_ledger = path.name
         elif path.is_file():
             path.unlink()
@@ -696,7 +694,7 @@ def _discover_items(b: Build) -> tuple[Any, list[Any]]:
     if b.opts.context == "sample":
         found = b.discover_samples()
         if not found.items:
-            log.warning("No samples found! %s", json.dumps(found.record))
+            log.warning("No samples found! %s", json.dumps(found.manifest_entry))
         return found, found.items
     found = b.discover()
     if not found.items:
@@ -767,16 +765,16 @@ def _log_discovery(found: Any, data_root: Path, ledger: Path | str) -> None:
         log.warning("%s; line skipped (--strict-annotations makes this an error)", bad)
     if len(found.malformed) > 5:
         log.warning("%d malformed annotation lines skipped in all", len(found.malformed))
-    if found.missing_refs:
-        first = found.missing_refs[0]
+    if found.missing:
+        first = found.missing[0]
         log.warning("%d images named by the sources do not exist (first: %s, named at %s:%d); each is listed with "
-                    "the file and line naming it in %s", len(found.missing_refs), first.path, rel(first.file),
+                    "the file and line naming it in %s", len(found.missing), first.path, rel(first.file),
                     first.line, ledger)
 
 
 def _log_sample_discovery(found: Any, ledger: Path | str) -> None:
     """Say where the samples came from and which could not be built for want of a frame."""
-    rec = found.record
+    rec = found.manifest_entry
     if rec.get("method") == "episodes":
         log.info("%d samples from %d episode folders (%d frames; JanusVLN history rule, %d frames%s)", rec["samples"],
                  rec["episodes"], rec["frames"], rec["history"]["frames"], ", front-padded" if rec["history"]["pad"] else "")
@@ -790,7 +788,7 @@ def _log_sample_discovery(found: Any, ledger: Path | str) -> None:
     if found.missing:
         first = found.missing[0]
         log.warning("%d samples name a frame that does not exist (first: %s, named at %s:%d); each is listed with "
-                    "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
+                    "its frame in %s", len(found.missing), first.path, first.file, first.line, ledger)
 
 
 def _merge(b: Build) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from featstore.constants import DEFAULT_IMAGE_SIZE
 from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.formats.layout import BUILD_CONFIG, SHARD_MANIFEST, SHARDS_DIR, STORE_DIR
 from featstore.formats.keys import CacheLayout
@@ -32,7 +33,7 @@ from featstore.formats.staleness import frames_changed, is_checkable, source_cha
 log = logging.getLogger("featstore")
 
 #: The image size of stores recorded before ``preprocess.target_size`` existed (they were all built at 518).
-UNRECORDED_TARGET_SIZE = 518
+UNRECORDED_TARGET_SIZE = DEFAULT_IMAGE_SIZE
 
 
 
