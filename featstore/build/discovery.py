@@ -23,7 +23,7 @@ SHOW_MISSING = 20  # missing keys kept as examples in the part summary
 class Found:
     """A discovery's items (each a ``samples.RecordItem``), the manifest's ``sources`` and missing examples."""
 
-    discovery: Any  # discover.sources.Discovery or SampleDiscovery
+    discovery: Any  # featstore.discover.Discovery (of images or samples)
     items: list[RecordItem]
     record: dict[str, Any]
     missing_examples: list[str]
@@ -40,7 +40,7 @@ class Found:
 def discover_items(opts: BuildOptions, data_root: Path, exclude: list[Path], ledger: str, talk: bool) -> Found:
     """The images or samples to build (``talk``: log the sources and problems; ``ledger``: where the missing
     images are listed, for messages)."""
-    from featstore.discover.sources import discover_images, discover_samples
+    from featstore.discover import discover_images, discover_samples
 
     if opts.context == "sample":
         found = discover_samples(data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
@@ -50,8 +50,8 @@ def discover_items(opts: BuildOptions, data_root: Path, exclude: list[Path], led
         if talk:
             _log_sample_discovery(found, ledger)
         if not found.items:
-            log.warning("No samples found! %s", json.dumps(found.record))
-        return Found(found, list(found.items), found.record, [m["key"] for m in found.missing[:SHOW_MISSING]])
+            log.warning("No samples found! %s", json.dumps(found.manifest_entry))
+        return Found(found, list(found.items), found.manifest_entry, found.missing_keys[:SHOW_MISSING])
     found = discover_images(data_root, annotations=tuple(opts.annotations), image_list=opts.image_list,
                             data_path=opts.data_path, find_annotations=True, exclude=exclude,
                             strict=opts.strict_annotations)
@@ -59,8 +59,8 @@ def discover_items(opts: BuildOptions, data_root: Path, exclude: list[Path], led
         _log_discovery(found, data_root, ledger)
     if not found.items:
         log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [data_root])))
-    return Found(found, [WorkItem(i.key, str(i.path)) for i in found.items], found.to_record(data_root),
-                 list(found.missing[:SHOW_MISSING]))
+    return Found(found, [WorkItem(i.key, str(i.path)) for i in found.items], found.manifest_entry,
+                 found.missing_keys[:SHOW_MISSING])
 
 
 def _log_discovery(found: Any, data_root: Path, ledger: str) -> None:
@@ -80,16 +80,16 @@ def _log_discovery(found: Any, data_root: Path, ledger: str) -> None:
         if len(found.source_stats) > SHOW_SOURCES:
             log.info("  ... and %d more (all listed in the manifest's sources)", len(found.source_stats) - SHOW_SOURCES)
     _log_malformed(found.malformed)
-    if found.missing_refs:
-        first = found.missing_refs[0]
+    if found.missing:
+        first = found.missing[0]
         log.warning("%d images named by the sources do not exist (first: %s, named at %s:%d); each is listed with "
-                    "the file and line naming it in %s", len(found.missing_refs), first.path, rel(first.file),
+                    "the file and line naming it in %s", len(found.missing), first.path, rel(first.file),
                     first.line, ledger)
 
 
 def _log_sample_discovery(found: Any, ledger: str) -> None:
     """Say where the samples came from and which could not be built for want of a frame."""
-    rec = found.record
+    rec = found.manifest_entry
     if rec.get("method") == "episodes":
         log.info("%d samples from %d episode folders (%d frames; JanusVLN history rule, %d frames%s)", rec["samples"],
                  rec["episodes"], rec["frames"], rec["history"]["frames"], ", front-padded" if rec["history"]["pad"] else "")
@@ -102,7 +102,7 @@ def _log_sample_discovery(found: Any, ledger: str) -> None:
     if found.missing:
         first = found.missing[0]
         log.warning("%d samples name a frame that does not exist (first: %s, named at %s:%d); each is listed with "
-                    "its frame in %s", len(found.missing), first["path"], first["annotation"], first["line"], ledger)
+                    "its frame in %s", len(found.missing), first.path, first.file, first.line, ledger)
 
 
 def _log_malformed(malformed: list[Any]) -> None:

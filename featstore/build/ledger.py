@@ -3,7 +3,6 @@ images and samples), the progress bar, and the ledger of annotated images that d
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from featstore.build.output import Output
 from featstore.formats.layout import MISSING_LEDGER
 from featstore.formats.manifest import shape_key
 from featstore.formats.record import Record
-from featstore.runtime.fsutil import atomic_write_bytes
+from featstore.runtime.fsutil import atomic_write_bytes, jsonl_bytes
 
 log = logging.getLogger("featstore")
 WARN_FAILURES = 5  # failures logged one by one; all are in the failures ledger
@@ -84,15 +83,15 @@ class Ledger:
 
 
 def missing_entries(found: Any) -> list[dict[str, Any]]:
-    """The missing-images ledger's lines of a discovery (images or samples)."""
-    return [m.to_json() for m in found.missing_refs] if hasattr(found, "missing_refs") else list(found.missing)
+    """The missing-images ledger's lines of a discovery (images or samples: ``MissingFrame`` each)."""
+    return [m.to_json() for m in found.missing]
 
 
 def write_missing_ledger(output: Output, found: Any) -> str | None:
     """List each annotated image that does not exist, with the file and line naming it; returns the ledger's
     name when there is one (an earlier run's ledger is removed when nothing is missing now)."""
     missing = missing_entries(found)
-    text = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in missing).encode("utf-8")
+    text = jsonl_bytes(missing)
     if output.remote:
         if missing:
             output.store.publish_bytes(MISSING_LEDGER, text)

@@ -27,7 +27,7 @@ from featstore.formats.shards import ClosedShard, ShardEntry, scan_stored_shard
 from featstore.storage.backends import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
                                        read_json)
 from featstore.runtime.faults import crash_point
-from featstore.runtime.fsutil import is_temp_name
+from featstore.runtime.fsutil import is_temp_name, jsonl_bytes
 from featstore.formats.layout import FAILURES_LEDGER, INDEX_NAME, PARTS_DIR, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARDS_DIR, SHARD_MANIFEST
 
 log = logging.getLogger("featstore")
@@ -127,8 +127,7 @@ def _merge_summaries(parts: list[dict[str, Any]]) -> tuple[dict[str, int], Count
 
 
 def _write_ledger(store: Storage, name: str, failures: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
-    store.publish_bytes(name, text.encode("utf-8"))
+    store.publish_bytes(name, jsonl_bytes(failures))
 
 
 def check_part_settings(parts: list[dict[str, Any]]) -> None:

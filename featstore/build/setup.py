@@ -13,11 +13,11 @@ import torch
 
 from featstore.build.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers
 from featstore.build.options import BuildOptions, shown
+from featstore.constants import NAMED_MODELS
 from featstore.errors import OptionError
 from featstore.formats.record import parse_dtype
 from featstore.runtime.env import DistEnv, dist_env
 
-NAMED_MODELS = ("tiny", "vggt-1b-random")
 
 
 @dataclass(frozen=True)

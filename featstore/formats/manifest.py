@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
+from featstore.constants import DEFAULT_IMAGE_SIZE
 from featstore.errors import StoreError
 from featstore.runtime.fsutil import atomic_write_json
 from featstore.formats.layout import PER_IMAGE_FORMAT, PER_IMAGE_MANIFEST, SHARD_FORMAT, SHARD_MANIFEST, STORE_DIR
@@ -144,7 +145,7 @@ SETTING_FLAGS: dict[str, str] = {"model": "--model", "layers": "--layers", "prep
                                  "context.reference_frame": "--reference-frame", "context.history": "--history",
                                  "dtype": "--dtype", "compute": "--autocast", "tokens": "--tokens"}
 #: The image size of stores recorded before ``preprocess.target_size`` existed (they were all built at 518).
-HISTORIC_IMAGE_SIZE = 518
+HISTORIC_IMAGE_SIZE = DEFAULT_IMAGE_SIZE
 assert set(SETTING_RULES) == set(SETTING_FIELDS), "every build setting needs a rule"
 
 
@@ -170,7 +171,7 @@ class Manifest(BuildSettings):
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_FIELDS, 0))
     failures_ledger: str | None = None
     missing_ledger: str | None = None  # MISSING_LEDGER / PER_IMAGE_MISSING_LEDGER when annotated images are missing
-    # how images were chosen (featstore.discover.sources.Discovery.to_record): annotation files with their counts,
+    # how images were chosen (featstore.discover.Discovery.manifest_entry): annotation files with their counts,
     # image list, data_path, or a scan; verify compares the store with the same sources
     sources: dict[str, Any] | None = None
     times: dict[str, Any] = field(default_factory=lambda: {"started": None, "finished": None, "seconds": None})
