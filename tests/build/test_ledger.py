@@ -4,7 +4,6 @@ ledger written and removed on real files; and the settings a build constructs (f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -13,6 +12,7 @@ from featstore.build.ledger import Ledger, write_missing_ledger
 from featstore.build.options import BuildOptions
 from featstore.build.output import Output
 from featstore.build.settings import requested_settings
+from featstore.discover import MissingFrame
 from featstore.formats.manifest import BuildSettings
 
 
@@ -37,9 +37,10 @@ def test_missing_ledger_is_written_then_removed_when_nothing_is_missing(tmp_path
     data.mkdir()
     out = Output(BuildOptions(data_root=data, model="tiny", out=tmp_path / "s"), data, 0)
     out.prepare()
-    found = SimpleNamespace(missing=[{"key": "x.png", "annotation": "a.jsonl", "line": 3}])
+    found = SimpleNamespace(missing=[MissingFrame("x.png", "/d/x.png", "a.jsonl", 3)])
     assert write_missing_ledger(out, found) == "missing.jsonl"
-    assert [json.loads(ln) for ln in (tmp_path / "s" / "missing.jsonl").read_text().splitlines()] == found.missing
+    assert [json.loads(ln) for ln in (tmp_path / "s" / "missing.jsonl").read_text().splitlines()] == [
+        {"key": "x.png", "path": "/d/x.png", "annotation": "a.jsonl", "line": 3, "references": 1}]
     assert write_missing_ledger(out, SimpleNamespace(missing=[])) is None
     assert not (tmp_path / "s" / "missing.jsonl").exists()
 
