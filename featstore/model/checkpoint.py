@@ -19,12 +19,12 @@ from featstore.model.weights import fill_module_with_rule_
 
 #: Names that build a model from the golden weight rule instead of reading a file.
 NAMED_SOURCES = {"tiny": "tiny", "vggt-1b-random": "vggt-1b"}
-#: File names looked for inside a checkpoint directory, in this order.
-CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
+#: File names looked for inside a checkpoint directory, in this order (checkpoints.pth: StreamVGGT's release).
+CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin", "checkpoints.pth")
 HEAD_NAMES = ("camera_head", "depth_head", "point_head", "track_head")
 _ANCHOR = "camera_token"
-_EXPECTED = ("expected model.safetensors, model.pt, model.pth, pytorch_model.bin or sharded safetensors "
-             "with a *.safetensors.index.json (a file, or a directory holding one)")
+_EXPECTED = ("expected model.safetensors, model.pt, model.pth, pytorch_model.bin, checkpoints.pth or sharded "
+             "safetensors with a *.safetensors.index.json (a file, or a directory holding one)")
 _SHOW = 5
 
 
@@ -292,8 +292,9 @@ def load_vggt(source: str | os.PathLike, device: torch.device | str = "cpu",
               dtype: torch.dtype | None = None) -> VGGTAggregator:
     """Load the VGGT aggregator (eval mode) from a checkpoint file or directory, or a rule-weight name.
 
-    `source`: a path (model.safetensors, model.pt, model.pth, pytorch_model.bin, sharded safetensors
-    index, or a directory holding one), or "tiny" / "vggt-1b-random" (golden rule weights). `dtype`
+    `source`: a path (model.safetensors, model.pt, model.pth, pytorch_model.bin, StreamVGGT's
+    checkpoints.pth, sharded safetensors index, or a directory holding one), or "tiny" /
+    "vggt-1b-random" (golden rule weights). `dtype`
     None means bfloat16 on a CUDA device that supports it, else float32.
     """
     dev = torch.device(device)
