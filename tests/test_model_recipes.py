@@ -36,7 +36,7 @@ def golden(golden_dir):
 
 
 def prepared(recipe: str):
-    return get_precision(recipe).prepare(load_vggt("tiny", dtype=torch.float32))
+    return load_vggt("tiny", precision=recipe)
 
 
 def stream_sample(model, recipe: str, frames: torch.Tensor) -> torch.Tensor:
@@ -117,6 +117,13 @@ def test_prepare_casts_parameters_and_buffers():
     with pytest.raises(OptionError, match=r"precision 'fp32' needs float32 weights.*dtype=torch.float32"):
         get_precision("fp32").prepare(load_vggt("tiny", dtype=torch.bfloat16))
     assert get_precision("bf16").prepare(load_vggt("tiny", dtype=torch.bfloat16))._resnet_std.dtype == torch.bfloat16
+    by_hand = get_precision("deepspeed-bf16").prepare(load_vggt("tiny", dtype=torch.float32))
+    assert all(torch.equal(a, b) for a, b in zip(by_hand.state_dict().values(), ds.state_dict().values()))
+    assert ds.fingerprint == amp.fingerprint  # the weights as read, before any cast
+    with pytest.raises(ValueError, match="dtype or precision, not both"):
+        load_vggt("tiny", dtype=torch.float32, precision="amp")
+    with pytest.raises(OptionError, match="'fp8' is not a precision recipe"):
+        load_vggt("tiny", precision="fp8")
 
 
 def test_recipe_attributes_and_autocast_context():

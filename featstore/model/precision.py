@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, TypeVar
 
 import torch
 from torch import nn
 
 from featstore.errors import OptionError
+
+M = TypeVar("M", bound=nn.Module)
 
 #: The recipe the legacy ``--autocast`` flag stands for.
 LEGACY_AUTOCAST = "amp"
@@ -42,7 +44,7 @@ class Precision:
     uses_autocast: bool
     reproduces: str  # one line for --help and docs
 
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def prepare(self, model: M) -> M:
         """Cast `model` in place (parameters and floating buffers, as ``module.bfloat16()``) and return it.
 
         The fp32 recipes need float32 weights: a model loaded in another dtype is refused, since casting
