@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from featstore.build.ring import Batch, BatchFeeder
+from featstore.constants import DEFAULT_IMAGE_SIZE
 from featstore.build.writer import BackgroundWriter, PerImageSink, ShardSink  # noqa: F401 - re-exported
 from featstore.formats.codecs import empty_tensor
 from featstore.model.preprocess import UINT8_MODES, open_image, preprocess_image, preprocess_image_u8, preprocessed_size
@@ -95,7 +96,7 @@ class DecodeOptions:
     """How every image of a build is decoded and preprocessed."""
 
     mode: str = "crop"
-    image_size: int = 518
+    image_size: int = DEFAULT_IMAGE_SIZE
     apply_exif: bool = False
     hash_inputs: bool = False
     max_pixels: int | None = None

@@ -7,6 +7,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from featstore.errors import RecordError
 from featstore.formats.layout import SHARD_RE
@@ -55,11 +56,17 @@ def parse_shard_name(name: str) -> tuple[str, int, int] | None:
     return (m["prefix"], int(m["rank"]), int(m["n"])) if m else None
 
 
+def complete_shards(listing: Mapping[str, int]) -> dict[str, int]:
+    """THE shard listing rule: the complete shards of a folder listing (name or path -> bytes), by base name;
+    only shard names count (a temporary file never parses as one)."""
+    return {n.rsplit("/", 1)[-1]: size for n, size in listing.items() if parse_shard_name(n.rsplit("/", 1)[-1])}
+
+
 def list_shards(shards_dir: Path) -> list[str]:
-    """Names of the complete shards in ``shards_dir`` (temporary files excluded), sorted."""
+    """Names of the complete shards in the local folder ``shards_dir``, sorted."""
     if not shards_dir.is_dir():
         return []
-    return sorted(e.name for e in os.scandir(shards_dir) if e.is_file() and parse_shard_name(e.name))
+    return sorted(complete_shards({e.name: 0 for e in os.scandir(shards_dir) if e.is_file()}))
 
 
 def entry_from_record_bytes(key: str, offset: int, data: bytes | memoryview) -> ShardEntry:

@@ -9,15 +9,15 @@ its final name only once it is complete and fsynced, so readers never see a torn
 
 from __future__ import annotations
 
-from featstore.formats.shardinfo import (BLOCK, RECORD_SIZE, ClosedShard, ShardEntry, ShardInfo, entry_from_record_bytes,
-                                         list_shards, parse_shard_name)
+from featstore.formats.shardinfo import (BLOCK, RECORD_SIZE, ClosedShard, ShardEntry, ShardInfo, complete_shards,
+                                         entry_from_record_bytes, list_shards, parse_shard_name)
 from featstore.formats.shardsalvage import salvage_shard
 from featstore.formats.shardwalk import (BrokenShardError, HashingReader, TarMember, entries_of_stream,
                                          iter_shard_records, read_record_meta, read_record_meta_at, scan_shard,
-                                         scan_stored_shard, sha256_file, walk_shard)
+                                         scan_stored_shard, walk_shard)
 from featstore.formats.shardwriter import ShardWriter
 
 __all__ = ["BLOCK", "RECORD_SIZE", "BrokenShardError", "ClosedShard", "HashingReader", "ShardEntry", "ShardInfo",
-           "ShardWriter", "TarMember", "entries_of_stream", "entry_from_record_bytes", "iter_shard_records",
+           "ShardWriter", "TarMember", "complete_shards", "entries_of_stream", "entry_from_record_bytes", "iter_shard_records",
            "list_shards", "parse_shard_name", "read_record_meta", "read_record_meta_at", "salvage_shard", "scan_shard",
-           "scan_stored_shard", "sha256_file", "walk_shard"]
+           "scan_stored_shard", "walk_shard"]

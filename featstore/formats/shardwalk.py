@@ -129,15 +129,6 @@ def read_record_meta_at(storage: "Storage", shard: str, offset: int) -> dict:
     return dict(header.get("meta") or {})
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 def iter_shard_records(storage: "Storage", runs: Iterable[tuple[str, Sequence[Any]]], *,
                        chunk_bytes: int = 8 << 20, read_ahead: int = 2) -> Iterator[tuple[Any, bytes]]:
     """``(entry, record bytes)`` for every entry of each ``(shard, entries sorted by offset)`` run, in order.
