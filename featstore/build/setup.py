@@ -95,6 +95,9 @@ class ModelSetup:
 
 def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module | None = None) -> ModelSetup:
     """Load the model on ``device`` (or adopt an already loaded one); settle dtype and layers."""
+    if opts.model == NULL_MODEL and opts.context != "image":
+        raise OptionError(f"{shown(opts, 'model')}: the stand-in model has no streaming steps; use it with "
+                          f"--context image, or pass a VGGT checkpoint")
     dtype = torch.float32 if opts.autocast else None  # None: bf16 on GPUs with bf16, else fp32
     store_dtype = store_dtype_of(opts, device)
     model = model if model is not None else load_build_model(opts.model, device, dtype, store_dtype)

@@ -173,3 +173,15 @@ def test_host_copies_run_on_a_side_stream_and_hold_the_values_after_the_event():
     assert copy_stream(y.device) != torch.cuda.current_stream() and host["features"].is_pinned()
     event.synchronize()
     assert torch.equal(host["features"], (x * 2).to(torch.bfloat16).cpu())
+
+
+def test_the_null_model_is_refused_for_sample_context_before_anything_is_written(tmp_path):
+    from tests.buildutil import run_inproc
+
+    make_images(tmp_path / "data", 4, size=(56, 56))
+    out = tmp_path / "store"
+    r = run_inproc("build", "--data-root", str(tmp_path / "data"), "--model", "null", "--device", "cpu",
+                   "--no-progress", "--num-workers", "0", "--context", "sample", "--history", "2", "--out", str(out))
+    errors = [line for line in r.stderr.splitlines() if "[ERROR]" in line]
+    assert r.returncode == 2 and len(errors) == 1 and "--model null" in errors[0] and "Traceback" not in r.stderr
+    assert not out.exists()
