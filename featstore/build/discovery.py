@@ -42,7 +42,7 @@ def discover_items(opts: BuildOptions, data_root: Path, exclude: list[Path], led
     images are listed, for messages)."""
     from featstore.discover import discover_images, discover_samples
 
-    if opts.context == "sample":
+    if opts.context in ("sample", "joint"):
         found = discover_samples(data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
                                  exclude=exclude, strict=opts.strict_annotations,
                                  reference_frame=opts.reference_frame, history=opts.history,

@@ -111,7 +111,7 @@ def _run_step(b: "Build", step: Step, decoded: DecodedStep, run: SampleRun, writ
     t0 = time.perf_counter()
     run.frame_sources.update(decoded.sources)
     bad = run.mark_failed(step, decoded.errors)
-    images = to_unit_float(decoded.images.to(b.device, non_blocking=True))
+    images = to_unit_float(decoded.images.to(b.device, non_blocking=True)).to(b.extractor.input_dtype)
     done = []
     with b.compute_context():
         results = run.executor.run_step(step, images)

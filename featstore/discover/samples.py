@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -156,6 +156,7 @@ class SampleItem:
 
     sample: Sample
     paths: tuple[str, ...]
+    record: dict[str, Any] | None = field(default=None, compare=False, hash=False)  # its annotation record
 
     @property
     def key(self) -> str:
@@ -229,7 +230,8 @@ def _collect(found: list[tuple[AnnotationRecord, str | None, list]], resolver: I
                                                         frame=resolver.key_for(lost)))
         elif sample.key not in items:
             s.samples += 1
-            items[sample.key] = SampleItem(sample, tuple(str(f.path) for f in frames))  # type: ignore[union-attr]
+            items[sample.key] = SampleItem(sample, tuple(str(f.path) for f in frames),  # type: ignore[union-attr]
+                                           rec.record)
     return items, missing
 
 

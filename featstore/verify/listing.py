@@ -23,7 +23,7 @@ def source_listing(m: dict[str, Any], data_root: str | None) -> tuple[Any, str |
     if not root or not os.path.isdir(root):
         return None, f"data root {root} not found; pass --data-root"
     try:
-        if (m.get("context") or {}).get("mode") == "sample":
+        if (m.get("context") or {}).get("mode") in ("sample", "joint"):
             return recorded_samples(root, m), None
         if m.get("sources"):
             return discover_recorded(root, m["sources"]), None
