@@ -173,13 +173,18 @@ def test_preset_janusvln_and_overrides(tmp_path):
 
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln"])
     apply_preset(args)
-    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.autocast) == \
-        ("sample", 644, "crop", (-2,), "first", True)
+    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.precision) == \
+        ("sample", 644, "crop", (-2,), "first", "deepspeed-bf16")
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln",
                                      "--preprocess", "pad", "--reference-frame", "last", "--no-autocast"])
     apply_preset(args)
-    assert (args.context, args.image_size, args.preprocess, args.reference_frame, args.autocast) == \
-        ("sample", 644, "pad", "last", False)
+    assert (args.context, args.image_size, args.preprocess, args.reference_frame, args.autocast, args.precision) == \
+        ("sample", 644, "pad", "last", False, None)  # --no-autocast: not the preset's recipe, the machine's
+    args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "vgllm",
+                                     "--image-size", "644"])
+    apply_preset(args)
+    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.precision) == \
+        ("joint", 644, "crop", (-2,), "first", "deepspeed-bf16")
 
 
 def test_sample_lookups_and_stream(tmp_path):
@@ -336,7 +341,7 @@ def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny)
     r = run_inproc(*context_args(root, "--autocast", "--batch-size", "1"))
     assert r.returncode == 0, r.stderr
     store = featstore.open_store(root / "vggt_featstore")
-    assert store.manifest["compute"] == "autocast-bfloat16"
+    assert (store.manifest["precision"], store.manifest["compute"]) == ("amp", "float32-weights+autocast-bfloat16")
     # JanusVLN's loop: fp32 weights, autocast, one frame at a time on a KV cache, the last frame's tokens kept
     paths = [root / ep / f"frame.00{i}.jpg" for i in range(3)]
     cache = None
@@ -349,7 +354,7 @@ def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny)
     assert torch.equal(got, expected)
     assert (got - streamed(tiny, paths)).abs().max().item() > 1e-4  # really computed under autocast
     r = run_inproc(*context_args(root, "--batch-size", "1"))
-    assert r.returncode == 2 and "--autocast: the store's records have autocast-bfloat16, this run float32" in r.stderr
+    assert r.returncode == 2 and "--precision: the store's records have amp, this run fp32" in r.stderr
 
 
 @pytest.mark.slow

@@ -175,3 +175,25 @@ def test_frames_of_one_sample_must_share_a_size_and_export_per_image_refuses_joi
     assert open_store(tmp_path / "s").get_sample(id="ok").shape[0] == 2
     r = run_inproc("export", str(tmp_path / "s"), "--format", "per-image", "--out", str(tmp_path / "pi"))
     assert r.returncode == 2 and "--context joint" in r.stderr
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "amp", "deepspeed-bf16", "bf16"])
+def test_each_recipe_through_a_context_sample_build_equals_janusvlns_stream_under_it(tmp_path, golden_dir, recipe):
+    """--context sample with every recipe: the records of the samples "frames 0..k" equal JanusVLN's stream run
+    under that recipe (golden tiny_recipes), bit for bit (the frames' prefix shared, one stream per step)."""
+    images = load_file(str(golden_dir / "tiny_stream" / "inputs.safetensors"))["images_u8"]
+    root = tmp_path / "d"
+    keys = []
+    for s in range(images.shape[1]):
+        keys.append(f"ep/frame{s}.png")
+        (root / "ep").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[0, s].permute(1, 2, 0).numpy()).save(root / keys[-1])
+    write_jsonl(root / "train.jsonl", [{"id": f"k{k}", "images": keys[:k + 1]} for k in range(len(keys))])
+    args = joint_args(root, tmp_path / "s", "--precision", recipe, "--batch-size", "1")
+    args[args.index("joint")] = "sample"
+    r = run_inproc(*args)
+    assert r.returncode == 0, r.stderr
+    want = load_file(str(golden_dir / "tiny_recipes" / "stream_outputs.safetensors"))
+    store = open_store(tmp_path / "s")
+    for k in range(len(keys)):
+        assert torch.equal(store.get_sample(id=f"k{k}")[0], want[f"stream.{recipe}.frames_0_to_{k}"]), (recipe, k)
