@@ -132,22 +132,22 @@ def _write_ledger(store: Storage, name: str, failures: list[dict[str, Any]]) -> 
 
 def check_part_settings(parts: list[dict[str, Any]]) -> None:
     """StoreError naming the first part built with other settings than the first part (and each setting that
-    differs): one store holds records of one set of settings."""
+    differs, by formats.manifest.BuildSettings' one rule): one store holds records of one set of settings."""
     if not parts:
         return
     first = BuildSettings.of(parts[0])
     for p in parts[1:]:
         diffs = first.differences(BuildSettings.of(p))
         if diffs:
-            said = "; ".join(f"{name}: {_short(mine)} in {part_stem(parts[0]['gid'])}, {_short(theirs)} in "
-                             f"{part_stem(p['gid'])}" for name, mine, theirs in diffs)
+            said = "; ".join(f"{d.flag}: {_short(d.stored)} in {part_stem(parts[0]['gid'])}, {_short(d.requested)} "
+                             f"in {part_stem(p['gid'])} ({d.setting})" for d in diffs)
             raise StoreError(f"refusing to merge parts built with different settings ({said}): one store holds "
                              f"records of one set of settings; rebuild the part that differs with the others' flags "
                              f"(--no-skip-existing), then merge again")
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
