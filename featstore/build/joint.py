@@ -125,7 +125,7 @@ class JointDataset(torch.utils.data.Dataset):
 
 def item_record(item: SampleItem) -> dict[str, Any]:
     """The annotation record a sample came from ({} for episode samples)."""
-    return dict(getattr(item, "record", None) or {})
+    return dict(item.annotation or {})
 
 
 def _size_problem(t: torch.Tensor, size: tuple[int, int]) -> str:

@@ -75,13 +75,21 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                     ".vggt_cache.pt files or zstd tar shards with an index. Resumable: re-running skips finished "
                     "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`. "
                     "DATA_ROOT, VGGT_MODEL_PATH, BATCH_SIZE, DEVICE and SKIP_EXISTING stand in for their flags.")
+    add_build_arguments(p)
+    from featstore.cli.plan import add_plan_arguments
+
+    add_plan_arguments(p, dry_run=True)
+    p.set_defaults(func=_cmd_build)
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of ``featstore build`` (``featstore plan`` takes the same)."""
     _build_inputs_args(p)
     _build_output_args(p)
     _build_model_args(p)
     _build_samples_args(p)
     _build_resume_args(p)
     _build_scale_out_args(p)
-    p.set_defaults(func=_cmd_build)
 
 
 def _build_inputs_args(p: argparse.ArgumentParser) -> None:
@@ -252,6 +260,14 @@ def build_options_of(args: argparse.Namespace) -> BuildOptions:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from featstore.cli.plan import run_plan_command
+
+        return run_plan_command(args)
+    from featstore.cli.plan import refuse_plan_flags
+
+    if refuse_plan_flags(args):
+        return 2
     try:
         opts = build_options_of(args)
     except (ValueError, FeatstoreError) as e:

@@ -268,7 +268,7 @@ class SampleLookup:
         key = str(id) if id is not None else self.sample_key(frames)  # type: ignore[arg-type]
         if key in self:  # type: ignore[operator]
             return self[key]  # type: ignore[index]
-        entry = self._alias_entry(key) if id is None else None
+        entry = self._alias_entry(key)  # a frame digest, or an id of a deduplicated record
         return default if entry is None else self.features_at(entry)  # type: ignore[attr-defined]
 
 
