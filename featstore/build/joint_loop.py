@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from featstore.build.extract import to_host
 from featstore.build.joint import DecodedJoint, FramesDoNotFit, JointBatch, JointDataset, JointRunner, item_record, plan_joint_batches
 from featstore.build.pipeline import BackgroundWriter, make_loader, sample_fingerprint
-from featstore.build.sample_loop import frame_sizes, sample_failed
+from featstore.build.sample_loop import add_ids, frame_sizes, sample_failed
 from featstore.build.settings import precision_of
 from featstore.build.transform import load_transform, no_transform_problem
 from featstore.build.writing import PendingRecords, RecordHead, record_meta, timed_next, writing
@@ -82,8 +82,7 @@ def _joint_head(b: "Build", item: SampleItem, size: tuple[int, int], sources: li
     meta = dict(record_meta(b.extractor.names, b.layers, b.model.fingerprint, b.opts, size), context="joint",
                 frames=list(item.frames), reference_frame=item.sample.reference_frame,
                 grid=[size[0] // patch, size[1] // patch], source=sample_fingerprint(sources), frame_sources=sources)
-    if item.sample.id is not None:
-        meta["id"] = item.sample.id
+    add_ids(meta, item)
     if b.opts.frame_transform:
         meta["annotation"] = item_record(item)  # what the transform was given (verify --recompute gives it again)
     return RecordHead(item.key, item.paths[0], meta)

@@ -136,6 +136,15 @@ def _sample_head(b: "Build", item: SampleItem, image_size: tuple[int, int], fram
                 frames=list(item.sample.frames), kept=kept_index(item.sample),
                 reference_frame=item.sample.reference_frame, grid=[image_size[0] // patch, image_size[1] // patch],
                 source=sample_fingerprint(sources), frame_sources=sources)
+    add_ids(meta, item)
+    return RecordHead(item.key, item.kept_path, meta)
+
+
+def add_ids(meta: dict[str, Any], item: SampleItem) -> None:
+    """The annotation ids a record answers to: its sample's ``id``, and every id of a deduplicated record
+    (``ids``, which the alias index maps to it)."""
     if item.sample.id is not None:
         meta["id"] = item.sample.id
-    return RecordHead(item.key, item.kept_path, meta)
+    ids = list(getattr(item, "ids", ()) or ())
+    if ids and ids != [item.sample.id]:
+        meta["ids"] = ids

@@ -404,7 +404,10 @@ class ShardStore(SampleLookup, _Lookup):
         """The record a frame digest names in a store keyed by annotation ids (``aliases.fsi``)."""
         self._check_pid()
         if self._aliases is None:
-            path = self.storage.local_path(ALIAS_INDEX)  # remote stores have no alias index (yet)
+            try:
+                path = local_index_file(self.storage, ALIAS_INDEX)  # a remote store's: fetched once
+            except StoreError:
+                path = None
             self._aliases = Index(path) if path is not None and path.is_file() else False
         return self._aliases.get(key) if self._aliases else None
 
