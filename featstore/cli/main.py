@@ -13,6 +13,7 @@ from featstore.cli.build import add_build_parser
 from featstore.cli.export import add_export_parser
 from featstore.cli.help import CommandUnavailable, HelpFormatter, Parser, setup_logging
 from featstore.cli.merge import add_merge_parser
+from featstore.cli.plan import add_plan_parser
 from featstore.cli.verify import add_verify_parser
 
 def make_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_build_parser(sub)
+    add_plan_parser(sub)
     add_verify_parser(sub)
     add_export_parser(sub)
     add_merge_parser(sub)
