@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import subprocess
@@ -52,13 +53,13 @@ def page_height(dom: str) -> int:
     return int(m.group(1)) if m else 2000
 
 
-def image_boxes(dom: str) -> dict[str, Box]:
-    """``alt`` text -> box of every image the page's layout script measured."""
-    out = {}
+def image_boxes(dom: str) -> list[tuple[str, Box]]:
+    """(``alt`` text, box) of every image the page's layout script measured, in page order."""
+    out = []
     for tag in re.findall(r"<img\b[^>]*>", dom):
         alt, box = re.search(r'alt="([^"]*)"', tag), re.search(r'data-box="(-?\d+),(-?\d+),(\d+),(\d+)"', tag)
         if alt and box:
-            out[alt.group(1)] = Box(*(int(v) for v in box.groups()))
+            out.append((html.unescape(alt.group(1)), Box(*(int(v) for v in box.groups()))))
     return out
 
 

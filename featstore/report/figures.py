@@ -37,7 +37,7 @@ def image_png(rgb: np.ndarray, scale: int = 1, max_width: int | None = None) -> 
     if max_width and img.width > max_width:
         img = img.resize((max_width, max(1, round(img.height * max_width / img.width))), Image.BILINEAR)
     buf = io.BytesIO()
-    img.save(buf, "PNG", optimize=True)
+    img.save(buf, "PNG")
     return buf.getvalue()
 
 
