@@ -11,11 +11,13 @@ from featstore.report import figures
 from featstore.report.inputs import Inputs, Scan, short_error
 from featstore.report.maps import RecordView, colour_views, record_view
 from featstore.report.page import Section, esc, note, picture, plot, table
-from featstore.report.provenance import ledger_entries, manifest_rows, source_rows
+from featstore.report.provenance import NOT_RECORDED, ledger_entries, manifest_rows, source_rows
 from featstore.report.select import choose_records
 from featstore.report.stats import summary
 
 SHOW_ERRORS = 3
+LEGACY_UNKNOWN = ("model", "model fingerprint", "checkpoint", "layers", "tokens", "preprocessing", "context",
+                  "precision", "codec")
 
 
 def _errors_note(what: str, errors: dict[str, str], of: int) -> str:
@@ -136,6 +138,9 @@ def provenance(inputs: Inputs) -> Section:
     if not inputs.has_manifest:
         s.add(note("no manifest: a folder of legacy per-image caches. The model, layers, preprocessing, context, "
                    "precision and codec were not recorded; grids are inferred from token counts.", "bad"))
+        rows = [("layout", "per-image (legacy caches, no manifest)"), ("records", str(len(inputs.keys))),
+                ("data root", str(inputs.data_root))] + [(f, NOT_RECORDED) for f in LEGACY_UNKNOWN]
+        return s.add(table(rows, ["field", "value"]))
     s.add(table(manifest_rows(m, len(inputs.keys)), ["field", "value"]))
     sources = source_rows(m)
     if sources:
