@@ -146,17 +146,19 @@ def recompute(report: Report, location: Path | Storage, model_path: str, n: int,
     keys = store.keys()
     chosen = random.Random(seed).sample(keys, min(n, len(keys)))
     worst, worst_key, tol_used = 0.0, None, None
+    per_record: list[dict[str, Any]] = []  # every comparison, for `featstore report`'s histogram
     with _true_float32():
         for key in chosen:
             rec = store.record(key)
             findings, errors = compare_record(rec, run.features(rec, store.data_root), names, rebuild)
             report.add(*findings)
             for err, tol in errors:
+                per_record.append({"key": key, "error": err, "tolerance": tol})
                 tol_used = tol if tol_used is None else max(tol_used, tol)
                 if worst_key is None or err > worst:
                     worst, worst_key = err, key
     report.recompute = {"checked": len(chosen), "worst_error": worst, "worst_key": worst_key, "tolerance": tol_used,
-                        "model": model.fingerprint, "device": str(dev)}
+                        "errors": per_record, "model": model.fingerprint, "device": str(dev)}
     if m.get("model", {}).get("fingerprint") not in (None, model.fingerprint):
         report.notes.append(f"--model fingerprint {model.fingerprint[:12]} differs from the store's "
                             f"{m['model']['fingerprint'][:12]}")
