@@ -23,10 +23,11 @@ def _value(v: Any) -> str:
 def precision_of(m: dict[str, Any]) -> str:
     """How the features were computed and stored: the manifest's ``precision`` when it has one, else its
     ``compute`` and ``dtype`` fields; "not recorded" in older stores."""
-    if m.get("precision") is not None:
-        return _value(m["precision"])
     parts = [f"compute {m['compute']}" if m.get("compute") else "", f"stored {m['dtype']}" if m.get("dtype") else ""]
-    return ", ".join(p for p in parts if p) or NOT_RECORDED
+    how = ", ".join(p for p in parts if p)
+    if m.get("precision") is not None:
+        return f"{_value(m['precision'])} ({how})" if how else _value(m["precision"])
+    return how or NOT_RECORDED
 
 
 def _model_rows(m: dict[str, Any]) -> list[Row]:

@@ -52,7 +52,7 @@ def test_image_store_page_has_every_section_and_needs_no_network(stores, tmp_pat
     assert "0 of 4 records hold NaN or Inf" in page
     assert "lossless" in _section(page, "codec-error")
     prov = _section(page, "provenance")
-    assert "fe398e250e91" in prov and "crop, size 518" in prov and "compute float32, stored float32" in prov
+    assert "fe398e250e91" in prov and "crop, size 518" in prov and "fp32 (compute float32-weights, stored float32)" in prov
     thr = _section(page, "throughput")
     assert 'alt="records per second over time and stage seconds"' in thr and "<td>4</td>" in thr.replace(" class=v", "")
     assert "not run: pass --verify" in _section(page, "verify")
