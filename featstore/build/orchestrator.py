@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from featstore.build.discovery import Found, discover_items
-from featstore.build.image_loop import DECODE_CHUNK, run_image_loop
+from featstore.build.image_loop import run_image_loop
 from featstore.build.joint_loop import run_joint_loop
 from featstore.build.ledger import Ledger, RunStats, write_missing_ledger
 from featstore.build.locks import lock_for_rank
@@ -52,7 +52,7 @@ from featstore.formats.manifest import BuildSettings
 from featstore.formats.record import dtype_name
 
 log = logging.getLogger("featstore")
-__all__ = ["Build", "BuildOptions", "DECODE_CHUNK", "run_build"]
+__all__ = ["Build", "BuildOptions", "run_build"]
 
 
 class Build:

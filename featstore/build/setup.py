@@ -12,6 +12,7 @@ import torch
 
 from featstore.build.extract import Extractor, default_store_dtype, pick_device, resolve_layers
 from featstore.build.options import BuildOptions, shown
+from featstore.build.nullmodel import NULL_MODEL, load_model as load_build_model
 from featstore.constants import NAMED_MODELS
 from featstore.build.settings import precision_of
 from featstore.errors import OptionError
@@ -55,7 +56,7 @@ def barrier(distributed: bool) -> None:
 
 def model_path_problem(model: str) -> str | None:
     """The ``--model`` value when it names neither a built-in model nor an existing path."""
-    return None if model in NAMED_MODELS or Path(model).exists() else model
+    return None if model in NAMED_MODELS or model == NULL_MODEL or Path(model).exists() else model
 
 
 def resolve_device(opts: BuildOptions, rank: Rank) -> torch.device:
@@ -96,12 +97,13 @@ class ModelSetup:
 
 def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module | None = None) -> ModelSetup:
     """Load the model on ``device`` (or adopt an already loaded one); settle dtype and layers."""
-    from featstore.model import load_vggt
-
+    if opts.model == NULL_MODEL and opts.context != "image":
+        raise OptionError(f"{shown(opts, 'model')}: the stand-in model has no streaming steps; use it with "
+                          f"--context image, or pass a VGGT checkpoint")
     recipe = precision_of(opts, device)
-    model = model if model is not None else load_vggt(opts.model, device=str(device), precision=recipe)
-    layers = layers_of(opts, int(model.config.depth))
     store_dtype = store_dtype_of(opts, device)
+    model = model if model is not None else load_build_model(opts.model, device, recipe, store_dtype)
+    layers = layers_of(opts, int(model.config.depth))
     forward = torch.compile(model) if opts.compile else None
     extractor = Extractor(model, layers, store_dtype, opts.tokens, forward, input_dtype=recipe.input_dtype)
     return ModelSetup(model, extractor, layers, store_dtype, recipe)

@@ -125,5 +125,9 @@ def test_build_dry_run_is_the_plan(tmp_path):
     images(tmp_path, [f"ep/{i}.png" for i in range(3)])
     args = ("--data-root", str(tmp_path), "--model", "tiny", "--device", "cpu", "--image-size", "56", "--json", "-")
     a, b = run_inproc("plan", *args), run_inproc("build", "--dry-run", *args)
-    assert a.returncode == b.returncode == 0 and json.loads(a.stdout) == json.loads(b.stdout)
+    assert a.returncode == b.returncode == 0
+    plan, dry = json.loads(a.stdout), json.loads(b.stdout)
+    for doc in (plan, dry):  # the disk's free space moves between the two runs when anything else writes
+        doc.pop("free_bytes"), doc.pop("fits")
+    assert plan == dry
     assert not (tmp_path / "vggt_featstore").exists()  # nothing written
