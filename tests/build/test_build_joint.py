@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from buildutil import run_inproc, write_jsonl
-from featstore import open_store
+from featstore import load_sample_features, open_store, stream
 from featstore.formats.manifest import read_manifest
 from featstore.model import joint_features, load_vggt
 from featstore.model.preprocess import preprocess_image
@@ -84,6 +84,12 @@ def test_joint_records_equal_the_official_multi_frame_computation(tmp_path, gold
     assert rec.meta["grid"] == [20, 27] and rec.meta["reference_frame"] == reference
     v = run_inproc("verify", str(tmp_path / "s"), "--recompute", "2")
     assert v.returncode == 0, v.stdout + v.stderr
+    frames = [f"scene1/frame{s}.png" for s in range(3)]
+    assert torch.equal(load_sample_features([tmp_path / "d" / f for f in frames], store=tmp_path / "s"),
+                       store.get_sample(id="s1"))
+    streamed = {s["key"]: s for s in stream(tmp_path / "s", shuffle=False)}
+    assert streamed["s1"]["frames"] == frames and streamed["s1"]["grid"] == (20, 27)
+    assert torch.equal(streamed["s1"]["features"], store.get_sample(id="s1"))  # [S, h*w, C]
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "amp", "deepspeed-bf16", "bf16"])
