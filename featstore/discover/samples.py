@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from itertools import repeat
 import posixpath
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence, Union
@@ -30,6 +31,7 @@ from featstore.discover.references import ImageResolver
 from featstore.discover.result import Discovery, MissingFrame, SourceStats
 from featstore.errors import AnnotationError
 from featstore.formats.keys import SAMPLE_KEY_PREFIX, frames_key
+from featstore.runtime.gcpause import paused_gc
 
 REFERENCE_FRAMES = ("first", "last")
 JANUSVLN_HISTORY = 8  # JanusVLN's max_history_images / --num_history: up to 9 frames per sample
@@ -53,7 +55,7 @@ class Sample:
         object.__setattr__(self, "frames", tuple(self.frames))
         if not self.frames:
             raise ValueError(f"sample {self.key!r} has no frames")
-        if not all(isinstance(f, str) and f for f in self.frames):
+        if not all(map(isinstance, self.frames, repeat(str))) or "" in self.frames:
             raise ValueError(f"sample {self.key!r}: every frame key must be a non-empty string")
         _check_reference_frame(self.reference_frame)
 
@@ -112,7 +114,7 @@ def episode_samples(frame_keys: Sequence[str], history: int = JANUSVLN_HISTORY, 
 def _string_list(record: dict[str, Any], field: str) -> list[str]:
     value = record[field]
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
+    if not isinstance(items, (list, tuple)) or not all(map(isinstance, items, repeat(str))) or "" in items:
         raise ValueError(f"annotation field {field!r} must be a path or a list of paths, got {value!r:.80}")
     return list(items)
 
@@ -152,7 +154,7 @@ class RecordItem(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SampleItem:
     """One training sample to build: the sample (key, frame keys in training order) and its frame paths;
     ``annotation``: its annotation record, when kept (a frame transform reads it); ``own_input``: the frame
@@ -230,20 +232,31 @@ class _Frames:
     def __init__(self, resolver: ImageResolver):
         self.resolver = resolver
         self.memo: dict[tuple[tuple[str, ...], str], tuple[str, str | None]] = {}
+        self._bases: dict[tuple[str | None, str], tuple[str, ...]] = {}
 
-    def _one(self, ref: str, bases: tuple[str, ...]) -> tuple[str, str | None]:
-        hit = self.memo.get((bases, ref))
-        if hit is None:
-            found = self.resolver.resolve_in(ref, bases)
-            hit = self.memo[(bases, ref)] = ((self.resolver.key_for(ref), None) if found is None
-                                             else (found.key, str(found.path)))
+    def bases(self, record: dict, file: str) -> tuple[str, ...]:
+        """The folders a record's references resolve in (one tuple per data path and annotation file)."""
+        data_path = record_data_path(record)
+        got = self._bases.get((data_path, file))
+        if got is None:
+            got = self._bases[(data_path, file)] = self.resolver.bases(data_path, os.path.dirname(os.path.abspath(file)))
+        return got
+
+    def _resolve(self, ref: str, bases: tuple[str, ...]) -> tuple[str, str | None]:
+        found = self.resolver.locate(ref, bases)
+        hit = self.memo[(bases, ref)] = (self.resolver.key_for(ref), None) if found is None else found[:2]
         return hit
 
     def of(self, refs: list[str], bases: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str | None, ...], str | None]:
         """(keys, paths, the first reference that does not exist)."""
-        hits = [self._one(r, bases) for r in refs]
-        lost = next((r for r, h in zip(refs, hits) if h[1] is None), None)
-        return tuple(h[0] for h in hits), tuple(h[1] for h in hits), lost
+        memo, keys, paths, lost = self.memo, [], [], None
+        for ref in refs:
+            hit = memo.get((bases, ref)) or self._resolve(ref, bases)
+            keys.append(hit[0])
+            paths.append(hit[1])
+            if hit[1] is None and lost is None:
+                lost = ref
+        return tuple(keys), tuple(paths), lost
 
 
 def _parse(rec: AnnotationRecord, frames: _Frames, keep: Callable[[dict], bool]) -> _Parsed | None:
@@ -254,8 +267,7 @@ def _parse(rec: AnnotationRecord, frames: _Frames, keep: Callable[[dict], bool])
         return None
     if not refs:
         return None
-    bases = frames.resolver.bases(record_data_path(rec.record), os.path.dirname(os.path.abspath(rec.file)))
-    keys, paths, lost = frames.of(refs, bases)
+    keys, paths, lost = frames.of(refs, frames.bases(rec.record, os.fspath(rec.file)))
     raw_id = rec.record.get("id")
     sid = None if raw_id is None or isinstance(raw_id, (dict, list)) else str(raw_id)
     return _Parsed(os.fspath(rec.file), rec.line, sid, keys, paths, lost, rec.record if keep(rec.record) else None)
@@ -329,17 +341,20 @@ def samples_from_annotations(data_root: StrPath, files: list[str], reference_fra
     malformed: list[MalformedLine] = []
     stats = {f: SourceStats(f, "annotations") for f in files}
     frames, found = _Frames(resolver), []
-    for rec in iter_annotation_records(files, strict, malformed):
-        stats[os.fspath(rec.file)].records += 1
-        parsed = _parse(rec, frames, keep)
-        if parsed is not None:
-            found.append(parsed)
-    unique = _unique_ids(found)
     samples = _SampleSet(resolver, reference_frame, stats, depends, keep_annotations)
-    for p in found:
-        samples.add(p, unique)
-    items, missing = samples.items, samples.missing
-    out = Discovery(sorted(items.values(), key=lambda i: i.key), [missing[k] for k in sorted(missing)], malformed,
+    with paused_gc():
+        for rec in iter_annotation_records(files, strict, malformed):
+            stats[os.fspath(rec.file)].records += 1
+            parsed = _parse(rec, frames, keep)
+            if parsed is not None:
+                found.append(parsed)
+        unique = _unique_ids(found)
+        for p in found:
+            samples.add(p, unique)
+        del found, frames  # the parsed records and the resolution memo: the samples hold what they need
+        items = sorted(samples.items.values(), key=lambda i: i.key)
+    missing = samples.missing
+    out = Discovery(items, [missing[k] for k in sorted(missing)], malformed,
                     sources=list(files), source_stats=list(stats.values()), looked_in=[resolver.root])
     out.manifest_entry = _sample_entry(out.source_stats, resolver.root, data_path, out)
     return out

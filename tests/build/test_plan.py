@@ -125,5 +125,9 @@ def test_build_dry_run_is_the_plan(tmp_path):
     images(tmp_path, [f"ep/{i}.png" for i in range(3)])
     args = ("--data-root", str(tmp_path), "--model", "tiny", "--device", "cpu", "--image-size", "56", "--json", "-")
     a, b = run_inproc("plan", *args), run_inproc("build", "--dry-run", *args)
-    assert a.returncode == b.returncode == 0 and json.loads(a.stdout) == json.loads(b.stdout)
+    assert a.returncode == b.returncode == 0
+    da, db = json.loads(a.stdout), json.loads(b.stdout)
+    for doc in (da, db):
+        del doc["free_bytes"]  # other processes write to the same disk between the two runs
+    assert da == db
     assert not (tmp_path / "vggt_featstore").exists()  # nothing written
