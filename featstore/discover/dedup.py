@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from featstore.discover.samples import DependsOn, Sample, SampleItem, depends_predicate
+from featstore.discover.samples import Sample, SampleItem
+from featstore.discover.training import DependsOn, depends_predicate
 from featstore.formats.keys import frames_key
 from featstore.runtime.gcpause import paused_gc
 
