@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from featstore.build.hostcopy import to_host  # noqa: F401 - the build's device-to-host copy, re-exported
 from featstore.formats.record import FEATURES
 from featstore.model.preprocess import to_unit_float
 
@@ -46,6 +47,7 @@ class Extractor:
     store_dtype: torch.dtype
     tokens: str = "patch"
     forward: Callable[..., dict[int, torch.Tensor]] | None = None
+    input_dtype: torch.dtype = torch.float32  # the model input's dtype (a precision recipe's; bf16 for "bf16")
 
     def __post_init__(self) -> None:
         self.names = tensor_names(self.layers)
@@ -57,7 +59,8 @@ class Extractor:
         """Features for a batch (float in [0,1], or uint8 = value * 255) on the model's device (call
         :func:`to_host` to copy them out)."""
         assert self.forward is not None
-        out = self.forward(to_unit_float(images)[:, None], layers=self.layers)
+        pixels = images if getattr(self.model, "ignores_pixels", False) else to_unit_float(images).to(self.input_dtype)
+        out = self.forward(pixels[:, None], layers=self.layers)
         start = int(getattr(self.model, "patch_start_idx", 5)) if self.tokens == "patch" else 0
         return {n: out[i][:, :, start:].to(self.store_dtype) for n, i in zip(self.names, self.layers)}
 
@@ -77,31 +80,11 @@ class Extractor:
                 log.warning("CUDA out of memory: retrying with batch size %d", chunk)
 
 
-def to_host(feats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-    """Start copying features to (pinned) host memory; returns the host tensors and an event to wait on."""
-    first = next(iter(feats.values()))
-    if first.device.type != "cuda":
-        return feats, None
-    host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in feats.items()}
-    for n, t in feats.items():
-        host[n].copy_(t, non_blocking=True)
-    ev = torch.cuda.Event()
-    ev.record()
-    return host, ev
-
-
 def default_store_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """The dtype JanusVLN's autocast uses: bfloat16, or float16 on GPUs without bf16 (compute capability < 8)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def pick_device(requested: str, shown: str | None = None) -> torch.device:

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from featstore.build.extract import to_host
-from featstore.build.pipeline import BackgroundWriter, Batch, Decoded, ImageDataset, WorkItem, make_loader, shape_batches
+from featstore.build.pipeline import BackgroundWriter, Batch, Decoded, WorkItem, image_loader, shape_batches
 from featstore.build.writing import PendingRecords, RecordHead, record_meta, timed_next, writing
 from featstore.runtime.faults import crash_point
 
@@ -16,14 +16,12 @@ if TYPE_CHECKING:
     from featstore.build.orchestrator import Build
 
 log = logging.getLogger("featstore")
-DECODE_CHUNK = 4  # images a decode worker sends at once
 
 
 def run_image_loop(b: "Build", todo: list[WorkItem]) -> None:
     """Decode, infer, and write every item of ``todo``."""
     cuda = b.device.type == "cuda"
-    workers = b.opts.num_workers if len(todo) > 1 else 0
-    loader = make_loader(ImageDataset(todo, b.decode_options(), chunk=DECODE_CHUNK if workers else 1), workers)
+    loader = image_loader(todo, b.decode_options(), b.opts.batch_size, b.opts.num_workers)
     b.ledger.start_progress(len(todo))
     max_batch = b.opts.batch_size
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from featstore.formats.index import write_index
 from featstore.formats.keys import frames_key
@@ -42,17 +43,32 @@ def alias_keys(key: str, meta: dict) -> list[str]:
     return out
 
 
-def write_alias_index(out_dir: Path, shards: list[str], known: dict[str, list[ShardEntry]]) -> int:
-    """(Re)write ``aliases.fsi`` for the sample records of ``shards`` (reads their headers only): each
-    record's :func:`alias_keys`; removes it when there are none. Returns the number of aliases."""
+def alias_entries(shards: list[str], known: dict[str, list[ShardEntry]],
+                  meta_of: Callable[[str, int], dict]) -> list[tuple[int, ShardEntry]]:
+    """The alias index's entries of the sample records of ``shards``: each record's :func:`alias_keys`
+    (``meta_of(shard, offset)`` reads a record's metadata: its header only)."""
     aliases: list[tuple[int, ShardEntry]] = []
     for pos, name in enumerate(shards):
-        fd = os.open(Path(out_dir) / SHARDS_DIR / name, os.O_RDONLY)
-        try:
-            for e in known[name]:
-                for alias in alias_keys(e.key, read_record_meta(fd, e.offset)):
-                    aliases.append((pos, ShardEntry(alias, e.offset, e.length, e.crc32, e.tensors, e.source)))
-        finally:
+        for e in known[name]:
+            for alias in alias_keys(e.key, meta_of(name, e.offset)):
+                aliases.append((pos, ShardEntry(alias, e.offset, e.length, e.crc32, e.tensors, e.source)))
+    return aliases
+
+
+def write_alias_index(out_dir: Path, shards: list[str], known: dict[str, list[ShardEntry]]) -> int:
+    """(Re)write ``aliases.fsi`` for the sample records of ``shards`` of a local store; removes it when there
+    are none. Returns the number of aliases."""
+    fds: dict[str, int] = {}
+
+    def meta_of(shard: str, offset: int) -> dict:
+        if shard not in fds:
+            fds[shard] = os.open(Path(out_dir) / SHARDS_DIR / shard, os.O_RDONLY)
+        return read_record_meta(fds[shard], offset)
+
+    try:
+        aliases = alias_entries(shards, known, meta_of)
+    finally:
+        for fd in fds.values():
             os.close(fd)
     path = Path(out_dir) / ALIAS_INDEX
     if not aliases:
