@@ -5,7 +5,9 @@ It discovers the samples as the build does (image headers read for their sizes, 
 (:func:`featstore.discover.dedup.dedup_samples`), and counts:
 
 * ``samples``: images (``--context image``) or training samples whose frames all exist;
-* ``records``: what the store will hold after deduplication;
+* ``records``: what the store will hold after deduplication (``failed``: records the build cannot make: a
+  frame it cannot read, frames of one sample with different sizes, or a record with ``spar_info`` and no
+  ``--frame-transform``);
 * ``frames_decoded``: distinct frames the records name (each is decoded at least once; a sample step
   decodes each of its distinct frames once, so a frame used in several steps is decoded again);
 * ``frame_passes``: frames run through the model: one per image, one per node of the prefix forest of the
@@ -119,12 +121,14 @@ class _Records:
     paths: dict[str, str] = field(default_factory=dict)
     samples: int = 0
     missing: int = 0
+    refused: int = 0
 
 
 def _discover(opts: BuildOptions, settings: PlanSettings) -> _Records:
     """Discover and deduplicate as the build does (``assume_size``: no image looked at)."""
-    from featstore.discover import discover_images, discover_samples
-    from featstore.discover.dedup import dedup_samples
+    from featstore.build.discovery import discover_records
+    from featstore.build.transform import no_transform_problem
+    from featstore.discover import discover_images
     from featstore.discover.samples import stream_order
 
     trust = settings.assume_size is not None
@@ -138,17 +142,18 @@ def _discover(opts: BuildOptions, settings: PlanSettings) -> _Records:
         out.paths = {i.key: str(i.path) for i in found.items}
         out.samples, out.missing = len(found.items), len(found.missing)
         return out
-    depends = ("spar_info",) if getattr(opts, "frame_transform", None) else None
-    found = discover_samples(opts.data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
-                             exclude=exclude, strict=opts.strict_annotations, reference_frame=opts.reference_frame,
-                             history=opts.history, history_pad=opts.history_pad, transform_depends_on=depends,
-                             trust_files=trust)
-    plans = dedup_samples(found.items, transform_depends_on=depends)
+    found, plans = discover_records(opts.data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
+                                    exclude=exclude, strict=opts.strict_annotations,
+                                    reference_frame=opts.reference_frame, history=opts.history,
+                                    history_pad=opts.history_pad, trust_files=trust)
     found.items.clear()  # the records hold what is needed (a plan of 612k samples stays under 1 GB)
     for plan in plans:
+        out.samples += plan.samples
+        if not opts.frame_transform and no_transform_problem(plan.annotation):  # type: ignore[arg-type]
+            out.refused += 1  # the build refuses it with a ledger line (no --frame-transform)
+            continue
         out.frames.append(plan.frames)
         out.streams.append(stream_order(plan.sample))
-        out.samples += plan.samples
         if not trust:  # the headers to read
             out.paths.update(zip(plan.frames, plan.paths))
     out.missing = len(found.missing)
@@ -289,7 +294,7 @@ def plan_build(opts: BuildOptions, settings: PlanSettings = PlanSettings()) -> B
     passes = count_prefix_nodes(streams) if opts.context == "sample" else passes_plain
     plan = BuildPlan(samples=recs.samples, records=len(frames), frames_decoded=len(set(chain.from_iterable(frames))),
                      frame_passes=passes, frame_passes_without_sharing=passes_plain, missing=recs.missing,
-                     failed=failed, shapes={f"[{s}, {p}, {c}]": n for (s, p, c), n in sorted(shapes.items())},
+                     failed=failed + recs.refused, shapes={f"[{s}, {p}, {c}]": n for (s, p, c), n in sorted(shapes.items())},
                      bytes=_bytes(shapes, opts))
     plan.settings = {"context": opts.context, "format": opts.format, "codec": "per-image" if opts.format ==
                      "per-image" else opts.codec, "dtype": store_dtype(opts), "layers": len(opts.layers),
