@@ -5,7 +5,9 @@ It discovers the samples as the build does (image headers read for their sizes, 
 (:func:`featstore.discover.dedup.dedup_samples`), and counts:
 
 * ``samples``: images (``--context image``) or training samples whose frames all exist;
-* ``records``: what the store will hold after deduplication;
+* ``records``: what the store will hold after deduplication (``failed``: records the build cannot make: a
+  frame it cannot read, frames of one sample with different sizes, or a record with ``spar_info`` and no
+  ``--frame-transform``);
 * ``frames_decoded``: distinct frames the records name (each is decoded at least once; a sample step
   decodes each of its distinct frames once, so a frame used in several steps is decoded again);
 * ``frame_passes``: frames run through the model: one per image, one per node of the prefix forest of the
@@ -18,11 +20,11 @@ It discovers the samples as the build does (image headers read for their sizes, 
 
 from __future__ import annotations
 
-import os
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from itertools import chain, count
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,6 +36,7 @@ from featstore.build.plan_data import (CODEC_BYTES_PER_VALUE, CODEC_MEASURED_IN,
 from featstore.constants import NAMED_MODELS, PATCH_SIZE
 from featstore.errors import OptionError
 from featstore.runtime.fsutil import free_bytes
+from featstore.runtime.gcpause import paused_gc
 
 Size = tuple[int, int]  # (H, W) after preprocessing
 
@@ -118,12 +121,14 @@ class _Records:
     paths: dict[str, str] = field(default_factory=dict)
     samples: int = 0
     missing: int = 0
+    refused: int = 0
 
 
 def _discover(opts: BuildOptions, settings: PlanSettings) -> _Records:
     """Discover and deduplicate as the build does (``assume_size``: no image looked at)."""
-    from featstore.discover import discover_images, discover_samples
-    from featstore.discover.dedup import dedup_samples
+    from featstore.build.discovery import discover_records
+    from featstore.build.transform import no_transform_problem
+    from featstore.discover import discover_images
     from featstore.discover.samples import stream_order
 
     trust = settings.assume_size is not None
@@ -137,27 +142,30 @@ def _discover(opts: BuildOptions, settings: PlanSettings) -> _Records:
         out.paths = {i.key: str(i.path) for i in found.items}
         out.samples, out.missing = len(found.items), len(found.missing)
         return out
-    depends = ("spar_info",) if getattr(opts, "frame_transform", None) else None
-    found = discover_samples(opts.data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
-                             exclude=exclude, strict=opts.strict_annotations, reference_frame=opts.reference_frame,
-                             history=opts.history, history_pad=opts.history_pad, transform_depends_on=depends,
-                             trust_files=trust)
-    for plan in dedup_samples(found.items, transform_depends_on=depends):
+    found, plans = discover_records(opts.data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
+                                    exclude=exclude, strict=opts.strict_annotations,
+                                    reference_frame=opts.reference_frame, history=opts.history,
+                                    history_pad=opts.history_pad, trust_files=trust)
+    found.items.clear()  # the records hold what is needed (a plan of 612k samples stays under 1 GB)
+    for plan in plans:
+        out.samples += plan.samples
+        if not opts.frame_transform and no_transform_problem(plan.annotation):  # type: ignore[arg-type]
+            out.refused += 1  # the build refuses it with a ledger line (no --frame-transform)
+            continue
         out.frames.append(plan.frames)
         out.streams.append(stream_order(plan.sample))
-        out.samples += plan.samples
-        out.paths.update(zip(plan.frames, plan.paths))
+        if not trust:  # the headers to read
+            out.paths.update(zip(plan.frames, plan.paths))
     out.missing = len(found.missing)
     return out
 
 
-def _frame_sizes(recs: _Records, opts: BuildOptions, settings: PlanSettings) -> dict[str, Size | None]:
-    """Each frame's preprocessed (H, W): from its header (None when it cannot be read), or the assumed size."""
+def _frame_sizes(recs: _Records, opts: BuildOptions, settings: PlanSettings) -> dict[str, Size | None] | Size:
+    """Each frame's preprocessed (H, W): from its header (None when it cannot be read), or the one assumed size."""
     from featstore.model.preprocess import preprocessed_size
 
     if settings.assume_size is not None:
-        size = preprocessed_size(*settings.assume_size, opts.preprocess, opts.image_size)
-        return dict.fromkeys(recs.paths, size)
+        return preprocessed_size(*settings.assume_size, opts.preprocess, opts.image_size)
     from featstore.build.pipeline import DecodeOptions, preprocessed_size_of
 
     dec = DecodeOptions(mode=opts.preprocess, image_size=opts.image_size, apply_exif=opts.apply_exif)
@@ -177,12 +185,14 @@ def count_prefix_nodes(streams: Sequence[Sequence[str]]) -> int:
     every shared prefix is computed once (exact: prefixes are numbered depth by depth with ``np.unique``)."""
     if not streams:
         return 0
-    ids: dict[str, int] = {}
-    longest = max(len(s) for s in streams)
-    table = np.full((len(streams), longest), -1, dtype=np.int64)
-    for row, s in enumerate(streams):
-        table[row, :len(s)] = [ids.setdefault(f, len(ids)) for f in s]
-    nodes, parent = 0, np.zeros(len(streams), dtype=np.int64)
+    ids: defaultdict[str, int] = defaultdict(count().__next__)
+    flat = np.fromiter(map(ids.__getitem__, chain.from_iterable(streams)), dtype=np.int32)
+    lengths = np.fromiter(map(len, streams), dtype=np.int32, count=len(streams))
+    table = np.full((len(streams), int(lengths.max())), -1, dtype=np.int32)
+    cols = np.arange(len(flat), dtype=np.int32) - np.repeat(np.cumsum(lengths, dtype=np.int32) - lengths, lengths)
+    table[np.repeat(np.arange(len(streams), dtype=np.int32), lengths), cols] = flat
+    del flat, cols
+    longest, nodes, parent = table.shape[1], 0, np.zeros(len(streams), dtype=np.int64)
     for depth in range(longest):
         alive = table[:, depth] >= 0
         keys = parent[alive] * len(ids) + table[alive, depth]
@@ -194,10 +204,16 @@ def count_prefix_nodes(streams: Sequence[Sequence[str]]) -> int:
 
 # ---------------------------------------------------------------- what is stored, how long it takes
 
-def _record_shapes(recs: _Records, sizes: dict[str, Size | None], opts: BuildOptions) -> tuple[Counter, int, list[int]]:
+def _record_shapes(recs: _Records, sizes: dict[str, Size | None] | Size, opts: BuildOptions
+                   ) -> tuple[Counter, int, list[int]]:
     """(records per feature shape ``[S, P, C]``, records that cannot be built, indexes of the buildable ones):
     a record fails when a frame cannot be read or its frames differ in size (they must share one)."""
     channels, special = model_width(opts.model)[:2]
+    extra = special if opts.tokens == "all" else 0
+    frames_of = (lambda fs: len(fs)) if opts.context == "joint" else (lambda fs: 1)
+    if isinstance(sizes, tuple):  # one assumed size: every record can be built
+        tokens = (sizes[0] // PATCH_SIZE) * (sizes[1] // PATCH_SIZE) + extra
+        return Counter((frames_of(fs), tokens, channels) for fs in recs.frames), 0, list(range(len(recs.frames)))
     shapes: Counter = Counter()
     ok, failed = [], 0
     for n, frames in enumerate(recs.frames):
@@ -206,8 +222,7 @@ def _record_shapes(recs: _Records, sizes: dict[str, Size | None], opts: BuildOpt
             failed += 1
             continue
         h, w = got.pop()  # type: ignore[misc]
-        tokens = (h // PATCH_SIZE) * (w // PATCH_SIZE) + (special if opts.tokens == "all" else 0)
-        shapes[(len(frames) if opts.context == "joint" else 1, tokens, channels)] += 1
+        shapes[(frames_of(frames), (h // PATCH_SIZE) * (w // PATCH_SIZE) + extra, channels)] += 1
         ok.append(n)
     return shapes, failed, ok
 
@@ -270,14 +285,16 @@ def check_plan_settings(opts: BuildOptions, settings: PlanSettings) -> None:
 def plan_build(opts: BuildOptions, settings: PlanSettings = PlanSettings()) -> BuildPlan:
     """The plan of a build with ``opts`` (see the module docs); reads no pixel and loads no model."""
     check_plan_settings(opts, settings)
-    recs = _discover(opts, settings)
+    with paused_gc():
+        recs = _discover(opts, settings)
     shapes, failed, ok = _record_shapes(recs, _frame_sizes(recs, opts, settings), opts)
-    frames = [recs.frames[n] for n in ok]
-    passes_plain = sum(len(f) for f in frames)
-    passes = count_prefix_nodes([recs.streams[n] for n in ok]) if opts.context == "sample" else passes_plain
-    plan = BuildPlan(samples=recs.samples, records=len(frames), frames_decoded=len({f for fs in frames for f in fs}),
+    frames = recs.frames if len(ok) == len(recs.frames) else [recs.frames[n] for n in ok]
+    passes_plain = sum(map(len, frames))
+    streams = recs.streams if len(ok) == len(recs.streams) else [recs.streams[n] for n in ok]
+    passes = count_prefix_nodes(streams) if opts.context == "sample" else passes_plain
+    plan = BuildPlan(samples=recs.samples, records=len(frames), frames_decoded=len(set(chain.from_iterable(frames))),
                      frame_passes=passes, frame_passes_without_sharing=passes_plain, missing=recs.missing,
-                     failed=failed, shapes={f"[{s}, {p}, {c}]": n for (s, p, c), n in sorted(shapes.items())},
+                     failed=failed + recs.refused, shapes={f"[{s}, {p}, {c}]": n for (s, p, c), n in sorted(shapes.items())},
                      bytes=_bytes(shapes, opts))
     plan.settings = {"context": opts.context, "format": opts.format, "codec": "per-image" if opts.format ==
                      "per-image" else opts.codec, "dtype": store_dtype(opts), "layers": len(opts.layers),

@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from featstore.discover.samples import DependsOn, Sample, SampleItem, depends_predicate
+from featstore.discover.samples import Sample, SampleItem
+from featstore.discover.training import DependsOn, depends_predicate
 from featstore.formats.keys import frames_key
+from featstore.runtime.gcpause import paused_gc
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RecordPlan(SampleItem):
     """One record to compute and store, and the samples it stands for: a :class:`SampleItem` (its key, frames
     and paths are the record's) plus ``ids`` (the annotation ids that map to it, sorted) and ``samples``
@@ -37,6 +39,10 @@ def _group_key(item: SampleItem, depends: Callable[[Mapping[str, Any]], bool] | 
 
 def _plan(group: list[SampleItem]) -> RecordPlan:
     first = group[0]
+    if len(group) == 1:
+        ids = () if first.sample.id is None else (first.sample.id,)
+        return RecordPlan(first.sample, first.paths, first.annotation, first.own_input, first.count, ids=ids,
+                          samples=first.count)
     ids = tuple(sorted({i.sample.id for i in group if i.sample.id is not None}))
     count = sum(i.count for i in group)
     sample = first.sample
@@ -51,10 +57,24 @@ def dedup_samples(samples: Iterable[SampleItem], *, transform_depends_on: Depend
     telling which samples' frame transform reads their own record (those samples need their record kept:
     ``discover_samples(..., transform_depends_on=...)`` does that)."""
     depends = depends_predicate(transform_depends_on)
-    groups: dict[tuple, list[SampleItem]] = {}
+    with paused_gc():
+        return _dedup(samples, depends)
+
+
+def _dedup(samples: Iterable[SampleItem], depends: Callable[[Mapping[str, Any]], bool] | None) -> list[RecordPlan]:
+    groups: dict[tuple, SampleItem | list[SampleItem]] = {}  # a list only once a second sample joins
     for item in samples:
-        groups.setdefault(_group_key(item, depends), []).append(item)
-    return sorted((_plan(g) for g in groups.values()), key=lambda p: p.key)
+        key = _group_key(item, depends)
+        got = groups.setdefault(key, item)
+        if got is not item:
+            if isinstance(got, list):
+                got.append(item)
+            else:
+                groups[key] = [got, item]
+    plans = [_plan(g if isinstance(g, list) else [g]) for g in groups.values()]
+    del groups
+    plans.sort(key=lambda p: p.key)
+    return plans
 
 
 def dedup_counts(plans: Iterable[RecordPlan]) -> tuple[int, int]:

@@ -75,17 +75,23 @@ class ImageResolver:
             real_dir = self._real_dirs[folder] = os.path.realpath(folder)
         return os.path.join(real_dir, name)
 
-    def resolve_in(self, ref: str, bases: tuple[str, ...]) -> ResolvedImage | None:
-        """Resolve against given base folders; None when no candidate is a file (with ``trust_files``: the
+    def locate(self, ref: str, bases: tuple[str, ...]) -> tuple[str, str, str] | None:
+        """(key, path, real path) of the first candidate that is a file, or None (with ``trust_files``: the
         first candidate, unchecked)."""
         if self.trust_files:
-            first = self.candidates(ref, bases)[0]
-            return ResolvedImage(self.key_for(first), Path(first), first)
+            first = os.path.normpath(ref if os.path.isabs(ref) else os.path.join(bases[0], ref))
+            key = self.key_for(first)
+            return (ref if key == ref else key), first, first  # one string for the two
         for candidate in self.candidates(ref, bases):
             real = self.real_file(candidate)
             if real is not None:
-                return ResolvedImage(self.key_for(candidate), Path(candidate), real)
+                return self.key_for(candidate), candidate, real
         return None
+
+    def resolve_in(self, ref: str, bases: tuple[str, ...]) -> ResolvedImage | None:
+        """Resolve against given base folders; None when no candidate is a file (see :meth:`locate`)."""
+        found = self.locate(ref, bases)
+        return None if found is None else ResolvedImage(found[0], Path(found[1]), found[2])
 
     def resolve(self, ref: str, data_path: str | None = None,
                 annotation_file: StrPath | None = None) -> ResolvedImage | None:

@@ -131,3 +131,14 @@ def test_build_dry_run_is_the_plan(tmp_path):
         doc.pop("free_bytes"), doc.pop("fits")
     assert plan == dry
     assert not (tmp_path / "vggt_featstore").exists()  # nothing written
+
+
+def test_records_the_trainer_draws_on_are_refused_without_a_transform(tmp_path):
+    imgs = ["sc/0.jpg", "sc/1.jpg"]
+    ann = tmp_path / "ann.jsonl"
+    write_jsonl(ann, [{"id": "a", "images": imgs}, {"id": "b", "images": imgs},
+                      {"id": "spar", "images": imgs, "spar_info": {"type": "depth"}}])
+    rc, doc, err = plan("--data-root", str(tmp_path), "--annotations", str(ann), "--assume-size", "640x480",
+                        "--context", "sample")
+    assert rc == 0, err
+    assert (doc["samples"], doc["records"], doc["failed"]) == (3, 1, 1)  # a+b share one record; spar is refused
