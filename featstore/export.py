@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from featstore.formats.aliases import SAMPLE_CONTEXTS
 from featstore.formats.layout import DEFAULT_SHARD_BYTES, PER_IMAGE_MANIFEST, SHARDS_DIR, SHARD_MANIFEST
 from featstore.errors import FeatstoreError, RecordError, StoreError
 from featstore.formats.index import IndexEntry
@@ -124,8 +125,8 @@ def _image_store_to_export(store_path: Path | str, storage_options: dict[str, An
     store = open_store(store_path, storage_options=storage_options)
     if not isinstance(store, ShardStore):
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
-    if store.context.get("mode") == "sample":
-        raise StoreError(f"{store_path} holds one record per training sample: a sample's features depend on all "
+    if store.context.get("mode") in SAMPLE_CONTEXTS:
+        raise StoreError(f"{store_path} holds one record per training sample (--context {store.context['mode']}): a sample's features depend on all "
                          "its frames, so a per-image file beside one image cannot hold them (and training code "
                          "reading per-image caches would take them for context-free features); read the store with "
                          "open_store(...).get_sample(frames) or featstore.load_sample_features instead")
@@ -285,7 +286,7 @@ def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], r
     store = parse_location(out)
     base = src.manifest or {}
     checksums = [asdict(s.info) for s in res.closed] + list((old or {}).get("shards", []))
-    final = finalize_shard_store(store, known, sample_context=(base.get("context") or {}).get("mode") == "sample",
+    final = finalize_shard_store(store, known, sample_context=(base.get("context") or {}).get("mode") in SAMPLE_CONTEXTS,
                                  checksums=checksums)
     m = Manifest.new(layout="shards", data_root=str(src.data_root), model_path="")
     m.use_settings(BuildSettings.of(base))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
+from featstore.formats.aliases import SAMPLE_CONTEXTS
 from featstore.formats.index import Index, write_index
 from featstore.formats.manifest import COUNT_FIELDS, BuildSettings, Manifest, read_manifest, read_store_manifest, write_manifest
 from featstore.formats.shardstore import finalize_shard_store, list_store_shards
@@ -162,7 +163,7 @@ def merge_shard_store(out_dir: Path | Storage) -> dict[str, Any]:
     m, _, failures = _merged_manifest("shards", parts, old)
     crash_point("merge-before-index")
     earlier = [*(old or {}).get("shards", []), *(s for p in parts for s in p.get("shards", []))]
-    final = finalize_shard_store(store, known, sample_context=m.context.get("mode") == "sample", checksums=earlier)
+    final = finalize_shard_store(store, known, sample_context=m.context.get("mode") in SAMPLE_CONTEXTS, checksums=earlier)
     if parts:
         _write_ledger(store, FAILURES_LEDGER, failures)
     m.processed_images, m.feature_shapes = final.records, final.feature_shapes

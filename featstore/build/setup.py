@@ -3,7 +3,6 @@ that cuts records' tensors from its output."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -11,12 +10,14 @@ from typing import Any
 
 import torch
 
-from featstore.build.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers
+from featstore.build.extract import Extractor, default_store_dtype, pick_device, resolve_layers
 from featstore.build.options import BuildOptions, shown
 from featstore.build.nullmodel import NULL_MODEL, load_model as load_build_model
 from featstore.constants import NAMED_MODELS
+from featstore.build.settings import precision_of
 from featstore.errors import OptionError
 from featstore.formats.record import parse_dtype
+from featstore.model.precision import Precision
 from featstore.runtime.env import DistEnv, dist_env
 
 
@@ -91,6 +92,7 @@ class ModelSetup:
     extractor: Extractor
     layers: tuple[int, ...]
     store_dtype: torch.dtype
+    precision: Precision
 
 
 def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module | None = None) -> ModelSetup:
@@ -98,16 +100,15 @@ def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module 
     if opts.model == NULL_MODEL and opts.context != "image":
         raise OptionError(f"{shown(opts, 'model')}: the stand-in model has no streaming steps; use it with "
                           f"--context image, or pass a VGGT checkpoint")
-    dtype = torch.float32 if opts.autocast else None  # None: bf16 on GPUs with bf16, else fp32
+    recipe = precision_of(opts, device)
     store_dtype = store_dtype_of(opts, device)
-    model = model if model is not None else load_build_model(opts.model, device, dtype, store_dtype)
+    model = model if model is not None else load_build_model(opts.model, device, recipe, store_dtype)
     layers = layers_of(opts, int(model.config.depth))
     forward = torch.compile(model) if opts.compile else None
-    return ModelSetup(model, Extractor(model, layers, store_dtype, opts.tokens, forward), layers, store_dtype)
+    extractor = Extractor(model, layers, store_dtype, opts.tokens, forward, input_dtype=recipe.input_dtype)
+    return ModelSetup(model, extractor, layers, store_dtype, recipe)
 
 
-def compute_context(opts: BuildOptions, device: torch.device) -> Any:
-    """The autocast context of every model call (``--autocast``), or a context that does nothing."""
-    if not opts.autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=autocast_dtype(device))
+def compute_context(recipe: Precision, device: torch.device) -> Any:
+    """The context every model call of the recipe runs in (autocast, or one that does nothing)."""
+    return recipe.autocast(device)

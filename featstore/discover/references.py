@@ -31,9 +31,10 @@ class ResolvedImage:
 class ImageResolver:
     """Resolves image references under one data root (see the module docs), caching folder real paths."""
 
-    def __init__(self, data_root: StrPath, data_path: str | None = None):
+    def __init__(self, data_root: StrPath, data_path: str | None = None, *, trust_files: bool = False):
         self.root = os.path.abspath(os.fspath(data_root))
         self.data_path = data_path
+        self.trust_files = trust_files  # every reference names a file as written: nothing is looked up on disk
         self._prefixes = root_prefixes(self.root)
         self._real_dirs: dict[str, str] = {}
 
@@ -75,7 +76,11 @@ class ImageResolver:
         return os.path.join(real_dir, name)
 
     def resolve_in(self, ref: str, bases: tuple[str, ...]) -> ResolvedImage | None:
-        """Resolve against given base folders; None when no candidate is a file."""
+        """Resolve against given base folders; None when no candidate is a file (with ``trust_files``: the
+        first candidate, unchecked)."""
+        if self.trust_files:
+            first = self.candidates(ref, bases)[0]
+            return ResolvedImage(self.key_for(first), Path(first), first)
         for candidate in self.candidates(ref, bases):
             real = self.real_file(candidate)
             if real is not None:

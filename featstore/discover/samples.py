@@ -14,17 +14,19 @@ Sample keys (:func:`sample_key`): the record's ``id`` when there is one, else th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import posixpath
-from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Collection, Iterable, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
 from featstore.discover.annotations import (AnnotationRecord, MalformedLine, StrPath, as_list,
                                             expand_annotation_sources, find_annotation_files,
                                             iter_annotation_records, record_data_path, relative_to)
-from featstore.discover.references import ImageResolver, ResolvedImage
+from featstore.discover.references import ImageResolver
 from featstore.discover.result import Discovery, MissingFrame, SourceStats
 from featstore.errors import AnnotationError
 from featstore.formats.keys import SAMPLE_KEY_PREFIX, frames_key
@@ -38,7 +40,7 @@ def _check_reference_frame(reference_frame: str) -> None:
         raise ValueError(f"reference frame {reference_frame!r} is not one of {', '.join(REFERENCE_FRAMES)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One training sample: `frames` are frame keys in training order (chronological, current frame last)."""
 
@@ -152,10 +154,16 @@ class RecordItem(Protocol):
 
 @dataclass(frozen=True)
 class SampleItem:
-    """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
+    """One training sample to build: the sample (key, frame keys in training order) and its frame paths;
+    ``annotation``: its annotation record, when kept (a frame transform reads it); ``own_input``: the frame
+    transform reads this record's own fields, so it never shares a record with another sample; ``count``:
+    the annotation records that named this sample (same key)."""
 
     sample: Sample
     paths: tuple[str, ...]
+    annotation: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    own_input: bool = field(default=False, compare=False)
+    count: int = field(default=1, compare=False)
 
     @property
     def key(self) -> str:
@@ -180,28 +188,124 @@ class SampleItem:
 
 # ---------------------------------------------------------------- discovering the samples
 
-def _sample_from_record(rec: AnnotationRecord, resolver: ImageResolver
-                        ) -> tuple[str | None, list[ResolvedImage | str]] | None:
-    """(id, resolved frames or the missing reference) of one annotation record; None when it names no frames."""
+#: Which annotation records a frame transform reads: None (no transform, or one that reads no record
+#: field), field names (a record holding any of them), or a predicate on the record.
+DependsOn = Union[Callable[[Mapping[str, Any]], bool], Collection[str], None]
+
+
+def depends_predicate(depends_on: DependsOn) -> Callable[[Mapping[str, Any]], bool] | None:
+    """``depends_on`` as a predicate on an annotation record (None when nothing depends)."""
+    if depends_on is None or callable(depends_on):
+        return depends_on
+    fields = tuple(depends_on)
+    return (lambda record: any(f in record for f in fields)) if fields else None
+
+
+def transform_input_key(frames: Sequence[str], reference_frame: str, record: Mapping[str, Any]) -> str:
+    """The key of a sample whose frame transform reads its own record and that has no unique id: the digest
+    of its frames and the whole record (records equal in both are the same sample)."""
+    payload = json.dumps([reference_frame, *frames, record], ensure_ascii=True, sort_keys=True,
+                         separators=(",", ":"), default=str)
+    return SAMPLE_KEY_PREFIX + "t" + hashlib.sha256(payload.encode("ascii")).hexdigest()[:31]
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """One annotation record that names frames: where it is, its id, its frame keys and paths (None for a
+    frame that does not exist), the first reference that does not exist, and the record when it is kept."""
+
+    file: str
+    line: int
+    id: str | None
+    keys: tuple[str, ...]
+    paths: tuple[str | None, ...]
+    lost: str | None
+    record: dict | None
+
+
+class _Frames:
+    """Resolves a record's frame references once per (folders, reference): (key, path), or (key, None) for
+    an image that does not exist (keyed by the reference as written)."""
+
+    def __init__(self, resolver: ImageResolver):
+        self.resolver = resolver
+        self.memo: dict[tuple[tuple[str, ...], str], tuple[str, str | None]] = {}
+
+    def _one(self, ref: str, bases: tuple[str, ...]) -> tuple[str, str | None]:
+        hit = self.memo.get((bases, ref))
+        if hit is None:
+            found = self.resolver.resolve_in(ref, bases)
+            hit = self.memo[(bases, ref)] = ((self.resolver.key_for(ref), None) if found is None
+                                             else (found.key, str(found.path)))
+        return hit
+
+    def of(self, refs: list[str], bases: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str | None, ...], str | None]:
+        """(keys, paths, the first reference that does not exist)."""
+        hits = [self._one(r, bases) for r in refs]
+        lost = next((r for r, h in zip(refs, hits) if h[1] is None), None)
+        return tuple(h[0] for h in hits), tuple(h[1] for h in hits), lost
+
+
+def _parse(rec: AnnotationRecord, frames: _Frames, keep: Callable[[dict], bool]) -> _Parsed | None:
+    """The frames of one annotation record; None when it names none."""
     try:
         refs = frames_of_record(rec.record)
     except ValueError:
         return None
     if not refs:
         return None
-    bases = resolver.bases(record_data_path(rec.record), os.path.dirname(os.path.abspath(rec.file)))
-    frames: list[ResolvedImage | str] = [resolver.resolve_in(r, bases) or r for r in refs]
+    bases = frames.resolver.bases(record_data_path(rec.record), os.path.dirname(os.path.abspath(rec.file)))
+    keys, paths, lost = frames.of(refs, bases)
     raw_id = rec.record.get("id")
-    return (None if raw_id is None or isinstance(raw_id, (dict, list)) else str(raw_id)), frames
+    sid = None if raw_id is None or isinstance(raw_id, (dict, list)) else str(raw_id)
+    return _Parsed(os.fspath(rec.file), rec.line, sid, keys, paths, lost, rec.record if keep(rec.record) else None)
 
 
-def _unique_ids(found: list[tuple[AnnotationRecord, str | None, list]]) -> set[str]:
+def _unique_ids(found: list[_Parsed]) -> set[str]:
     """Ids that name one frame list only (an id reused for other frames falls back to the frame digest)."""
-    frames_of: dict[str, set[tuple]] = {}
-    for _, sid, frames in found:
+    first: dict[str, tuple] = {}
+    reused: set[str] = set()
+    for p in found:
+        if p.id is not None and first.setdefault(p.id, p.keys) != p.keys:
+            reused.add(p.id)
+    return set(first) - reused
+
+
+class _SampleSet:
+    """The samples of parsed records (the first of each key kept, the others counted) and those missing a frame."""
+
+    def __init__(self, resolver: ImageResolver, reference_frame: str, stats: dict[str, SourceStats],
+                 depends: Callable[[Mapping[str, Any]], bool] | None, keep_annotations: bool):
+        self.resolver, self.reference_frame, self.stats = resolver, reference_frame, stats
+        self.depends, self.keep_annotations = depends, keep_annotations
+        self.items: dict[str, SampleItem] = {}
+        self.missing: dict[str, MissingFrame] = {}
+
+    def _key(self, p: _Parsed, keys: Sequence[str], unique: set[str]) -> tuple[str, str | None, bool]:
+        """(record key, the id it keeps, whether its transform reads its own record)."""
+        sid = p.id if p.id in unique else None
+        own = self.depends is not None and p.record is not None and self.depends(p.record)
         if sid is not None:
-            frames_of.setdefault(sid, set()).add(tuple(f.key if isinstance(f, ResolvedImage) else f for f in frames))
-    return {sid for sid, lists in frames_of.items() if len(lists) == 1}
+            return sid, sid, own
+        if own:
+            return transform_input_key(keys, self.reference_frame, p.record or {}), None, True
+        return frames_key(keys, self.reference_frame), None, False
+
+    def add(self, p: _Parsed, unique: set[str]) -> None:
+        s = self.stats[p.file]
+        key, sid, own = self._key(p, p.keys, unique)
+        if p.lost is not None:
+            s.missing += key not in self.missing
+            self.missing.setdefault(key, MissingFrame(key, p.lost, p.file, p.line, frame=self.resolver.key_for(p.lost)))
+            return
+        old = self.items.get(key)
+        if old is not None:
+            self.items[key] = replace(old, count=old.count + 1)
+            return
+        s.samples += 1
+        annotation = p.record if (own or self.keep_annotations) else None
+        self.items[key] = SampleItem(Sample(key, p.keys, self.reference_frame, sid),
+                                     p.paths, annotation, own_input=own)  # type: ignore[arg-type]
 
 
 def _sample_entry(stats: list[SourceStats], root: str, data_path: str | None, found: Discovery) -> dict[str, Any]:
@@ -212,41 +316,29 @@ def _sample_entry(stats: list[SourceStats], root: str, data_path: str | None, fo
             "missing": len(found.missing), "malformed_lines": len(found.malformed)}
 
 
-def _collect(found: list[tuple[AnnotationRecord, str | None, list]], resolver: ImageResolver, reference_frame: str,
-             stats: dict[str, SourceStats]) -> tuple[dict[str, SampleItem], dict[str, MissingFrame]]:
-    """The samples of the parsed records (first of each key kept) and those that miss a frame."""
-    unique = _unique_ids(found)
-    items: dict[str, SampleItem] = {}
-    missing: dict[str, MissingFrame] = {}
-    for rec, sid, frames in found:
-        s = stats[os.fspath(rec.file)]
-        keys = [f.key if isinstance(f, ResolvedImage) else resolver.key_for(f) for f in frames]
-        sample = make_sample(keys, reference_frame, sid if sid in unique else None)
-        lost = next((f for f in frames if not isinstance(f, ResolvedImage)), None)
-        if lost is not None:
-            s.missing += sample.key not in missing
-            missing.setdefault(sample.key, MissingFrame(sample.key, lost, os.fspath(rec.file), rec.line,
-                                                        frame=resolver.key_for(lost)))
-        elif sample.key not in items:
-            s.samples += 1
-            items[sample.key] = SampleItem(sample, tuple(str(f.path) for f in frames))  # type: ignore[union-attr]
-    return items, missing
-
-
 def samples_from_annotations(data_root: StrPath, files: list[str], reference_frame: str = "first",
-                             data_path: str | None = None, strict: bool = False) -> Discovery:
+                             data_path: str | None = None, strict: bool = False, *,
+                             transform_depends_on: DependsOn = None, keep_annotations: bool = False,
+                             trust_files: bool = False) -> Discovery:
     """One sample per annotation record (``images``, ``history_images`` + ``current_image``, or ``image``),
-    keyed by its ``id`` when unique across the files, else by the digest of its frames."""
-    resolver = ImageResolver(data_root, data_path)
+    keyed by its ``id`` when unique across the files, else by the digest of its frames (see
+    :func:`discover_samples` for the keywords)."""
+    resolver = ImageResolver(data_root, data_path, trust_files=trust_files)
+    depends = depends_predicate(transform_depends_on)
+    keep = (lambda r: True) if keep_annotations else (depends or (lambda r: False))
     malformed: list[MalformedLine] = []
     stats = {f: SourceStats(f, "annotations") for f in files}
-    found = []
+    frames, found = _Frames(resolver), []
     for rec in iter_annotation_records(files, strict, malformed):
         stats[os.fspath(rec.file)].records += 1
-        got = _sample_from_record(rec, resolver)
-        if got is not None:
-            found.append((rec, *got))
-    items, missing = _collect(found, resolver, reference_frame, stats)
+        parsed = _parse(rec, frames, keep)
+        if parsed is not None:
+            found.append(parsed)
+    unique = _unique_ids(found)
+    samples = _SampleSet(resolver, reference_frame, stats, depends, keep_annotations)
+    for p in found:
+        samples.add(p, unique)
+    items, missing = samples.items, samples.missing
     out = Discovery(sorted(items.values(), key=lambda i: i.key), [missing[k] for k in sorted(missing)], malformed,
                     sources=list(files), source_stats=list(stats.values()), looked_in=[resolver.root])
     out.manifest_entry = _sample_entry(out.source_stats, resolver.root, data_path, out)
@@ -276,9 +368,15 @@ def samples_from_episodes(data_root: StrPath, history: int, pad: bool = False, r
 
 def discover_samples(data_root: StrPath, *, annotations: StrPath | Sequence[StrPath] = (), data_path: str | None = None,
                      exclude: Iterable[StrPath] = (), strict: bool = False, reference_frame: str = "first",
-                     history: int | None = None, history_pad: bool = False) -> Discovery:
+                     history: int | None = None, history_pad: bool = False, transform_depends_on: DependsOn = None,
+                     keep_annotations: bool = False, trust_files: bool = False) -> Discovery:
     """The training samples of a context build: with ``history``, JanusVLN's samples of every episode folder;
-    else one per record of the given annotation files, or of those ``find_annotation_files`` finds."""
+    else one per record of the given annotation files, or of those ``find_annotation_files`` finds.
+
+    ``transform_depends_on`` (field names or a predicate): records the frame transform reads are samples of
+    their own (keyed by their unique id, else by :func:`transform_input_key`) and keep their record;
+    ``keep_annotations``: every sample keeps its record (for a frame transform); ``trust_files``: frames are
+    taken as the annotation files name them, no image is looked at (``featstore plan --assume-size``)."""
     root = os.fspath(data_root)
     if not os.path.isdir(root):
         raise AnnotationError(f"data root is not a directory: {root}; pass the folder that holds the images")
@@ -294,4 +392,6 @@ def discover_samples(data_root: StrPath, *, annotations: StrPath | Sequence[StrP
         raise AnnotationError(f"--context sample needs samples: no annotation files (*.jsonl, annotations.json) under "
                               f"{root}; pass --annotations FILE, or --history 8 to make JanusVLN's samples from "
                               "episode folders")
-    return samples_from_annotations(root, files, reference_frame, data_path, strict)
+    return samples_from_annotations(root, files, reference_frame, data_path, strict,
+                                    transform_depends_on=transform_depends_on, keep_annotations=keep_annotations,
+                                    trust_files=trust_files)

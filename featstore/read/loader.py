@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from featstore.formats.aliases import SAMPLE_CONTEXTS
 from featstore.formats.layout import ALIAS_INDEX, INDEX_NAME, PER_IMAGE_SUFFIX, RECORD_EXT, SHARDS_DIR
 from featstore.runtime.env import Consumer, consumer, data_root_override, dist_env, store_path, use_vggt_cache
 from featstore.errors import RecordError, StoreError
@@ -73,7 +74,7 @@ def record_to_sample(rec: Record) -> dict[str, Any]:
     (``{name: stored dtype name}``); :func:`dequantize` turns them back into the stored dtype.
     """
     sample: dict[str, Any] = {"key": rec.key, "path": rec.path}
-    if rec.meta.get("context") == "sample":  # a training sample's record: its frames and token grid
+    if rec.meta.get("context") in SAMPLE_CONTEXTS:  # a training sample's record: its frames and token grid
         sample["frames"] = list(rec.meta.get("frames") or [])
         sample["grid"] = tuple(rec.meta.get("grid") or ())
     sample.update(rec.tensors)
@@ -242,7 +243,7 @@ class SampleLookup:
         return dict(self.manifest.get("context") or {"mode": "image"})  # type: ignore[attr-defined]
 
     def _require_samples(self) -> None:
-        if self.context.get("mode") != "sample":
+        if self.context.get("mode") not in SAMPLE_CONTEXTS:
             raise StoreError(f"{self.root} holds one record per image, not per training sample: look images up with "  # type: ignore[attr-defined]
                              "store.get(image_path), or build a sample store with --context sample")
 
@@ -267,7 +268,7 @@ class SampleLookup:
         key = str(id) if id is not None else self.sample_key(frames)  # type: ignore[arg-type]
         if key in self:  # type: ignore[operator]
             return self[key]  # type: ignore[index]
-        entry = self._alias_entry(key) if id is None else None
+        entry = self._alias_entry(key)  # a frame digest, or an id of a deduplicated record
         return default if entry is None else self.features_at(entry)  # type: ignore[attr-defined]
 
 
@@ -403,7 +404,10 @@ class ShardStore(SampleLookup, _Lookup):
         """The record a frame digest names in a store keyed by annotation ids (``aliases.fsi``)."""
         self._check_pid()
         if self._aliases is None:
-            path = self.storage.local_path(ALIAS_INDEX)  # remote stores have no alias index (yet)
+            try:
+                path = local_index_file(self.storage, ALIAS_INDEX)  # a remote store's: fetched once
+            except StoreError:
+                path = None
             self._aliases = Index(path) if path is not None and path.is_file() else False
         return self._aliases.get(key) if self._aliases else None
 

@@ -249,7 +249,7 @@ def test_job_array_parts_then_merge(tmp_path):
 @pytest.mark.slow  # chaos: SIGKILL at each point, then resume (about 5 s each, real processes)
 @pytest.mark.parametrize("point", ["record-appended:3", "shard-before-rename:1", "shard-after-rename:2",
                                    "part-index-written", "merge-before-index", "merge-before-manifest",
-                                   "merge-before-cleanup", "atomic-before-rename:2"])
+                                   "merge-before-cleanup", "atomic-before-rename:3"])
 def test_sigkill_then_resume_shards(tmp_path, point):
     keys = make_images(tmp_path / "d", 9)
     args = build_args(tmp_path / "d", "--shard-size", "60KB")
