@@ -205,7 +205,7 @@ def main() -> None:
         def opts(out: str, **kw) -> BuildOptions:
             base = dict(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,
                         batch_size=args.batch_size, num_workers=args.workers, preprocess=args.preprocess,
-                        dtype=args.dtype, compile=args.compile, progress=False, fsync=False)
+                        dtype=args.dtype, compile=args.compile or "auto", progress=False, fsync=False)
             if args.writer_threads:
                 base["writer_threads"] = args.writer_threads
             base.update(kw)

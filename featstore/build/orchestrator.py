@@ -139,6 +139,8 @@ class Build:
         self.closed: list[ClosedShard] = []  # this rank's shards, for its part file
         self._settings: dict[str, Any] | None = None
         self.device: torch.device | None = None
+        self.first_image: str | None = None  # a local image of the work, for the compile warm-up shape
+        self.compile_report: Any = None
         # set by load_model (or, with nothing left to build, by adopt_previous_settings)
         self.model: Any = None
         self.extractor: Extractor | None = None
@@ -170,8 +172,28 @@ class Build:
             self.layers = resolve_layers(tuple(self.opts.layers), int(self.model.config.depth))
         except ValueError as e:
             raise OptionError(f"{shown(self.opts, 'layers')}: {e}") from None
-        forward = torch.compile(self.model) if self.opts.compile else None
-        self.extractor = Extractor(self.model, self.layers, self.store_dtype, self.opts.tokens, forward)
+        self.compile_report = self._compile()
+        self.extractor = Extractor(self.model, self.layers, self.store_dtype, self.opts.tokens)
+
+    def _compile(self) -> Any:
+        """``--compile`` (auto: on for CUDA): the blocks compiled in place, warmed up at the first image's shape."""
+        from featstore.model.compile import prepare_compiled
+        from featstore.model.preprocess import preprocessed_size
+
+        shapes = []
+        if self.first_image is not None:
+            try:
+                from PIL import Image
+
+                with Image.open(self.first_image) as im:
+                    h, w = preprocessed_size(im.width, im.height, self.opts.preprocess, self.opts.image_size)
+                shapes = [(self.opts.batch_size, 1, 3, h, w)]
+            except (OSError, ValueError):
+                shapes = []  # no warm-up: the first batch compiles
+        report = prepare_compiled(self.model, self.opts.compile, shapes, self.layers, torch.float32,
+                                  self.compute_context(), stream=self.opts.context == "sample")
+        log.info("%s", report.line())
+        return report
 
     def resolve_device(self) -> torch.device:
         """This rank's device: the requested one (cuda:LOCAL_RANK under torchrun), or cpu when CUDA is absent."""
@@ -714,6 +736,8 @@ def _run(b: Build, opts: BuildOptions, started: float, distributed: bool) -> int
         b.salvage_unfinished_shards()
         todo = b.plan(items)
         if todo or not b.adopt_previous_settings():
+            first = getattr(todo[0], "path", None) or (getattr(todo[0], "paths", None) or [None])[0] if todo else None
+            b.first_image = first if isinstance(first, str) and os.path.isfile(first) else None
             b.load_model()
             b.check_settings()
         else:
