@@ -187,7 +187,11 @@ class Build:
 
                 with Image.open(self.first_image) as im:
                     h, w = preprocessed_size(im.width, im.height, self.opts.preprocess, self.opts.image_size)
-                shapes = [(self.opts.batch_size, 1, 3, h, w)]
+                # steps of a plan come in every size up to the batch: B, B-1 and 1 make the batch dimension
+                # dynamic during the warm-up (one graph for every size) instead of at the first short step
+                sizes = {self.opts.batch_size, max(1, self.opts.batch_size - 1), 1} if self.opts.context == "sample" \
+                    else {self.opts.batch_size}
+                shapes = [(b, 1, 3, h, w) for b in sorted(sizes, reverse=True)]
             except (OSError, ValueError):
                 shapes = []  # no warm-up: the first batch compiles
         report = prepare_compiled(self.model, self.opts.compile, shapes, self.layers, torch.float32,

@@ -105,8 +105,11 @@ def compile_blocks(model: nn.Module, mode: str | None = None, backend: str = "in
     if backend == "inductor" and mode not in (None, "default"):
         options["mode"] = mode
     blocks = list(_blocks(model))
+    if getattr(model, "_featstore_compiled", None) == (options, stream):
+        return len(blocks)  # already compiled so (a build adopting a loaded model)
     for blk in blocks:
         blk.compile(**options)
+    object.__setattr__(model, "_featstore_compiled", (options, stream))
     if stream:
         from featstore.model.stream import compile_stream_parts
 

@@ -5,6 +5,7 @@ float8 e4m3 matmuls with a scale per weight row and per token of the input (dyna
 accumulating in float32; everything else stays bf16. On CUDA GPUs with FP8 tensor cores (compute capability
 >= 8.9) through torchao (optional dependency: ``pip install 'featstore[fp8]'``); elsewhere an exact emulation
 (the same e4m3 casts and scales, the product in float32) gives the same feature error, at no speed-up.
+Benchmarks may also pick ``scaled_mm``: the same matmul through torch's own ``torch._scaled_mm``.
 `feature_error` measures features against the bf16 model's, per layer.
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 from featstore.errors import OptionError
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-BACKENDS = ("torchao", "emulate")
+BACKENDS = ("torchao", "scaled_mm", "emulate")
 _MIN_SCALE = 1e-12
 
 
@@ -78,6 +79,19 @@ class EmulatedFp8Linear(nn.Module):
         return out.to(x.dtype)
 
 
+class ScaledMmFp8Linear(EmulatedFp8Linear):
+    """The same rowwise FP8 matmul through torch's own kernel (``torch._scaled_mm``, FP8 tensor cores on
+    CUDA; also runs on CPU): the path torchao takes, without torchao."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x8, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        bias = None if self.bias is None else self.bias.to(out_dtype)
+        out = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), bias=bias,
+                               out_dtype=out_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 def convert_fp8(model: nn.Module, backend: str | None = None) -> int:
     """Make `model`'s (bf16) block linears FP8 in place (`backend`: see `fp8_backend`); returns how many."""
     backend = backend or fp8_backend(next(model.parameters()).device)
@@ -91,9 +105,10 @@ def convert_fp8(model: nn.Module, backend: str | None = None) -> int:
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
                   filter_fn=lambda m, _fqn: id(m) in wanted)
         return len(names)
+    kind = ScaledMmFp8Linear if backend == "scaled_mm" else EmulatedFp8Linear
     for name, linear in names:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, EmulatedFp8Linear(linear))
+        setattr(model.get_submodule(parent_name), child, kind(linear))
     return len(names)
 
 
