@@ -3,6 +3,8 @@
     python benchmarks/build_bench.py                       # CPU: tiny model, 96 images
     python benchmarks/build_bench.py --model vggt-1b-random --device cuda --n 1024 --batch-size 32
 
+    python benchmarks/build_bench.py --model null --n 192 --json out.json   # the pipeline without the model
+
 Prints, for the same synthetic JPEG set:
 
 * decode-only images/s (DataLoader workers: read + decode + preprocess, what the build's loader does),
@@ -27,16 +29,18 @@ import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+for _p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-from featstore.build.orchestrator import DECODE_CHUNK, Build, BuildOptions  # noqa: E402
+from featstore.build.orchestrator import Build, BuildOptions  # noqa: E402
 from featstore.build.context import PlanExecutor  # noqa: E402
-from featstore.build.pipeline import (DecodeOptions, ImageDataset, StepDataset, WorkItem, make_loader,  # noqa: E402
-                                shape_batches)
+from featstore.build.pipeline import (DecodeOptions, ImageDataset, StepDataset, WorkItem, image_loader,  # noqa: E402
+                                      make_loader, shape_batches)
 from featstore.model.preprocess import to_unit_float  # noqa: E402
 from featstore.discover.samples import SampleItem, episode_samples  # noqa: E402
 from featstore.build.schedule import plan_steps  # noqa: E402
+from null_pipeline import null_main  # noqa: E402
 
 
 def make_jpegs(root: Path, n: int, size: tuple[int, int], per_episode: int = 50) -> list[WorkItem]:
@@ -61,11 +65,15 @@ def sync(device: torch.device) -> None:
 
 
 def decode_only(items: list[WorkItem], mode: str, workers: int, batch: int) -> float:
-    """images/s of the build's decode stage alone (workers decode, main thread forms batches)."""
-    loader = make_loader(ImageDataset(items, DecodeOptions(mode), chunk=DECODE_CHUNK if workers else 1), workers)
+    """images/s of the build's decode stage alone (the build's loader and batching, nothing after them)."""
     t = time.perf_counter()
-    n = sum(b.images.shape[0] for b in shape_batches(loader, batch, lambda d: None))
-    return n / (time.perf_counter() - t)
+    return decoded_count(items, DecodeOptions(mode), workers, batch) / (time.perf_counter() - t)
+
+
+def decoded_count(items: list[WorkItem], opts: DecodeOptions, workers: int, batch: int) -> int:
+    """Images the build's loader and batching deliver, nothing after them."""
+    return sum(b.images.shape[0] for b in shape_batches(image_loader(items, opts, batch, workers), batch,
+                                                        lambda d: None))
 
 
 def model_only(b: Build, items: list[WorkItem], mode: str, batch: int) -> float:
@@ -175,9 +183,10 @@ def context_main(args: argparse.Namespace, root: Path, tmp: str, items: list[Wor
     print(f"ratio end-to-end / model-only  = {e2e / mod:.3f}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="tiny", help="tiny, vggt-1b-random, a checkpoint, or null: the stand-in "
+                    "model (decode-only vs end to end and the CPU budget per image; 640x640 sources by default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=96, help="images")
     ap.add_argument("--size", default="640x480", help="source image size WxH")
@@ -195,13 +204,23 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=518, help="preprocessing target size (JanusVLN: 644)")
     ap.add_argument("--history", type=int, default=8, help="--context sample: JanusVLN's history frames")
     ap.add_argument("--per-episode", type=int, default=50, help="frames per generated episode")
+    ap.add_argument("--json", default=None, help="--model null: write the figures to this JSON file")
     args = ap.parse_args()
+    if args.model == "null" and args.size == "640x480":
+        args.size = "640x640"  # crop -> 518x518: full-size [1, 1369, 2048] outputs
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     w, h = (int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         root = Path(tmp) / "data"
         items = make_jpegs(root, args.n, (w, h), args.per_episode)
         if args.context == "sample":
             return context_main(args, root, tmp, items)
+        if args.model == "null":
+            return null_main(args, root, tmp, items)
 
         def opts(out: str, **kw) -> BuildOptions:
             base = dict(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,

@@ -9,6 +9,8 @@ Parts (issue 18's targets; each baseline is measured in the same run):
   fp8        `gpu_model_bench.py --fp8`: bf16 against FP8 block linears (torchao), rate and error per layer.
   build      `build_bench.py` with `vggt-1b-random`: per-image build end to end vs model-only vs decode-only
              (compile on by default on CUDA); target ratio >= 0.9 and >= 150 img/s.
+  null       `build_bench.py --model null` on the GPU: the pipeline without the model (decode-only vs end to end,
+             the CPU budget per image of the GPU node's cores), written to ``--json-dir`` when given.
   context    `context_bench.py` at JanusVLN's geometry (490x644, 50-frame episodes, bf16): JanusVLN's way (one
              sample at a time, eager) against the prefix tree with compiled blocks at a larger batch.
   build-ctx  `build_bench.py --context sample`: the per-sample build end to end; its samples/s over the
@@ -77,18 +79,24 @@ def model_parts(py: str, smoke: bool, tmp: Path) -> list[Part]:
     size = ["--smoke", "--sizes", "28", "--iters", "1"] if smoke else ["--sizes", "518", "--batches", "64"]
     # torchao when it travelled with the tree (RESULTS.md, "how to run on the device"), else torch's own kernel
     how = [] if smoke or importlib.util.find_spec("torchao") else ["--fp8-backend", "scaled_mm"]
-    return [Part("model", 100, [*bench, *size, "--json", str(tmp / "model.json")], tmp / "model.json"),
-            Part("fp8", 90, [*bench, *size, "--fp8", *how, "--json", str(tmp / "fp8.json")], tmp / "fp8.json")]
+    return [Part("model", 90, [*bench, *size, "--json", str(tmp / "model.json")], tmp / "model.json"),
+            Part("fp8", 80, [*bench, *size, "--fp8", *how, "--json", str(tmp / "fp8.json")], tmp / "fp8.json")]
 
 
 def build_parts(py: str, smoke: bool, tmp: Path) -> list[Part]:
-    """The per-image build end to end (target 1; helper "perf"'s part)."""
+    """The per-image build end to end (target 1) and the pipeline with the null model (helper "perf"'s parts)."""
+    bench = [py, str(HERE / "build_bench.py")]
+    null_json = ["--json", str(tmp / "null_pipeline.json")]
     if smoke:
-        cmd = [py, str(HERE / "build_bench.py"), "--n", "16", "--sizes-n", "0", "--writer-threads", "2"]
+        cmd = [*bench, "--n", "16", "--sizes-n", "0", "--writer-threads", "2"]
+        null = [*bench, "--model", "null", "--n", "8", "--size", "150x150", "--image-size", "140", "--batch-size",
+                "4", "--workers", "1", *null_json]
     else:
-        cmd = [py, str(HERE / "build_bench.py"), "--model", "vggt-1b-random", "--device", "cuda", "--n", "1024",
-               "--batch-size", "32", "--workers", "12", "--writer-threads", "8", "--sizes-n", "0"]
-    return [Part("build", 100, cmd)]
+        cmd = [*bench, "--model", "vggt-1b-random", "--device", "cuda", "--n", "1024", "--batch-size", "32",
+               "--workers", "12", "--writer-threads", "8", "--sizes-n", "0"]
+        null = [*bench, "--model", "null", "--device", "cuda", "--n", "1024", "--batch-size", "32", "--workers",
+                "12", "--writer-threads", "8", *null_json]
+    return [Part("build", 100, cmd), Part("null", 60, null, tmp / "null_pipeline.json")]
 
 
 def context_parts(py: str, smoke: bool, tmp: Path) -> list[Part]:
@@ -106,10 +114,10 @@ def context_parts(py: str, smoke: bool, tmp: Path) -> list[Part]:
                  "--workers", "12", "--writer-threads", "8"]
     lengths = ["--lengths", "12"] if smoke else ["--lengths", "50"]
     joint_len = ["--lengths", "12"] if smoke else ["--lengths", "20"]
-    return [Part("context", 110, [*ctx, *geo, *lengths, "--only", "tree", "--json", str(tmp / "context.json")],
+    return [Part("context", 100, [*ctx, *geo, *lengths, "--only", "tree", "--json", str(tmp / "context.json")],
                  tmp / "context.json"),
-            Part("build-ctx", 90, build),
-            Part("joint", 50, [*ctx, *geo, *joint_len, "--context", "joint", "--json", str(tmp / "joint.json")],
+            Part("build-ctx", 80, build),
+            Part("joint", 40, [*ctx, *geo, *joint_len, "--context", "joint", "--json", str(tmp / "joint.json")],
                  tmp / "joint.json")]
 
 
@@ -165,12 +173,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="every part tiny, on CPU")
     ap.add_argument("--parts", default=None, help="comma-separated part names to run (default: all)")
+    ap.add_argument("--json-dir", default=None, help="keep the parts' JSON figures in this folder")
     args = ap.parse_args()
     py, start = sys.executable, time.time()
     env = dict(os.environ)
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "featstore" / "inductor"))
     with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
+        tmp = Path(args.json_dir or tmp_s)
+        tmp.mkdir(parents=True, exist_ok=True)
         todo = [*model_parts(py, args.smoke, tmp), *build_parts(py, args.smoke, tmp), *context_parts(py, args.smoke, tmp)]
         if args.parts:
             todo = [p for p in todo if p.name in args.parts.split(",")]

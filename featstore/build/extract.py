@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from featstore.build.hostcopy import to_host  # noqa: F401 - the build's device-to-host copy, re-exported
 from featstore.formats.record import FEATURES
 from featstore.model.preprocess import to_unit_float
 
@@ -57,7 +58,8 @@ class Extractor:
         """Features for a batch (float in [0,1], or uint8 = value * 255) on the model's device (call
         :func:`to_host` to copy them out)."""
         assert self.forward is not None
-        out = self.forward(to_unit_float(images)[:, None], layers=self.layers)
+        pixels = images if getattr(self.model, "ignores_pixels", False) else to_unit_float(images)
+        out = self.forward(pixels[:, None], layers=self.layers)
         start = int(getattr(self.model, "patch_start_idx", 5)) if self.tokens == "patch" else 0
         return {n: out[i][:, :, start:].to(self.store_dtype) for n, i in zip(self.names, self.layers)}
 
@@ -75,19 +77,6 @@ class Extractor:
                 torch.cuda.empty_cache()
                 chunk //= 2
                 log.warning("CUDA out of memory: retrying with batch size %d", chunk)
-
-
-def to_host(feats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
-    """Start copying features to (pinned) host memory; returns the host tensors and an event to wait on."""
-    first = next(iter(feats.values()))
-    if first.device.type != "cuda":
-        return feats, None
-    host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in feats.items()}
-    for n, t in feats.items():
-        host[n].copy_(t, non_blocking=True)
-    ev = torch.cuda.Event()
-    ev.record()
-    return host, ev
 
 
 def default_store_dtype(device: torch.device) -> torch.dtype:

@@ -4,11 +4,10 @@ records -> sink. A record is computed from an ordered list of frames: one frame 
 
 * :class:`ImageDataset` runs in DataLoader workers: stat, read, optionally hash, decode, preprocess.
   A bad image becomes a failure item, never an exception.
-* :func:`shape_batches` groups decoded images of the same preprocessed shape into batches.
 * :class:`StepDataset` decodes, in workers, the distinct frames of each step of a context plan.
-* :class:`ShardSink` / :class:`PerImageSink` encode (a thread pool: zstd releases the GIL) and write.
-* :class:`BackgroundWriter` runs a sink on its own thread behind a bounded queue, so device-to-host
-  copies, compression and writing overlap the next batch with a bounded number of batches in flight.
+* :func:`shape_batches` groups decoded images of the same preprocessed shape into batches, on a thread of
+  its own (:mod:`featstore.build.ring`: the main thread does nothing per image).
+* :mod:`featstore.build.writer`: the sinks that encode and write records, behind a writer thread.
 """
 
 from __future__ import annotations
@@ -16,22 +15,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import queue
-import threading
-import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from featstore.runtime.faults import crash_point
-from featstore.formats.keys import CacheLayout
-from featstore.formats.perimage import encode_pt
-from featstore.formats.record import Record, encode_record
-from featstore.formats.shards import ShardWriter
-from featstore.runtime.fsutil import atomic_write_bytes
+from featstore.build.ring import Batch, BatchFeeder
+from featstore.constants import DEFAULT_IMAGE_SIZE
+from featstore.build.writer import BackgroundWriter, PerImageSink, ShardSink  # noqa: F401 - re-exported
+from featstore.formats.codecs import empty_tensor
 from featstore.model.preprocess import UINT8_MODES, open_image, preprocess_image, preprocess_image_u8, preprocessed_size
 
 
@@ -104,7 +96,7 @@ class DecodeOptions:
     """How every image of a build is decoded and preprocessed."""
 
     mode: str = "crop"
-    image_size: int = 518
+    image_size: int = DEFAULT_IMAGE_SIZE
     apply_exif: bool = False
     hash_inputs: bool = False
     max_pixels: int | None = None
@@ -162,14 +154,16 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def share_storage(decoded: list[Decoded]) -> list[Decoded]:
-    """Make the images of equal shape views of one stacked tensor (one storage to send between processes)."""
+    """Make the images of equal shape consecutive rows of one stacked tensor (one storage to send between
+    processes, and a whole batch the main process uses as it is)."""
     by_shape: dict[tuple, list[Decoded]] = {}
     for d in decoded:
         if d.image is not None:
             by_shape.setdefault((tuple(d.image.shape), d.image.dtype), []).append(d)
-    for group in by_shape.values():
+    for (shape, dtype), group in by_shape.items():
         if len(group) > 1:
-            stacked = torch.stack([d.image for d in group])  # type: ignore[misc]
+            stacked = empty_tensor((len(group), *shape), dtype)  # shared memory in a worker: sent without a copy
+            torch.stack([d.image for d in group], out=stacked)  # type: ignore[misc]
             for j, d in enumerate(group):
                 d.image = stacked[j]
     return decoded
@@ -236,153 +230,34 @@ def make_loader(dataset: torch.utils.data.Dataset, num_workers: int, pin_memory:
                                        collate_fn=_identity, pin_memory=pin_memory, **kwargs)
 
 
-@dataclass
-class Batch:
-    """Images of one shape, stacked (pinned when feeding a GPU)."""
-
-    items: list[WorkItem]
-    sources: list[dict[str, Any]]
-    images: torch.Tensor
+MAX_DECODE_CHUNK = 64  # images a decode worker sends at once, at most
+PREFETCH_IMAGES = 32  # images each worker keeps decoded ahead
 
 
-def _each(decoded: Iterable[Decoded | list[Decoded]]) -> Iterator[Decoded]:
-    """The decoded images one by one, whether they come singly or in chunks."""
-    for d in decoded:
-        if isinstance(d, list):
-            yield from d
-        else:
-            yield d
+def decode_chunk(items: int, batch_size: int, workers: int) -> int:
+    """Images per worker chunk: a whole batch (one storage, one file descriptor, and the batch needs no copy),
+    unless the workers would then idle for want of chunks."""
+    if workers == 0:
+        return 1
+    return max(1, min(batch_size, MAX_DECODE_CHUNK, -(-items // workers)))
 
 
-def shape_batches(decoded: Iterable[Decoded | list[Decoded]], batch_size: int, on_failure: Callable[[Decoded], None],
-                  pin_memory: bool = False) -> Iterator[Batch]:
-    """Group successfully decoded images by shape into batches of ``batch_size`` (remainders at the end)."""
-    buckets: dict[tuple[int, ...], list[Decoded]] = {}
-
-    def emit(group: list[Decoded]) -> Batch:
-        imgs = [d.image for d in group]
-        out = torch.empty((len(imgs), *imgs[0].shape), dtype=imgs[0].dtype, pin_memory=pin_memory)  # type: ignore
-        torch.stack(imgs, out=out)  # type: ignore[arg-type]
-        return Batch([d.item for d in group], [d.source for d in group], out)
-
-    for d in _each(decoded):
-        if d.image is None:
-            on_failure(d)
-            continue
-        group = buckets.setdefault(tuple(d.image.shape), [])
-        group.append(d)
-        if len(group) >= batch_size:
-            del buckets[tuple(d.image.shape)]
-            yield emit(group)
-    for group in buckets.values():
-        yield emit(group)
+def image_loader(items: list[WorkItem], opts: DecodeOptions, batch_size: int, num_workers: int
+                 ) -> torch.utils.data.DataLoader:
+    """The image loop's loader: batch-sized chunks of decoded images from ``num_workers`` processes
+    (in-process for a single item)."""
+    workers = num_workers if len(items) > 1 else 0
+    chunk = decode_chunk(len(items), batch_size, workers)
+    return make_loader(ImageDataset(items, opts, chunk=chunk), workers, prefetch=max(2, PREFETCH_IMAGES // chunk))
 
 
-class ShardSink:
-    """Encodes records with a thread pool and appends them, in order, to this rank's shards."""
-
-    def __init__(self, writer: ShardWriter, threads: int, zstd_level: int, codec: str = "zstd"):
-        self.writer, self.level, self.codec = writer, zstd_level, codec
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-encode")
-        self.bytes_written = 0
-        self.seconds: Counter = Counter()  # "append": waiting for encodes + tar append + rollover fsync
-
-    def write(self, records: list[Record]) -> None:
-        """Encode and append a batch of records."""
-        t0 = time.perf_counter()
-        encoded = self.pool.map(lambda r: encode_record(r, self.level, self.codec), records)
-        for rec, data in zip(records, encoded):
-            self.writer.write(rec.key, data)
-            self.bytes_written += len(data)
-        self.seconds["append"] += time.perf_counter() - t0
-
-    def close(self) -> None:
-        """Close the open shard (making it visible) and stop the pool."""
-        self.writer.close_shard()
-        self.pool.shutdown()
-
-    def __enter__(self) -> "ShardSink":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: Any) -> None:
-        """Leaving on an error drops the open shard (:class:`ShardWriter`'s exit) and stops the pool."""
-        self.writer.__exit__(exc_type, *rest)
-        self.pool.shutdown()
-
-
-class PerImageSink:
-    """Writes each record as its per-image cache file (the layout's checked destination; temporary name, then
-    rename) using a thread pool."""
-
-    def __init__(self, layout: CacheLayout, threads: int, fsync: bool = True):
-        self.layout, self.fsync = layout, fsync
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="featstore-write")
-        self.bytes_written = 0
-        self.seconds: Counter = Counter()
-
-    def _write_one(self, rec: Record) -> int:
-        data = encode_pt(rec)
-        atomic_write_bytes(self.layout.destination(rec.key), data, fsync=self.fsync)
-        crash_point("per-image-written")
-        return len(data)
-
-    def write(self, records: list[Record]) -> None:
-        """Write a batch of records, one file each."""
-        t0 = time.perf_counter()
-        self.bytes_written += sum(self.pool.map(self._write_one, records))
-        self.seconds["append"] += time.perf_counter() - t0
-
-    def close(self) -> None:
-        """Stop the pool."""
-        self.pool.shutdown()
-
-    def __enter__(self) -> "PerImageSink":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.pool.shutdown()
-
-
-class BackgroundWriter:
-    """Runs ``make_records`` + ``sink.write`` on a thread behind a bounded queue; re-raises its errors."""
-
-    def __init__(self, sink: ShardSink | PerImageSink, make_records: Callable[[Any], list[Record]],
-                 on_written: Callable[[list[Record]], None], depth: int = 3):
-        self.sink, self.make_records, self.on_written = sink, make_records, on_written
-        self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.wait_seconds = 0.0  # time put() blocked because the queue was full (the writer is the bottleneck)
-        self.thread = threading.Thread(target=self._loop, name="featstore-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self.q.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                t0 = time.perf_counter()
-                records = self.make_records(job)
-                self.sink.seconds["device_to_host"] += time.perf_counter() - t0
-                self.sink.write(records)
-                self.on_written(records)
-            except BaseException as e:  # noqa: BLE001 - surfaced to the main thread in put()/close()
-                self.error = e
-
-    def put(self, job: Any) -> None:
-        """Queue a job (blocks when the queue is full: backpressure on the model loop)."""
-        if self.error is not None:
-            raise self.error
-        t0 = time.perf_counter()
-        self.q.put(job)
-        self.wait_seconds += time.perf_counter() - t0
-
-    def close(self) -> None:
-        """Drain the queue, close the sink, and raise the first writer error, if any."""
-        self.q.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        self.sink.close()
+def shape_batches(decoded: Iterable[Any], batch_size: int, on_failure: Callable[[Decoded], None],
+                  pin_memory: bool = False, device: torch.device | None = None) -> Iterator[Batch]:
+    """Group successfully decoded images by shape into batches of ``batch_size`` (remainders at the end), on a
+    thread of its own (:class:`featstore.build.ring.BatchFeeder`); ``pin_memory``: batches in pinned ring
+    slots, reused once the device's current stream has passed the copy of the batch taken before."""
+    fence = None
+    if pin_memory and torch.cuda.is_available():
+        def fence() -> Any:
+            return torch.cuda.current_stream(device).record_event()
+    return iter(BatchFeeder(decoded, batch_size, on_failure, pin_memory, fence=fence))

@@ -197,8 +197,8 @@ def decode_header(buf: bytes | memoryview) -> tuple[dict[str, Any], list[TensorS
 
 
 def _bound_of(spec: TensorSpec) -> dict[str, Any] | None:
-    bound = spec.fields.get("bound")
-    return dict(bound, codec=spec.codec) if isinstance(bound, dict) else None
+    bound = codecs.stored_bound(spec.fields)
+    return dict(bound, codec=spec.codec) if bound is not None else None
 
 
 def _add_tensor(rec: Record, spec: TensorSpec, value: torch.Tensor | Quantized) -> None:

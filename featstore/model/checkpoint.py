@@ -12,14 +12,15 @@ from typing import Callable, Mapping
 
 import torch
 
+from featstore.constants import NAMED_MODELS
 from featstore.errors import CheckpointError, describe_load_error
 from featstore.model.aggregator import VGGTAggregator
 from featstore.model.config import VGGTConfig, get_config
 from featstore.model.precision import Precision, get_precision
 from featstore.model.weights import fill_module_with_rule_
 
-#: Names that build a model from the golden weight rule instead of reading a file.
-NAMED_SOURCES = {"tiny": "tiny", "vggt-1b-random": "vggt-1b"}
+#: Names that build a model from the golden weight rule instead of reading a file (``constants.NAMED_MODELS``).
+NAMED_SOURCES = NAMED_MODELS
 #: File names looked for inside a checkpoint directory, in this order (checkpoints.pth: StreamVGGT's release).
 CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin", "checkpoints.pth")
 HEAD_NAMES = ("camera_head", "depth_head", "point_head", "track_head")

@@ -53,13 +53,13 @@ from featstore.formats.codecs import dequantize_int8, empty_tensor, unpack_scale
 from featstore.formats.record import FEATURES, SCALES, Record, decode_record, output_nbytes, parse_dtype
 from featstore.formats.shards import iter_shard_records
 from featstore.formats.store import Store
-from featstore.storage.backends import (DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, LocalStorage, Storage, is_remote,
+from featstore.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_OPEN, DEFAULT_READ_AHEAD
+from featstore.storage.backends import (LocalStorage, Storage, is_remote,
                                        local_path_of, parse_location)
 from featstore.read.sharedpool import SharedSample, Slot, SlotPool, aligned, worker_pool
 from featstore.discover.samples import sample_key
 
 log = logging.getLogger("featstore")
-DEFAULT_MAX_OPEN = 64
 DEFAULT_SHUFFLE_BUFFER = 1000
 
 

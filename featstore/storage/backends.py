@@ -37,11 +37,10 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping
 
 from featstore.errors import StoreError
-from featstore.runtime.fsutil import atomic_open, atomic_write_bytes, fsync_dir
+from featstore.runtime.fsutil import atomic_open, atomic_write_bytes, file_sha256, fsync_dir, pretty_json
 
-DEFAULT_CHUNK_BYTES = 8 << 20
-DEFAULT_READ_AHEAD = 2
-DEFAULT_MAX_OPEN = 64
+from featstore.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_OPEN, DEFAULT_READ_AHEAD
+
 REDACTED = "***"
 
 # A URL with a protocol fsspec could serve, or an fsspec chain such as ``simplecache::s3://...``.
@@ -820,8 +819,7 @@ def reset_staging_dir(path: Path) -> None:
 
 def publish_json(storage: Storage, name: str, obj: Any) -> None:
     """Write ``obj`` as pretty JSON to object ``name`` atomically (same text as ``fsutil.atomic_write_json``)."""
-    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    storage.publish_bytes(name, text.encode("utf-8"))
+    storage.publish_bytes(name, pretty_json(obj))
 
 
 def read_json(storage: Storage, name: str) -> Any:
@@ -830,7 +828,10 @@ def read_json(storage: Storage, name: str) -> Any:
 
 
 def sha256_of(storage: Storage, name: str) -> str:
-    """sha256 hex digest of object ``name``, streamed."""
+    """sha256 hex digest of object ``name``, streamed (a local file through ``fsutil.file_sha256``)."""
+    local = storage.local_path(name)
+    if local is not None:
+        return file_sha256(local)
     h = hashlib.sha256()
     for chunk in storage.iter_range(name):
         h.update(chunk)
