@@ -40,7 +40,8 @@ def test_auto_policy_is_on_for_cuda_and_off_on_cpu():
 
 
 def test_cli_compile_flags():
-    from featstore.cli.main import build_options_of, make_parser
+    from featstore.cli.build import build_options_of
+    from featstore.cli.main import make_parser
 
     def opts(*flags):
         return build_options_of(make_parser().parse_args(["build", "--data-root", ".", "--model", "tiny", *flags]))
