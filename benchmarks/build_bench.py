@@ -170,6 +170,7 @@ def context_main(args: argparse.Namespace, root: Path, tmp: str, items: list[Wor
                                                             if args.writer_threads else {}))
 
     b = Build(opts("probe"))
+    b.first_image = items[0].path  # compile (auto: on CUDA) warms up before the timed runs
     b.load_model()
     dec, mod, e2e = context_rates(b, opts("e2e"), samples, args.workers)
     card = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else "cpu"
@@ -224,13 +225,14 @@ def main() -> None:
         def opts(out: str, **kw) -> BuildOptions:
             base = dict(data_root=root, model=args.model, out=Path(tmp) / out, device=args.device,
                         batch_size=args.batch_size, num_workers=args.workers, preprocess=args.preprocess,
-                        dtype=args.dtype, compile=args.compile, progress=False, fsync=False)
+                        dtype=args.dtype, compile=args.compile or "auto", progress=False, fsync=False)
             if args.writer_threads:
                 base["writer_threads"] = args.writer_threads
             base.update(kw)
             return BuildOptions(**base)
 
         b = Build(opts("probe"))
+        b.first_image = items[0].path  # compile (auto: on CUDA) warms up at the images' shape
         b.load_model()
         dec = decode_only(items, args.preprocess, args.workers, args.batch_size)
         mod = model_only(b, items, args.preprocess, args.batch_size)

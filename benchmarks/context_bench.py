@@ -60,17 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model weights and activations (bfloat16 on a GPU, as a build runs there)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the tiny model's ops are small)")
     p.add_argument("--repeat", type=int, default=2, help="timed runs per configuration (best is kept)")
-    p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--context", choices=("sample", "joint"), default="sample",
-                   help="sample: JanusVLN's streamed samples; joint: VG-LLM's joint samples")
-    p.add_argument("--scenes", type=int, default=4, help="--context joint: scenes (one frame list each)")
+                   help="sample: causal streams (JanusVLN) as above; joint: each sample's frames in one bidirectional "
+                        "call (VG-LLM's way), batched samples of equal frame count against B=1 one sample at a time")
+    p.add_argument("--compile", action="store_true",
+                   help="featstore's configurations run with compiled blocks (featstore.model.compile, warmed up by "
+                        "one untimed run); the B=1 baseline stays eager on its own copy of the model, as the "
+                        "trainers run it")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend with --compile")
+    p.add_argument("--only", default=None,
+                   help="comma-separated configurations to run besides the baseline (sample: none,prefix,tree; "
+                        "default all)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--scenes", type=int, default=4, help="--context joint, dedup part: scenes (one frame list each)")
     p.add_argument("--frames", type=int, default=8, help="--context joint: frames per scene")
     p.add_argument("--questions", type=int, default=6, help="--context joint: annotation records per scene")
     args = p.parse_args(argv)
-    if args.quick and args.context == "joint":
-        args.scenes, args.frames, args.questions, args.height, args.width, args.repeat = 2, 4, 3, 14, 14, 1
-    elif args.quick:
+    if args.quick:
         args.lengths, args.episodes, args.height, args.width, args.batch_size, args.repeat = "12,20", 1, 14, 14, 4, 1
+        args.scenes, args.frames, args.questions = 2, 4, 3
     return args
 
 
@@ -93,7 +101,7 @@ def sync(device: torch.device) -> None:
 
 def time_plan(model, steps, frames: dict[str, torch.Tensor], device: torch.device) -> float:
     """Seconds to run the plan and touch every sample's features."""
-    executor = PlanExecutor(model, (-2,))
+    executor = PlanExecutor(model, (-2,), reserve_frames=max(st.depth for st in steps) + 1)
     sync(device)
     start = time.perf_counter()
     count = sum(1 for _ in executor.run(steps, lambda st: torch.stack([frames[f] for f in st.distinct_frames])))
@@ -102,17 +110,23 @@ def time_plan(model, steps, frames: dict[str, torch.Tensor], device: torch.devic
     return time.perf_counter() - start
 
 
-def measure_length(model, args: argparse.Namespace, length: int, device: torch.device) -> list[dict]:
-    """Every configuration on the same samples; the first is the baseline."""
-    dtype = next(model.parameters()).dtype
+def measure_length(models, args: argparse.Namespace, length: int, device: torch.device) -> list[dict]:
+    """Every configuration on the same samples; the first is the baseline (run by models[0], the others by
+    models[1])."""
+    dtype = next(models[0].parameters()).dtype
     samples, frames = make_episodes(length, args.episodes, (args.height, args.width), device, dtype)
+    wanted = None if args.only is None else set(args.only.split(","))
+    configs = [c for i, c in enumerate(CONFIGS) if i == 0 or wanted is None or c[0] in wanted]
     plans = [(strategy, b or args.batch_size, label, plan_steps(samples, b or args.batch_size, strategy=strategy))
-             for strategy, b, label in CONFIGS]
+             for strategy, b, label in configs]
     best = {label: float("inf") for *_, label, _ in plans}
-    time_plan(model, plans[-1][3][:4], frames, device)  # warm-up
+    time_plan(models[0], plans[-1][3][:4], frames, device)  # warm-up
+    for i, (_, _, _, steps) in enumerate(plans):
+        if i and args.compile:
+            time_plan(models[1], steps, frames, device)  # compiles every shape the plan meets
     for _ in range(args.repeat):  # interleaved, so a noisy neighbour hits every configuration alike
-        for strategy, b, label, steps in plans:
-            best[label] = min(best[label], time_plan(model, steps, frames, device))
+        for i, (strategy, b, label, steps) in enumerate(plans):
+            best[label] = min(best[label], time_plan(models[min(i, 1)], steps, frames, device))
     rows = []
     for strategy, b, label, steps in plans:
         passes = build_forest(samples, strategy).num_nodes
@@ -123,6 +137,58 @@ def measure_length(model, args: argparse.Namespace, length: int, device: torch.d
     for r in rows:
         r["ratio"] = r["samples_per_s"] / rows[0]["samples_per_s"]
     return rows
+
+
+def time_joint(model, batches: list[list[Sample]], frames: dict[str, torch.Tensor], device: torch.device) -> float:
+    """Seconds to run every batch as one joint call ([b, S, 3, H, W], bidirectional) and touch its features."""
+    from featstore.model import joint_features
+
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches:
+        x = torch.stack([torch.stack([frames[f] for f in s.frames]) for s in batch])
+        out = joint_features(model, x, layers=(-2,))
+        assert next(iter(out.values())).shape[:2] == x.shape[:2]
+    sync(device)
+    return time.perf_counter() - start
+
+
+def joint_batches(samples: list[Sample], b: int) -> list[list[Sample]]:
+    """Samples grouped by frame count, in chunks of at most `b` (one joint call each)."""
+    by_len: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_len.setdefault(len(s.frames), []).append(s)
+    return [group[i:i + b] for group in by_len.values() for i in range(0, len(group), b)]
+
+
+def joint_main(models, args: argparse.Namespace, device: torch.device) -> int:
+    """--context joint: batched joint calls against VG-LLM's one sample at a time, on the same samples."""
+    dtype = next(models[0].parameters()).dtype
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        samples, frames = make_episodes(length, args.episodes, (args.height, args.width), device, dtype)
+        plans = [("VG-LLM's way (B=1)", 1, joint_batches(samples, 1)),
+                 ("joint, batched", args.batch_size, joint_batches(samples, args.batch_size))]
+        time_joint(models[0], plans[0][2][:2], frames, device)  # warm-up
+        if args.compile:
+            time_joint(models[1], plans[1][2], frames, device)  # compiles every shape
+        best = [float("inf")] * len(plans)
+        for _ in range(args.repeat):
+            for i, (_, _, batches) in enumerate(plans):
+                best[i] = min(best[i], time_joint(models[min(i, 1)], batches, frames, device))
+        passes = sum(len(s.frames) for s in samples)
+        for i, (label, b, batches) in enumerate(plans):
+            rows.append({"length": length, "config": label, "batch": b, "samples": len(samples), "calls": len(batches),
+                         "samples_per_s": len(samples) / best[i], "frame_passes_per_s": passes / best[i],
+                         "ratio": best[0] / best[i]})
+    print(f"{'len':>4} {'configuration':<20} {'B':>3} {'calls':>6} {'samples/s':>10} {'frames/s':>9} {'x B=1':>7}")
+    for r in rows:
+        print(f"{r['length']:>4} {r['config']:<20} {r['batch']:>3} {r['calls']:>6} {r['samples_per_s']:>10.1f} "
+              f"{r['frame_passes_per_s']:>9.1f} {r['ratio']:>6.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "context": "joint",
+                                         "results": rows}, indent=1))
+    return 0
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -174,12 +240,27 @@ def measure_joint(model, args: argparse.Namespace, device: torch.device) -> None
               f"{len(items) / secs / base:>6.2f}x")
 
 
+def load_models(args: argparse.Namespace) -> tuple:
+    """(baseline model, featstore's model): the same object, or with --compile a compiled second copy."""
+    model = load_vggt(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    if not args.compile:
+        return model, model
+    from featstore.model.compile import compile_blocks
+
+    ours = load_vggt(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    print(f"compiled {compile_blocks(ours, backend=args.compile_backend)} blocks (backend {args.compile_backend}); "
+          "compile time is in each configuration's untimed warm-up run", flush=True)
+    return model, ours
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = load_vggt(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    models = load_models(args)
+    model = models[0]
     if args.context == "joint":
+        joint_main(models, args, device)
         measure_joint(model, args, device)
         return 0
     print(f"model {args.model} ({args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, frames {args.height}x{args.width}, B={args.batch_size}, "
@@ -188,14 +269,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{JANUSVLN_FRAME_BYTES / 2 ** 20:.1f} MiB")
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
-        rows += measure_length(model, args, length, device)
+        rows += measure_length(models, args, length, device)
     print_rows(rows)
     for length in dict.fromkeys(r["length"] for r in rows):
         by = {r["config"]: r for r in rows if r["length"] == length}
-        tree, batched = by["tree"], by["none, batched"]
-        print(f"episodes of {length}: tree {tree['ratio']:.2f}x JanusVLN's way, "
-              f"{tree['samples_per_s'] / batched['samples_per_s']:.2f}x batched one-pass-per-sample "
-              f"(goal >= 1.6x)")
+        tree, batched = by.get("tree"), by.get("none, batched")
+        if tree is not None:
+            vs = (f", {tree['samples_per_s'] / batched['samples_per_s']:.2f}x batched one-pass-per-sample "
+                  "(goal >= 1.6x)") if batched else ""
+            print(f"episodes of {length}: tree {tree['ratio']:.2f}x JanusVLN's way{vs}"
+                  f"{' (compiled blocks)' if args.compile else ''}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows},
                                         indent=1))

@@ -82,13 +82,57 @@ def matmul_rate(n: int, dtype: torch.dtype, device: torch.device, iters: int) ->
     return 2 * n ** 3 / sec
 
 
-def compile_model(model: VGGTAggregator, scope: str, backend: str):
-    """Compiled callable: every transformer block compiled in place ("blocks"), or the whole model ("model")."""
+def compile_model(model: VGGTAggregator, scope: str, backend: str, mode: str | None = None):
+    """Compiled callable: every transformer block compiled in place as the build does ("blocks",
+    featstore.model.compile), or the whole model ("model")."""
     if scope == "model":
         return torch.compile(model, backend=backend, dynamic=False)
-    for blk in [*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks]:
-        blk.compile(backend=backend, dynamic=False)  # identical blocks share one compiled graph per shape
+    from featstore.model.compile import compile_blocks
+
+    compile_blocks(model, mode=mode, backend=backend)  # identical blocks share one compiled graph per shape
     return model
+
+
+def feature_error(ref: dict[int, torch.Tensor], got: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
+    """Per layer: max abs and relative L2 of `got` against `ref` (float32)."""
+    from featstore.model.fp8 import feature_error as error
+
+    return error(ref, got)
+
+
+def fp8_part(model, args, device, size: int, batch: int, backend: str, layers: list[int]) -> dict:
+    """bf16 against FP8 block linears on the same batch: rate of each (compiled as --compile says) and the
+    FP8 features' error against bf16 per layer in `layers`."""
+    from featstore.model.fp8 import convert_fp8, fp8_backend
+
+    images = torch.rand(batch, 1, 3, size, size, device=device, generator=None)
+    compiled = args.compile != "off"
+    run = compile_model(model, "blocks", backend, args.compile_mode) if compiled else model
+    rows = {}
+    for name in ("bf16", "fp8"):
+        if name == "fp8":
+            how = args.fp8_backend or fp8_backend(device)
+            convert_fp8(model, how)
+        with torch.no_grad():
+            t = time.perf_counter()
+            feats = run(images, layers=tuple(layers))
+            sync(device)
+            first = time.perf_counter() - t
+            sec = time_calls(lambda: run(images, layers=(layers[-1],)), device, args.warmup or 2, args.iters or 5)
+        rows[name] = {"img_per_s": batch / sec, "first_call_s": first,
+                      "features": {i: f.float().cpu() for i, f in feats.items()}}
+    err = feature_error(rows["bf16"]["features"], rows["fp8"]["features"])
+    for r in rows.values():
+        del r["features"]
+    out = {"size": size, "batch": batch, "compiled": compiled, "fp8_backend": how, "bf16": rows["bf16"],
+           "fp8": rows["fp8"], "speedup": rows["fp8"]["img_per_s"] / rows["bf16"]["img_per_s"], "error": err}
+    print(f"fp8 ({how}) vs bf16 at {size}x{size} B={batch} ({'compiled' if compiled else 'eager'}): "
+          f"bf16 {rows['bf16']['img_per_s']:.1f} img/s, fp8 {rows['fp8']['img_per_s']:.1f} img/s "
+          f"({out['speedup']:.2f}x; first calls {rows['bf16']['first_call_s']:.1f} s / {rows['fp8']['first_call_s']:.1f} s)")
+    for layer, e in err.items():
+        print(f"  layer {layer}: rel L2 {e['rel_l2'] * 100:.3f}%, max abs {e['max_abs']:.4g} (features up to "
+              f"{e['ref_max_abs']:.3g})")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 matmul baseline (default 8192)")
     p.add_argument("--sdpa", choices=["default", "cudnn", "flash", "efficient"], default="default",
                    help="scaled_dot_product_attention backend tried first (default: torch's own priority)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the blocks (default: torch's)")
+    p.add_argument("--fp8", action="store_true",
+                   help="instead of the table: bf16 against FP8 block linears (torchao on CUDA, emulated on CPU) at "
+                        "the first size and batch, rate of each and the FP8 feature error per layer of --fp8-layers")
+    p.add_argument("--fp8-backend", choices=("torchao", "scaled_mm", "emulate"), default=None,
+                   help="how FP8 matmuls run (default: torchao on CUDA, emulate on CPU; scaled_mm: torch._scaled_mm)")
+    p.add_argument("--fp8-layers", default=None,
+                   help="layers whose FP8 error is measured (default -13,-2; -2,-1 with --smoke)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -134,7 +186,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     with sdpa_priority(args.sdpa):
+        if args.fp8:
+            return measure_fp8(args, device, dtype, source, sizes[0], batches[0], backend)
         return measure(args, smoke, device, dtype, source, sizes, batches, warmup, iters, mm_n, backend, modes)
+
+
+def measure_fp8(args, device, dtype, source, size, batch, backend) -> int:
+    """The --fp8 part: print and (with --json) write `fp8_part`."""
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {dev_name}; torch {torch.__version__}; model {source}; fp8 against {args.dtype}")
+    model = load_vggt(source, device=device, dtype=dtype)
+    text = args.fp8_layers or ("-2,-1" if args.smoke else "-13,-2")
+    layers = model.normalize_layers([int(x) for x in text.split(",")])
+    res = fp8_part(model, args, device, size, batch, backend, layers)
+    if args.json:
+        args.json.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "model": source,
+                                         "fp8": res}, indent=1))
+    return 0
 
 
 def sdpa_priority(choice: str):
@@ -176,8 +244,12 @@ def measure(args, smoke, device, dtype, source, sizes, batches, warmup, iters, m
         print(f"{size}x{size}: {flops[size] / 1e9:.6g} GFLOP/image analytic ({no_attn / 1e9:.6g} without "
               f"attention); FlopCounterMode {counted / 1e9:.6g} (counts attention on CUDA only)")
     results = []
+    check = torch.rand(min(batches), 1, 3, sizes[0], sizes[0], device=device)
+    with torch.no_grad():
+        eager_feats = model(check, layers=(layer,))
+    equality = None
     for compiled in modes:
-        run = compile_model(model, args.compile_scope, backend) if compiled else model
+        run = compile_model(model, args.compile_scope, backend, args.compile_mode) if compiled else model
         for size in sizes:
             flops_one = flops[size]
             for b in batches:
@@ -198,13 +270,20 @@ def measure(args, smoke, device, dtype, source, sizes, batches, warmup, iters, m
                 print(f"{'compile' if compiled else 'eager  '} {size}x{size} B={b:3d}: {img_s:8.1f} img/s "
                       f"{sec * 1e3:9.1f} ms/batch {tflops:7.1f} TFLOP/s ({row['ratio_to_matmul'] * 100:5.1f}% of "
                       f"matmul) [first call {first:.1f} s]")
+        if compiled:
+            with torch.no_grad():
+                equality = feature_error(eager_feats, run(check, layers=(layer,)))[layer]
+            print(f"compiled vs eager features ({sizes[0]}x{sizes[0]}, B={check.shape[0]}, layer {layer}): max abs "
+                  f"{equality['max_abs']:.4g}, rel L2 {equality['rel_l2']:.3g} (features up to "
+                  f"{equality['ref_max_abs']:.3g}; bf16 rounding: rel L2 ~1e-2 or less)")
     total = time.perf_counter() - t_start
     print(f"total {total:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"device": dev_name, "torch": torch.__version__, "dtype": args.dtype,
                                          "model": source, "layer": layer, "matmul_tflops": mm / 1e12,
                                          "compile_scope": args.compile_scope, "compile_backend": backend,
-                                         "flop_check": flop_check, "results": results, "total_s": total}, indent=1))
+                                         "flop_check": flop_check, "results": results, "total_s": total,
+                                         "compiled_vs_eager": equality}, indent=1))
     return 0
 
 

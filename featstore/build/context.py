@@ -125,6 +125,7 @@ class PlanExecutor:
     tokens: str = "patch"
     max_rows: int | None = None
     peak_frames_held: int = 0  # most frame caches held at once (live, copies for stacking, step output)
+    reserve_frames: int | None = None  # longest sample: caps the room KV buffers get (None: set by run())
 
     def __post_init__(self) -> None:
         if self.tokens not in ("patch", "all"):
@@ -141,7 +142,8 @@ class PlanExecutor:
         """Run the step in chunks of at most `max_rows` rows: [(first row, outputs, cache)]."""
         parts = []
         for a, b in self._chunk_rows(step.size):
-            cache, copied = (None, 0) if step.depth == 0 else self.pool.gather(step.parents[a:b])
+            cache, copied = ((StreamCache(reserve_frames=self.reserve_frames), 0) if step.depth == 0
+                             else self.pool.gather(step.parents[a:b]))
             out, cache = self.model.stream_step(frames[a:b, None], cache, layers=self.layers)
             self.peak_frames_held = max(self.peak_frames_held, self.pool.frames_held() + copied
                                         + sum(c.frames_held for _, _, c in parts) + cache.frames_held)
@@ -186,6 +188,8 @@ class PlanExecutor:
         """Run a plan; `frames` gives each step's images (a callable of the step, or an iterable in step
         order), [N, 3, H, W] in [0, 1] on the model's device, N = nodes or distinct frames of the step."""
         source = frames if callable(frames) else iter(frames)
+        if self.reserve_frames is None and isinstance(steps, Sequence) and steps:
+            self.reserve_frames = max(st.depth for st in steps) + 1
         for i, step in enumerate(steps):
             images = source(step) if callable(source) else next(source, None)
             if images is None:

@@ -64,7 +64,7 @@ class BuildOptions:
     writer_threads: int = 4
     zstd_level: int = 1
     codec: str = "zstd"  # shard codec of every tensor (featstore.formats.codecs)
-    compile: bool = False
+    compile: str = "auto"  # torch.compile of the model's blocks: auto (on for CUDA devices), on, off
     num_parts: int = 1
     part: int = 0
     max_pixels: int | None = None

@@ -73,6 +73,8 @@ class Build:
         self.missing_examples: list[str] = []
         self.missing_ledger: str | None = None
         self.device: torch.device | None = None
+        self.first_image: str | None = None  # a local image of the work: the compile warm-up's shape
+        self.compile_report: Any = None
         # set by load_model (or, with nothing left to build, by adopt_previous_settings)
         self.model: Any = None
         self.extractor: Any = None
@@ -88,8 +90,9 @@ class Build:
 
     def load_model(self, model: torch.nn.Module | None = None) -> None:
         """Load the model on this rank's device (or adopt an already loaded one); settle dtype and layers."""
-        s = load_model(self.opts, self.resolve_device(), model)
+        s = load_model(self.opts, self.resolve_device(), model, self.first_image)
         self.model, self.extractor, self.layers, self.store_dtype = s.model, s.extractor, s.layers, s.store_dtype
+        self.compile_report = s.compile_report
 
     def adopt_previous_settings(self) -> bool:
         """When nothing is left to build, reuse the store's recorded settings instead of loading the model, if
@@ -220,6 +223,14 @@ def _remove_if_empty(folder: Path) -> None:
         pass
 
 
+def first_local_image(todo: list[Any]) -> str | None:
+    """The first work item's (first) image path, if it is a local file."""
+    if not todo:
+        return None
+    path = getattr(todo[0], "path", None) or next(iter(getattr(todo[0], "paths", None) or ()), None)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
 def _run(b: Build, started: float, distributed: bool) -> int:
     b.resolve_device()
     found = b.discover()
@@ -230,6 +241,7 @@ def _run(b: Build, started: float, distributed: bool) -> int:
         b.output.salvage()
         todo = b.plan(found.items)
         if todo or not b.adopt_previous_settings():
+            b.first_image = first_local_image(todo)
             b.load_model()
             b.check_settings()
         else:

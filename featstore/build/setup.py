@@ -3,6 +3,7 @@ that cuts records' tensors from its output."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,8 @@ from featstore.errors import OptionError
 from featstore.formats.record import parse_dtype
 from featstore.model.precision import Precision
 from featstore.runtime.env import DistEnv, dist_env
+
+log = logging.getLogger("featstore")
 
 
 
@@ -93,10 +96,45 @@ class ModelSetup:
     layers: tuple[int, ...]
     store_dtype: torch.dtype
     precision: Precision
+    compile_report: Any = None
 
 
-def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module | None = None) -> ModelSetup:
-    """Load the model on ``device`` (or adopt an already loaded one); settle dtype and layers."""
+def warmup_shapes(opts: BuildOptions, first_image: str | None) -> list[tuple[int, ...]]:
+    """[B, 1, 3, H, W] shapes of the first batch (`first_image`'s preprocessed size); for --context sample also
+    B-1 and 1, so the batch dimension turns dynamic in the warm-up, not at the first short step."""
+    if first_image is None:
+        return []
+    from PIL import Image
+
+    from featstore.model.preprocess import preprocessed_size
+
+    try:
+        with Image.open(first_image) as im:
+            h, w = preprocessed_size(im.width, im.height, opts.preprocess, opts.image_size)
+    except (OSError, ValueError):
+        return []  # no warm-up: the first batch compiles
+    b = opts.batch_size
+    sizes = {b, max(1, b - 1), 1} if opts.context == "sample" else {b}
+    return [(n, 1, 3, h, w) for n in sorted(sizes, reverse=True)]
+
+
+def compile_model(opts: BuildOptions, model: Any, layers: tuple[int, ...], device: torch.device,
+                  first_image: str | None, recipe: Precision) -> Any:
+    """``--compile`` (auto: on for CUDA): the blocks compiled in place and warmed up (featstore.model.compile)."""
+    from featstore.model.compile import CompileReport, prepare_compiled
+
+    if opts.model == NULL_MODEL:
+        return CompileReport(False, "stand-in model")
+    report = prepare_compiled(model, opts.compile, warmup_shapes(opts, first_image), layers, recipe.input_dtype,
+                              compute_context(recipe, device), stream=opts.context == "sample")
+    log.info("%s", report.line())
+    return report
+
+
+def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module | None = None,
+               first_image: str | None = None) -> ModelSetup:
+    """Load the model on ``device`` (or adopt an already loaded one); settle dtype and layers; compile it as
+    ``--compile`` says (warmed up at `first_image`'s shape when given)."""
     if opts.model == NULL_MODEL and opts.context != "image":
         raise OptionError(f"{shown(opts, 'model')}: the stand-in model has no streaming steps; use it with "
                           f"--context image, or pass a VGGT checkpoint")
@@ -104,9 +142,9 @@ def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module 
     store_dtype = store_dtype_of(opts, device)
     model = model if model is not None else load_build_model(opts.model, device, recipe, store_dtype)
     layers = layers_of(opts, int(model.config.depth))
-    forward = torch.compile(model) if opts.compile else None
-    extractor = Extractor(model, layers, store_dtype, opts.tokens, forward, input_dtype=recipe.input_dtype)
-    return ModelSetup(model, extractor, layers, store_dtype, recipe)
+    report = compile_model(opts, model, layers, device, first_image, recipe)
+    extractor = Extractor(model, layers, store_dtype, opts.tokens, input_dtype=recipe.input_dtype)
+    return ModelSetup(model, extractor, layers, store_dtype, recipe, report)
 
 
 def compute_context(recipe: Precision, device: torch.device) -> Any:

@@ -171,8 +171,13 @@ def _build_model_args(p: argparse.ArgumentParser) -> None:
                    help="images per forward pass (--context sample: frame streams per step, which sets the KV "
                         "cache memory, see docs/building.md); halved automatically on CUDA out of memory "
                         f"(default: {build_default('batch_size')}, or $BATCH_SIZE)")
-    g.add_argument("--compile", action="store_true",
-                   help="run the model under torch.compile (faster on GPU after warm-up)")
+    g.add_argument("--compile", nargs="?", const="on", choices=("auto", "on", "off"), default=build_default("compile"),
+                   help="torch.compile the model's transformer blocks (one compiled block reused by all, warmed up "
+                        "at the first batch's shape, compile caches kept under ~/.cache/featstore/inductor or "
+                        "$TORCHINDUCTOR_CACHE_DIR; the compile seconds are logged); auto: on for CUDA devices, off "
+                        f"on CPU; --compile alone means on (default: {build_default('compile')})")
+    g.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                   help="run the model eagerly (same as --compile off)")
     g.add_argument("--num-workers", type=int, default=build_default("num_workers"),
                    help="DataLoader processes decoding images (0: decode in the main process); one decodes roughly "
                         "30 640x480 JPEGs/s, so a GPU at 150 images/s needs about 6 (default, machine-dependent: "

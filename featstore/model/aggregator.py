@@ -10,7 +10,7 @@ from torch import nn
 from featstore.model.config import VGGTConfig
 from featstore.model.layers import Block, DinoVisionTransformer, RotaryEmbedding2D
 from featstore.model.layers.rope import RopeTables
-from featstore.model.stream import StreamCache
+from featstore.model.stream import StreamCache, cached_block_step
 
 _RESNET_MEAN = (0.485, 0.456, 0.406)
 _RESNET_STD = (0.229, 0.224, 0.225)
@@ -165,7 +165,7 @@ class VGGTAggregator(nn.Module):
         for i in range(cache.depth):
             x = self.frame_blocks[i](x, rope)
             frame_out = x
-            x, cache.kv[i] = self.global_blocks[i].forward_cached(x, rope, cache.kv[i])
+            x, cache.kv[i] = cached_block_step(self.global_blocks[i], x, rope, cache.kv[i], cache.limit_tokens(p))
             if i in wanted:
                 outputs[i] = torch.cat([frame_out.reshape(b, 1, p, c), x.reshape(b, 1, p, c)], dim=-1)
         cache.num_frames += 1

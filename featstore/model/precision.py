@@ -43,6 +43,8 @@ class Precision:
     input_dtype: torch.dtype
     uses_autocast: bool
     reproduces: str  # one line for --help and docs
+    training_exact: bool = True  # False: computes differently from every trainer (fp8); never a default or preset
+    fp8_linears: bool = False  # block linears as FP8 matmuls (featstore.model.fp8)
 
     def prepare(self, model: M) -> M:
         """Cast `model` in place (parameters and floating buffers, as ``module.bfloat16()``) and return it.
@@ -56,7 +58,12 @@ class Precision:
                 raise OptionError(f"precision {self.name!r} needs float32 weights, but the model holds {wrong}: "
                                   "load it with dtype=torch.float32 (load_vggt(..., dtype=torch.float32)).")
             return model
-        return model.to(self.weights_dtype)
+        model = model.to(self.weights_dtype)
+        if self.fp8_linears:
+            from featstore.model.fp8 import convert_fp8
+
+            convert_fp8(model)
+        return model
 
     def cast_input(self, images: torch.Tensor) -> torch.Tensor:
         """The model input: float images in [0, 1] (computed in float32, e.g. u8/255) cast to `input_dtype`."""
@@ -75,6 +82,8 @@ class Precision:
     def compute_name(self, device: torch.device | str) -> str:
         """How the model computes on `device`, e.g. ``bf16-weights+autocast-bfloat16`` (for logs and manifests)."""
         weights = str(self.weights_dtype).removeprefix("torch.")
+        if self.fp8_linears:
+            return f"{weights}-weights+fp8-linears"
         if not self.uses_autocast:
             return f"{weights}-weights"
         return f"{weights}-weights+autocast-{str(autocast_dtype(device)).removeprefix('torch.')}"
@@ -90,9 +99,15 @@ _RECIPES = (
     Precision("deepspeed-bf16", torch.bfloat16, torch.float32, True,
               "every parameter and floating buffer in bf16 (DeepSpeed's bf16 engine), float32 input, forward "
               "under autocast bf16 (JanusVLN's and VG-LLM's training scripts)"),
+    Precision("fp8", torch.bfloat16, torch.bfloat16, False,
+              "NOT training-exact, opt-in speed: bf16 with every block linear as an FP8 e4m3 matmul (rowwise "
+              "scales; torchao on GPUs with FP8 tensor cores, emulated on CPU); features differ from bf16",
+              training_exact=False, fp8_linears=True),
 )
 PRECISIONS: dict[str, Precision] = {p.name: p for p in _RECIPES}
 PRECISION_NAMES: tuple[str, ...] = tuple(PRECISIONS)
+#: The recipes that compute as a trainer does (what presets and defaults may use).
+TRAINING_EXACT_NAMES: tuple[str, ...] = tuple(p.name for p in _RECIPES if p.training_exact)
 
 
 def get_precision(name: str | Precision, shown: str = "precision") -> Precision:

@@ -122,12 +122,12 @@ def test_prepare_casts_parameters_and_buffers():
     assert ds.fingerprint == amp.fingerprint  # the weights as read, before any cast
     with pytest.raises(ValueError, match="dtype or precision, not both"):
         load_vggt("tiny", dtype=torch.float32, precision="amp")
-    with pytest.raises(OptionError, match="'fp8' is not a precision recipe"):
-        load_vggt("tiny", precision="fp8")
+    with pytest.raises(OptionError, match="'fp4' is not a precision recipe"):
+        load_vggt("tiny", precision="fp4")
 
 
 def test_recipe_attributes_and_autocast_context():
-    assert PRECISION_NAMES == ("fp32", "bf16", "amp", "deepspeed-bf16")
+    assert PRECISION_NAMES == ("fp32", "bf16", "amp", "deepspeed-bf16", "fp8")  # fp8: opt-in, not training-exact
     assert get_precision("bf16").cast_input(torch.rand(2, 3)).dtype == torch.bfloat16
     assert get_precision("deepspeed-bf16").cast_input(torch.rand(2, 3)).dtype == torch.float32
     with get_precision("deepspeed-bf16").autocast("cpu"):

@@ -42,7 +42,9 @@ class RopeTables:
 
     def for_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [P, head_dim] in `dtype`."""
-        if self._memo is None:
+        if self._memo is None or torch.compiler.is_compiling():
+            # Inside a compiled block the memo is not read or filled: reading it would guard on its contents,
+            # so the first block (memo empty) and the next (memo filled) would compile two graphs.
             return cos_sin(self.angles, dtype)
         hit = self._memo.get(dtype)
         if hit is None:
