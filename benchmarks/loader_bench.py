@@ -49,9 +49,9 @@ from featstore.export import export_to_shards  # noqa: E402
 from featstore.formats.codecs import CODECS, unshuffle_into, unzstd_into  # noqa: E402
 from featstore.formats.manifest import new_manifest, write_manifest
 from featstore.formats.perimage import write_pt  # noqa: E402
-from featstore.storage.backends import parse_location, storage_options_from_json  # noqa: E402
+from featstore.storage import parse_location, storage_options_from_json  # noqa: E402
 from featstore.formats.record import Record, decode_header  # noqa: E402
-from featstore.read.loader import open_store, stream  # noqa: E402
+from featstore.read import open_store, stream  # noqa: E402
 
 
 def make_data(root: Path, n: int, tokens: int, dim: int) -> list[str]:

@@ -48,7 +48,7 @@ from featstore.formats.record import Record, dtype_name, parse_dtype
 from featstore.formats.keys import CacheLayout
 from featstore.formats.shards import ClosedShard, ShardWriter, parse_shard_name
 from featstore.formats.shardstore import list_store_shards
-from featstore.storage.backends import LocalStorage, Storage, publish_json, reset_staging_dir
+from featstore.storage import LocalStorage, Storage, publish_json, reset_staging_dir
 from featstore.runtime.fsutil import atomic_write_bytes, remove_temp_files
 from featstore.build.locks import lock_for_rank
 from featstore.build.merge import merge_per_image_store, merge_shard_store, per_image_manifest_path, wait_for_parts, write_part

@@ -28,7 +28,7 @@ from featstore.runtime.fsutil import TMP_MARKER, disk_full_is_store_error, fsync
 from featstore.formats.layout import DEFAULT_SHARD_BYTES, SHARD_RE, SHARDS_DIR, shard_name
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 BLOCK = 512
 RECORD_SIZE = 20 * BLOCK  # tar archives end padded to a multiple of this

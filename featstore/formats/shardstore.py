@@ -20,7 +20,7 @@ from featstore.formats.index import Index, write_index
 from featstore.formats.layout import INDEX_NAME, SHARDS_DIR
 from featstore.formats.manifest import shape_key
 from featstore.formats.shards import ShardEntry, parse_shard_name, sha256_file
-from featstore.storage.backends import Storage, local_file_to_publish, parse_location, sha256_of
+from featstore.storage import Storage, local_file_to_publish, parse_location, sha256_of
 
 log = logging.getLogger("featstore")
 

@@ -14,7 +14,7 @@ from featstore.formats.keys import member_name
 from featstore.formats.record import Record, decode_record, encode_record
 from featstore.formats.shards import (BrokenShardError, HashingReader, ShardWriter, entries_of_stream, salvage_shard,
                                       scan_shard, scan_stored_shard, sha256_file, walk_shard)
-from featstore.storage.backends import LocalStorage
+from featstore.storage import LocalStorage
 from featstore.runtime.fsutil import temp_name_for
 
 

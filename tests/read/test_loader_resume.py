@@ -17,7 +17,8 @@ from featstore.formats.layout import SHARDS_DIR
 from featstore.errors import StoreError
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
-from featstore.read.loader import buffer_shuffle, round_robin_taken, stream
+from featstore.read import stream
+from featstore.read.plans import buffer_shuffle, round_robin_taken
 from featstore.build.merge import merge_shard_store
 from tests.featstore_helpers import REPO_ROOT
 
