@@ -1,0 +1,1 @@
+"""featstore build: the orchestrator, options, resume plan, schedule, decode stage, model call, sinks, merge, locks."""
