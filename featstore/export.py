@@ -39,7 +39,7 @@ from featstore.formats.shardstore import finalize_shard_store
 from featstore.formats.store import ShardStoreReads, Store
 from featstore.storage import parse_location
 from featstore.build.merge import collect_entries
-from featstore.read import open_location
+from featstore.read import open_store
 
 log = logging.getLogger("featstore")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
@@ -125,7 +125,7 @@ def _image_store_to_export(store_path: Path | str, storage_options: dict[str, An
     loc = locate_store(store_path, storage_options)
     if loc.layout != "shards":
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
-    store = open_location(loc)
+    store = open_store(loc)
     assert isinstance(store, ShardStoreReads)
     if store.context.get("mode") == "sample":
         raise StoreError(f"{store_path} holds one record per training sample: a sample's features depend on all "
@@ -210,7 +210,7 @@ def open_source(path: Path) -> Source:
     """Per-image caches or a shard store at ``path``, as a :class:`Source`."""
     loc = locate_store(path)
     if loc.layout == "shards":
-        store = open_location(loc)
+        store = open_store(loc)
         assert isinstance(store, ShardStoreReads)
         return _shard_source(store)
     return _per_image_source(loc, path)

@@ -37,7 +37,7 @@ def open_remote_store(url: str, storage_options: dict[str, Any] | None = None, *
     return store
 
 
-def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN,
+def open_store(path: str | os.PathLike[str] | StoreLocation, *, max_open: int = DEFAULT_MAX_OPEN,
                data_root: str | os.PathLike[str] | None = None,
                storage_options: dict[str, Any] | None = None) -> AnyStore:
     """Open a shard store or a per-image cache root (found from its manifest) for random access.
@@ -45,8 +45,11 @@ def open_store(path: str | os.PathLike[str], *, max_open: int = DEFAULT_MAX_OPEN
     ``data_root``: where the images are now, when the data moved (another machine, another mount): image paths
     under it are looked up as the keys they had under the manifest's data root. A data root with legacy caches
     and no manifest opens as a per-image store rooted there. ``path`` may be an fsspec URL of a shard store
-    (``s3://bucket/prefix``); ``storage_options`` go to its backend.
+    (``s3://bucket/prefix``); ``storage_options`` go to its backend. ``path`` may also be what
+    :func:`featstore.formats.locate.locate_store` already found.
     """
+    if isinstance(path, StoreLocation):
+        return open_location(path, max_open=max_open, data_root=data_root)
     if is_remote(path):
         return open_remote_store(str(path), storage_options, max_open=max_open, data_root=data_root)
     loc = locate_store(path)

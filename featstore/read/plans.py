@@ -4,7 +4,9 @@ had handed out (for resume)."""
 
 from __future__ import annotations
 
+import os
 import random
+from typing import Protocol
 
 import numpy as np
 
@@ -103,3 +105,49 @@ def items_of(samples: int, batch_size: int | None, drop_last: bool) -> int:
 def seed_int(seed: int) -> int:
     """A non-negative seed for numpy's generator."""
     return seed % (1 << 63)
+
+
+class Indexed(Protocol):
+    """What a plan is made from: a store's index."""
+
+    @property
+    def index(self) -> Index: ...
+
+
+class EpochPlan:
+    """The rows each consumer of a store reads in an epoch (see the module docs), built lazily in each process
+    from the store's index; a resumed epoch's plan comes from its chain of saved states
+    (:func:`featstore.read.resume.resumed_orders`)."""
+
+    def __init__(self, store: Indexed, seed: int, shuffle: bool, shuffle_buffer: int):
+        self._store, self.seed, self.shuffle, self.shuffle_buffer = store, seed, shuffle, shuffle_buffer
+        self._built: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return dict(self.__dict__, _built=None)  # each worker builds its own (cheap); pickles stay small
+
+    def _rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows in shard order, per-shard bounds, and each row's position in that order."""
+        if self._built is None or self._built[0] != os.getpid():
+            rows, bounds = shard_rows(self._store.index)
+            pos = np.empty(len(rows), dtype=np.int64)
+            pos[rows] = np.arange(len(rows))
+            self._built = (os.getpid(), rows, bounds, pos)
+        return self._built[1], self._built[2], self._built[3]
+
+    def specs(self) -> np.ndarray:
+        """Each index row's tensor-layout id (records of one id have tensors of the same shapes and dtypes)."""
+        return np.asarray(self._store.index.cols["spec"])
+
+    def orders(self, epoch: int, me: int, consumers: int) -> tuple[np.ndarray, np.ndarray]:
+        """Consumer ``me``'s rows in shard order (as stored) and in the order it yields them (shuffle buffer)."""
+        rows, bounds, _ = self._rows()
+        plan = epoch_plan(np.diff(bounds), me, consumers, self.seed, epoch, self.shuffle)
+        seq = np.concatenate([rows[bounds[s] + a:bounds[s] + b] for s, a, b in plan]) if len(plan) else rows[:0]
+        if self.shuffle and self.shuffle_buffer > 1:
+            return seq, buffer_shuffle(seq, self.shuffle_buffer, np.random.default_rng([seed_int(self.seed), epoch, me]))
+        return seq, seq
+
+    def in_shard_order(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` sorted as they are stored (shard, then offset)."""
+        return rows[np.argsort(self._rows()[2][rows], kind="stable")]

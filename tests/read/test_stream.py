@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import shutil
 
 import pytest
 import torch
