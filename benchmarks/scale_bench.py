@@ -38,7 +38,8 @@ def make_store(out: Path, n: int) -> float:
     from featstore.formats.layout import INDEX_NAME
     from featstore.formats.manifest import new_manifest, write_manifest
     from featstore.formats.record import Record, encode_record
-    from featstore.formats.shards import ShardWriter, sha256_file
+    from featstore.formats.shards import ShardWriter
+    from featstore.runtime.fsutil import file_sha256 as sha256_file
 
     t0 = time.time()
     # 16 MB shards hold ~10k of these tiny records (a real 1 GB shard holds ~250 records of ~4 MB).
@@ -102,7 +103,7 @@ print(json.dumps({"open_s": t_open, "lookup_p50_us": lat[len(lat) // 2] * 1e6,
 
 DISCOVER = HWM + """
 import json, resource, sys, time
-from featstore.discover.sources import discover_images
+from featstore.discover import discover_images
 base = hwm_mb()
 t = time.time()
 d = discover_images(sys.argv[1])

@@ -28,7 +28,7 @@ from featstore.formats.shards import ClosedShard, ShardEntry, scan_stored_shard
 from featstore.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
                                        read_json)
 from featstore.runtime.faults import crash_point
-from featstore.runtime.fsutil import is_temp_name
+from featstore.runtime.fsutil import is_temp_name, jsonl_bytes
 from featstore.formats.layout import FAILURES_LEDGER, INDEX_NAME, PARTS_DIR, PER_IMAGE_FAILURES_LEDGER, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARDS_DIR, SHARD_MANIFEST
 
 log = logging.getLogger("featstore")
@@ -128,28 +128,27 @@ def _merge_summaries(parts: list[dict[str, Any]]) -> tuple[dict[str, int], Count
 
 
 def _write_ledger(store: Storage, name: str, failures: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures)
-    store.publish_bytes(name, text.encode("utf-8"))
+    store.publish_bytes(name, jsonl_bytes(failures))
 
 
 def check_part_settings(parts: list[dict[str, Any]]) -> None:
     """StoreError naming the first part built with other settings than the first part (and each setting that
-    differs): one store holds records of one set of settings."""
+    differs, by formats.manifest.BuildSettings' one rule): one store holds records of one set of settings."""
     if not parts:
         return
     first = BuildSettings.of(parts[0])
     for p in parts[1:]:
         diffs = first.differences(BuildSettings.of(p))
         if diffs:
-            said = "; ".join(f"{name}: {_short(mine)} in {part_stem(parts[0]['gid'])}, {_short(theirs)} in "
-                             f"{part_stem(p['gid'])}" for name, mine, theirs in diffs)
+            said = "; ".join(f"{d.flag}: {_short(d.stored)} in {part_stem(parts[0]['gid'])}, {_short(d.requested)} "
+                             f"in {part_stem(p['gid'])} ({d.setting})" for d in diffs)
             raise StoreError(f"refusing to merge parts built with different settings ({said}): one store holds "
                              f"records of one set of settings; rebuild the part that differs with the others' flags "
                              f"(--no-skip-existing), then merge again")
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else repr(value)
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from featstore.constants import DEFAULT_IMAGE_SIZE, JANUSVLN_IMAGE_SIZE, PATCH_SIZE, is_patch_multiple
 from featstore.errors import OptionError
 from featstore.formats.layout import DEFAULT_SHARD_BYTES
 
@@ -40,7 +41,7 @@ class BuildOptions:
     dtype: str | None = None
     layers: tuple[int, ...] = (-2,)
     preprocess: str = "crop"
-    image_size: int = 518
+    image_size: int = DEFAULT_IMAGE_SIZE
     context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
     reference_frame: str = "first"
     history: int | None = None  # samples from episode folders with JanusVLN's history rule
@@ -157,9 +158,9 @@ def check_build_options(opts: Any) -> None:
 def check_context(opts: Any) -> None:
     """Image size, codec and the training-sample options (--context sample, --history) fit together."""
     size = opts.image_size
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 14:
-        raise OptionError(f"{shown(opts, 'image_size')}: expected a positive multiple of 14 (the patch size): use "
-                          f"518 (official VGGT) or 644 (JanusVLN)")
+    if not is_patch_multiple(size):
+        raise OptionError(f"{shown(opts, 'image_size')}: expected a positive multiple of {PATCH_SIZE} (the patch "
+                          f"size): use {DEFAULT_IMAGE_SIZE} (official VGGT) or {JANUSVLN_IMAGE_SIZE} (JanusVLN)")
     if opts.context not in ("image", "sample"):
         raise OptionError(f"{shown(opts, 'context')}: expected image or sample")
     _at_least(opts, "history", 0, "a number of history frames, e.g. 8")

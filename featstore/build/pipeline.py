@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from featstore.constants import DEFAULT_IMAGE_SIZE
 from featstore.runtime.faults import crash_point
 from featstore.formats.keys import CacheLayout
 from featstore.formats.perimage import encode_pt
@@ -104,7 +105,7 @@ class DecodeOptions:
     """How every image of a build is decoded and preprocessed."""
 
     mode: str = "crop"
-    image_size: int = 518
+    image_size: int = DEFAULT_IMAGE_SIZE
     apply_exif: bool = False
     hash_inputs: bool = False
     max_pixels: int | None = None

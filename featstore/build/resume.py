@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from featstore.errors import FeatstoreError, OptionError, StoreError
 from featstore.formats.layout import BUILD_CONFIG, SHARD_MANIFEST, SHARDS_DIR, STORE_DIR
 from featstore.formats.keys import CacheLayout
-from featstore.formats.manifest import SETTING_FIELDS, parse_manifest, read_manifest
+from featstore.formats.manifest import BuildSettings, parse_manifest, read_manifest
 from featstore.formats.perimage import read_pt
 from featstore.formats.shards import read_record_meta, read_record_meta_at, salvage_shard
 from featstore.storage import LocalStorage, Storage, is_remote, parse_location, redact, staging_dir
@@ -30,10 +30,6 @@ from featstore.discover.samples import RecordItem, SampleItem
 from featstore.formats.staleness import frames_changed, is_checkable, source_changed
 
 log = logging.getLogger("featstore")
-
-#: The image size of stores recorded before ``preprocess.target_size`` existed (they were all built at 518).
-UNRECORDED_TARGET_SIZE = 518
-
 
 
 @dataclass(frozen=True)
@@ -84,7 +80,7 @@ def rank_share(items: Sequence[RecordItem], gid: int, world: int) -> list[Record
 
 
 # --- settings ------------------------------------------------------------------------------------------------
-def previous_settings(t: BuildTarget) -> dict[str, Any] | None:
+def previous_settings(t: BuildTarget) -> BuildSettings | None:
     """The settings the store's records were built with (``build.json``, else the manifest); None for a store
     without records, whose settings bind nothing (a rerun with other settings into it just builds)."""
     if t.layout == "shards":
@@ -92,7 +88,7 @@ def previous_settings(t: BuildTarget) -> dict[str, Any] | None:
             return None
         for name in (BUILD_CONFIG, SHARD_MANIFEST):
             try:
-                return parse_manifest(t.store.read_bytes(name), t.store.describe(name))
+                return BuildSettings.of(parse_manifest(t.store.read_bytes(name), t.store.describe(name)))
             except (OSError, StoreError):
                 continue
         return None
@@ -101,53 +97,33 @@ def previous_settings(t: BuildTarget) -> dict[str, Any] | None:
         m = read_manifest(path) if path.is_file() else None
     except StoreError:
         return None
-    return m if m and m.get("processed_images") else None
+    return BuildSettings.of(m) if m and m.get("processed_images") else None
 
 
-def settings_differences(recorded: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """What this run would change of the settings a store's records share, one ``"<what>: store has X, this
-    run Y"`` each. A setting the store did not record binds nothing (older stores), except the image size
-    (those stores were built at 518) and the context (per image)."""
-    diffs = [f"{k}: store has {recorded[k]}, this run {requested[k]}" for k in ("layers", "dtype", "tokens", "compute")
-             if recorded.get(k) is not None and k in requested and recorded[k] != requested[k]]
-    fp, mine = (recorded.get("model") or {}).get("fingerprint"), (requested.get("model") or {}).get("fingerprint")
-    if fp and mine and fp != mine:
-        diffs.append(f"model fingerprint: store has {fp[:12]}, this run {mine[:12]}")
-    had, want = recorded.get("preprocess") or {}, requested["preprocess"]
-    if had.get("mode") and had["mode"] != want["mode"]:
-        diffs.append(f"preprocess: store has {had['mode']}, this run {want['mode']}")
-    if had.get("target_size", UNRECORDED_TARGET_SIZE) != want["target_size"]:
-        diffs.append(f"image size: store has {had.get('target_size', UNRECORDED_TARGET_SIZE)}, this run "
-                     f"{want['target_size']}")
-    if (recorded.get("context") or {"mode": "image"}) != requested["context"]:
-        diffs.append(f"context: store has {recorded.get('context') or {'mode': 'image'}}, this run "
-                     f"{requested['context']}")
-    return diffs
-
-
-def check_compatible(recorded: dict[str, Any] | None, requested: dict[str, Any], where: str) -> None:
-    """Refuse (StoreError) to add records built with other settings to a store: mixing them corrupts training."""
-    diffs = settings_differences(recorded, requested) if recorded else []
+def check_compatible(recorded: BuildSettings | None, requested: BuildSettings, where: str) -> None:
+    """Refuse (StoreError) to add records built with other settings to a store: mixing them corrupts training.
+    The rule of what binds is formats.manifest.SETTING_RULES."""
+    diffs = recorded.differences(requested) if recorded else []
     if diffs:
-        raise StoreError(f"the store at {where} was built with other settings ({'; '.join(diffs)}). Mixing "
-                         f"them would corrupt training: use another --out, or --no-skip-existing to rebuild "
-                         f"every record with the new settings")
+        raise StoreError(f"the store at {where} was built with other settings ({'; '.join(d.describe() for d in diffs)})."
+                         f" Mixing them would corrupt training: use another --out, pass the store's values, or "
+                         f"--no-skip-existing to rebuild every record with the new settings")
 
 
-def reusable_settings(recorded: dict[str, Any] | None, requested: dict[str, Any]) -> dict[str, Any] | None:
+def reusable_settings(recorded: BuildSettings | None, requested: BuildSettings) -> BuildSettings | None:
     """The recorded settings a run with nothing left to build carries over without loading the model, or None.
 
-    ``requested`` holds what is known before the model loads (checkpoint path, layers resolved against the
-    recorded depth, dtype, tokens, preprocessing, context, compute). Only a store that recorded each of them
-    and matches qualifies; anything else loads the model and is compared by fingerprint.
+    ``requested`` holds what is known before the model loads (no fingerprint yet). Only a store that recorded
+    the checkpoint path, layers, model config, dtype and preprocessing and matches them qualifies; anything else
+    loads the model and is compared by fingerprint.
     """
-    if not recorded or not recorded.get("layers") or not (recorded.get("model") or {}).get("config"):
+    if not recorded or not recorded.layers or not (recorded.model or {}).get("config"):
         return None
-    if any(recorded.get(k) is None for k in ("dtype", "tokens")) or not (recorded.get("preprocess") or {}).get("mode"):
+    if recorded.dtype is None or not recorded.preprocess.get("mode"):
         return None
-    if recorded.get("vggt_model_path") != requested["vggt_model_path"] or settings_differences(recorded, requested):
+    if recorded.vggt_model_path != requested.vggt_model_path or recorded.differences(requested):
         return None
-    return {k: recorded[k] for k in SETTING_FIELDS if k in recorded}
+    return recorded
 
 
 # --- what is done ----------------------------------------------------------------------------------------------

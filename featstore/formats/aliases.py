@@ -1,7 +1,7 @@
 """The alias index of a sample store: frame-list lookups for records keyed by an annotation ``id``.
 
 A sample record's key is its annotation ``id`` when the id is unique, else the digest of its ordered frames
-(:func:`featstore.discover.samples.sample_key`). So that a training dataset can find a record from the frames it holds
+(:func:`featstore.formats.keys.frames_key`). So that a training dataset can find a record from the frames it holds
 whatever the key, ``aliases.fsi`` (the index format of :mod:`featstore.formats.index`) maps the frame digest
 of every id-keyed record to that record's bytes. Stores whose keys are all digests have no alias index.
 """
@@ -12,18 +12,20 @@ import os
 from pathlib import Path
 
 from featstore.formats.index import write_index
-from featstore.formats.shards import ShardEntry, read_record_meta
-from featstore.discover.samples import SAMPLE_KEY_PREFIX, sample_key
+from featstore.formats.keys import SAMPLE_KEY_PREFIX, frames_key
 from featstore.formats.layout import ALIAS_INDEX, SHARDS_DIR
+from featstore.formats.shards import ShardEntry, read_record_meta
 
+#: Context modes whose records are keyed by a frame list (one record per training sample).
+SAMPLE_CONTEXTS = ("sample", "joint")
 
 
 def frames_digest(meta: dict) -> str | None:
     """The frame-digest key of a sample record's metadata (None for an image record)."""
     frames = meta.get("frames")
-    if meta.get("context") != "sample" or not isinstance(frames, list):
+    if meta.get("context") not in SAMPLE_CONTEXTS or not isinstance(frames, list):
         return None
-    return sample_key([str(f) for f in frames], str(meta.get("reference_frame", "first")))
+    return frames_key([str(f) for f in frames], str(meta.get("reference_frame", "first")))
 
 
 def write_alias_index(out_dir: Path, shards: list[str], known: dict[str, list[ShardEntry]]) -> int:

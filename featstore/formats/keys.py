@@ -8,16 +8,32 @@ root, and ``key_of``).
 
 webdataset splits a member name at the first dot of its basename, so keys are percent-encoded into a flat
 token with no dots or slashes; the original key is also stored inside the record.
+
+A training sample's key without an annotation id is the digest of its ordered frame keys (:func:`frames_key`),
+the same rule for writers (the build, ``aliases.fsi``) and readers (``get_sample(frames)``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import quote, unquote
 
 from featstore.errors import RecordError
 from featstore.formats.layout import PER_IMAGE_SUFFIX, RECORD_EXT
+
+SAMPLE_KEY_PREFIX = "sample-"
+
+
+def frames_key(frames: Sequence[str], reference_frame: str = "first") -> str:
+    """THE frame-list key of a sample record: ``"sample-" + sha256(json.dumps([reference_frame, *frames],
+    ensure_ascii=True, separators=(",", ":")).encode("ascii")).hexdigest()[:32]`` (frames in training order)."""
+    payload = json.dumps([reference_frame, *frames], ensure_ascii=True, separators=(",", ":"))
+    return SAMPLE_KEY_PREFIX + hashlib.sha256(payload.encode("ascii")).hexdigest()[:32]
+
 
 def encode_key(key: str) -> str:
     """Encode ``key`` as a token of ``[A-Za-z0-9_%-]`` only (reversible, non-UTF-8 names included)."""

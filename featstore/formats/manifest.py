@@ -14,8 +14,9 @@ import copy
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
+from featstore.constants import DEFAULT_IMAGE_SIZE
 from featstore.errors import StoreError
 from featstore.runtime.fsutil import atomic_write_json
 from featstore.formats.layout import PER_IMAGE_FORMAT, PER_IMAGE_MANIFEST, SHARD_FORMAT, SHARD_MANIFEST, STORE_DIR
@@ -34,8 +35,9 @@ def _no_model() -> dict[str, Any]:
 
 @dataclass
 class BuildSettings:
-    """What every record of a store shares, set by the build's flags: a resume into the store and a merge of
-    its parts must agree on them. Manifests, ``build.json`` and part summaries hold them as top-level fields."""
+    """What the records of a store were built with, set by the build's flags; the one settings object of build,
+    resume, merge, export and verify. Manifests, ``build.json`` and part summaries hold them as top-level fields;
+    how each one binds a store is :data:`SETTING_RULES`, applied by :meth:`differences` alone."""
 
     vggt_model_path: str = ""
     model: dict[str, Any] = field(default_factory=_no_model)  # {"fingerprint", "name", "config"}
@@ -54,38 +56,97 @@ class BuildSettings:
 
     @classmethod
     def of(cls, doc: Mapping[str, Any]) -> "BuildSettings":
-        """The settings recorded in a manifest, ``build.json`` or part summary (absent fields: defaults)."""
-        found = {k: copy.deepcopy(doc[k]) for k in SETTING_FIELDS if k in doc}
+        """The settings recorded in a manifest, ``build.json`` or part summary: absent fields read as their
+        defaults, and settings older versions did not record as what those versions built (:func:`_historic`)."""
+        found = {k: copy.deepcopy(doc[k]) for k in SETTING_FIELDS if k in doc and doc[k] is not None}
         if "vggt_model_path" not in found and "model_path" in doc:  # part summaries of early versions
             found["vggt_model_path"] = str(doc["model_path"])
-        return cls(**found)
+        return _historic(cls(**found))
 
     def to_json(self) -> dict[str, Any]:
         """The settings as top-level manifest fields."""
         return {k: copy.deepcopy(getattr(self, k)) for k in SETTING_FIELDS}
 
-    def differences(self, other: "BuildSettings") -> list[tuple[str, Any, Any]]:
-        """(field, mine, other's) for each setting in which records built with ``self`` and ``other`` differ.
-
-        The model is compared by fingerprint, and dict settings on the keys both record; an unknown value
-        (None, as older stores have) differs from nothing. The checkpoint's path (each machine of a job array
-        may keep it elsewhere) and the tensor table (derived from layers, dtype and codec) are not compared.
-        """
+    def differences(self, requested: "BuildSettings") -> list["Difference"]:
+        """Each binding setting (:data:`SETTING_RULES`) in which records built with ``self`` (the store's) and
+        with ``requested`` differ. The model is compared by fingerprint and dict settings key by key; a value one
+        side did not record (None, or a key it lacks) binds nothing."""
         out = []
         for name in SETTING_FIELDS:
-            if name in ("vggt_model_path", "tensors"):
+            if SETTING_RULES[name] != BINDS:
                 continue
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if name == "model":
-                mine, theirs = (mine or {}).get("fingerprint"), (theirs or {}).get("fingerprint")
-            elif isinstance(mine, dict) and isinstance(theirs, dict):
-                mine, theirs = ({k: d[k] for k in sorted(mine.keys() & theirs.keys())} for d in (mine, theirs))
-            if mine is not None and theirs is not None and mine != theirs:
-                out.append((name, mine, theirs))
+            for sub, mine, theirs in _compared(name, getattr(self, name), getattr(requested, name)):
+                if mine != theirs:
+                    out.append(Difference(sub, SETTING_FLAGS.get(sub, "--" + sub), mine, theirs))
         return out
 
 
+class Difference(NamedTuple):
+    """One binding setting in which two sets of settings differ: its name, the flag that sets it, both values."""
+
+    setting: str
+    flag: str
+    stored: Any
+    requested: Any
+
+    def describe(self, mine: str = "the store's records have", theirs: str = "this run") -> str:
+        """``--apply-exif: the store's records have false, this run true (preprocess.apply_exif)``."""
+        return f"{self.flag}: {mine} {_shown(self.stored)}, {theirs} {_shown(self.requested)} ({self.setting})"
+
+
+def _shown(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _compared(name: str, mine: Any, theirs: Any) -> list[tuple[str, Any, Any]]:
+    """The values compared for setting ``name``, known on both sides: the model's fingerprint, each key of a dict
+    setting both record (``preprocess.apply_exif``; a recorded None is a value), else the value itself (None or
+    an empty list: not recorded)."""
+    if name == "model":
+        mine, theirs = (mine or {}).get("fingerprint"), (theirs or {}).get("fingerprint")
+    elif isinstance(mine, dict) and isinstance(theirs, dict):
+        return [(f"{name}.{k}", mine[k], theirs[k]) for k in sorted(mine.keys() & theirs.keys())]
+    return [] if mine in (None, []) or theirs in (None, []) else [(name, mine, theirs)]
+
+
+def _historic(s: BuildSettings) -> BuildSettings:
+    """Fill in what stores recorded before a setting existed: every build ran at image size 518, without EXIF
+    rotation, to a multiple of 14 (28 for janusvln), one record per image; a store that recorded no
+    preprocessing at all (an older script's caches) stays unknown."""
+    pre = s.preprocess
+    if pre.get("mode") is not None:
+        pre.setdefault("apply_exif", False)
+        pre.setdefault("target_size", HISTORIC_IMAGE_SIZE)
+        pre.setdefault("multiple", 28 if pre["mode"] == "janusvln" else 14)
+    s.context.setdefault("mode", "image")
+    return s
+
+
 SETTING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BuildSettings))  # the one list of build settings
+
+BINDS, PER_RECORD, FREE, DERIVED = "binds", "per-record", "free", "derived"
+#: How each setting binds a store, the one rule resume and merge apply (through :meth:`BuildSettings.differences`):
+#: - ``binds``: it changes the stored numbers, so every record of a store shares it; a resume into the store or a
+#:   merge of its parts with another value is refused, naming the setting.
+#: - ``per-record``: it changes only how the bytes are encoded; records may differ (each record's bytes name the
+#:   codec of each tensor), the manifest holds the latest build's value. The zstd level is not recorded at all.
+#: - ``free``: it changes neither. ``vggt_model_path`` is where the checkpoint lies (the model binds by its
+#:   fingerprint); ``source_fingerprint`` is how ``--hash-inputs`` notes each source image: every record keeps
+#:   its own note and staleness judges each record by its own, so runs may differ; the manifest holds the latest.
+#: - ``derived``: ``tensors`` follows from layers, dtype and codec.
+SETTING_RULES: dict[str, str] = {"vggt_model_path": FREE, "model": BINDS, "layers": BINDS, "tensors": DERIVED,
+                                 "preprocess": BINDS, "context": BINDS, "dtype": BINDS, "compute": BINDS,
+                                 "codec": PER_RECORD, "tokens": BINDS, "source_fingerprint": FREE}
+#: The flag that sets each binding setting, for messages.
+SETTING_FLAGS: dict[str, str] = {"model": "--model", "layers": "--layers", "preprocess.mode": "--preprocess",
+                                 "preprocess.apply_exif": "--apply-exif", "preprocess.target_size": "--image-size",
+                                 "preprocess.multiple": "--preprocess", "context.mode": "--context",
+                                 "context.reference_frame": "--reference-frame", "context.history": "--history",
+                                 "dtype": "--dtype", "compute": "--autocast", "tokens": "--tokens"}
+#: The image size of stores recorded before ``preprocess.target_size`` existed (they were all built at 518).
+HISTORIC_IMAGE_SIZE = DEFAULT_IMAGE_SIZE
+assert set(SETTING_RULES) == set(SETTING_FIELDS), "every build setting needs a rule"
 
 
 @dataclass
@@ -110,7 +171,7 @@ class Manifest(BuildSettings):
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_FIELDS, 0))
     failures_ledger: str | None = None
     missing_ledger: str | None = None  # MISSING_LEDGER / PER_IMAGE_MISSING_LEDGER when annotated images are missing
-    # how images were chosen (featstore.discover.sources.Discovery.to_record): annotation files with their counts,
+    # how images were chosen (featstore.discover.Discovery.manifest_entry): annotation files with their counts,
     # image list, data_path, or a scan; verify compares the store with the same sources
     sources: dict[str, Any] | None = None
     times: dict[str, Any] = field(default_factory=lambda: {"started": None, "finished": None, "seconds": None})

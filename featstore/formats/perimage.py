@@ -8,7 +8,6 @@ hostile pickle cannot run code.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,9 @@ import torch
 from featstore.errors import RecordError, describe_load_error
 from featstore.formats.keys import CacheLayout
 from featstore.formats.record import Record, record_from_pt, record_to_pt
-from featstore.runtime.fsutil import atomic_write_bytes, is_temp_name
+from featstore.formats.layout import PER_IMAGE_SUFFIX
+from featstore.runtime.fsutil import atomic_write_bytes
+from featstore.runtime.walk import walk_files
 
 
 def encode_pt(rec: Record) -> bytes:
@@ -48,11 +49,10 @@ def read_pt(path: Path, *, key: str | None = None, verify: bool = True) -> Recor
 
 
 def scan_per_image(root: Path) -> Iterator[str]:
-    """Keys of every ``*.vggt_cache.pt`` file under ``root``, in sorted walk order (temporary files skipped)."""
+    """Keys of every ``*.vggt_cache.pt`` file under ``root``, in walk order (``runtime.walk``: name order, hidden
+    entries and temporary files skipped)."""
     layout = CacheLayout(root)
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for name in sorted(files):
-            key = None if is_temp_name(name) else layout.key_of(os.path.join(dirpath, name))
-            if key is not None:
-                yield key
+    for f in walk_files(root, lambda name: name.endswith(PER_IMAGE_SUFFIX)):
+        key = layout.key_of(f.path)
+        if key is not None:
+            yield key

@@ -18,7 +18,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from featstore.errors import RecordError, StoreError
 from featstore.formats.keys import key_from_member, member_name
@@ -73,11 +73,17 @@ def parse_shard_name(name: str) -> tuple[str, int, int] | None:
     return (m["prefix"], int(m["rank"]), int(m["n"])) if m else None
 
 
+def complete_shards(listing: Mapping[str, int]) -> dict[str, int]:
+    """THE shard listing rule: the complete shards of a folder listing (name or path -> bytes), by base name;
+    only shard names count (a temporary file never parses as one)."""
+    return {n.rsplit("/", 1)[-1]: size for n, size in listing.items() if parse_shard_name(n.rsplit("/", 1)[-1])}
+
+
 def list_shards(shards_dir: Path) -> list[str]:
-    """Names of the complete shards in ``shards_dir`` (temporary files excluded), sorted."""
+    """Names of the complete shards in the local folder ``shards_dir``, sorted."""
     if not shards_dir.is_dir():
         return []
-    return sorted(e.name for e in os.scandir(shards_dir) if e.is_file() and parse_shard_name(e.name))
+    return sorted(complete_shards({e.name: 0 for e in os.scandir(shards_dir) if e.is_file()}))
 
 
 def entry_from_record_bytes(key: str, offset: int, data: bytes | memoryview) -> ShardEntry:
@@ -357,15 +363,6 @@ def read_record_meta_at(storage: "Storage", shard: str, offset: int) -> dict:
     (hlen,) = struct.unpack("<I", head[4:8]) if len(head) == 8 else (0,)
     header, _, _ = decode_header(head + storage.read_range(name, offset + 8, hlen))
     return dict(header.get("meta") or {})
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def iter_shard_records(storage: "Storage", runs: Iterable[tuple[str, Sequence[Any]]], *,

@@ -19,7 +19,8 @@ from featstore.formats.aliases import write_alias_index
 from featstore.formats.index import Index, write_index
 from featstore.formats.layout import INDEX_NAME, SHARDS_DIR
 from featstore.formats.manifest import shape_key
-from featstore.formats.shards import ShardEntry, parse_shard_name, sha256_file
+from featstore.formats.shards import ShardEntry, complete_shards, parse_shard_name
+from featstore.runtime.fsutil import file_sha256
 from featstore.storage import Storage, local_file_to_publish, parse_location, sha256_of
 
 log = logging.getLogger("featstore")
@@ -47,8 +48,7 @@ def shard_order(name: str) -> tuple[int, int]:
 def list_store_shards(store: Any) -> dict[str, int]:
     """The complete shards of a store (a folder, URL or Storage; temporary files excluded): name -> bytes."""
     st = parse_location(store)
-    return {n.rsplit("/", 1)[-1]: size for n, size in st.list(SHARDS_DIR).items()
-            if parse_shard_name(n.rsplit("/", 1)[-1])}
+    return complete_shards(st.list(SHARDS_DIR))
 
 
 def finalize_shard_store(store: Storage, known: Mapping[str, list[ShardEntry]], *, sample_context: bool,
@@ -65,7 +65,7 @@ def finalize_shard_store(store: Storage, known: Mapping[str, list[ShardEntry]], 
     live = [s for s in ordered if not known[s] or any(latest[e.key] == s for e in known[s])]
     with local_file_to_publish(store, INDEX_NAME) as path:
         n = write_index(path, live, ((i, e) for i, s in enumerate(live) for e in known[s]))
-        index = {"name": INDEX_NAME, "records": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        index = {"name": INDEX_NAME, "records": n, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
         specs = _spec_counts(Index(path))  # read back now: an unreadable index fails here, not in training
     if sample_context:
         _write_aliases(store, live, known)

@@ -10,19 +10,10 @@ record per training sample) notes every frame and is stale when any frame is.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Mapping, Sequence
 
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file's content, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from featstore.runtime.fsutil import file_sha256
 
 
 def is_checkable(recorded: Mapping[str, Any] | None) -> bool:

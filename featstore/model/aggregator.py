@@ -9,6 +9,7 @@ from torch import nn
 
 from featstore.model.config import VGGTConfig
 from featstore.model.layers import Block, DinoVisionTransformer, RotaryEmbedding2D
+from featstore.model.layers.rope import RopeTables
 from featstore.model.stream import StreamCache
 
 _RESNET_MEAN = (0.485, 0.456, 0.406)
@@ -50,7 +51,8 @@ class VGGTAggregator(nn.Module):
         self.source: str = ""
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)create the non-persistent input-normalisation buffers (float32), e.g. after meta-device build."""
+        """(Re)create the non-persistent input-normalisation buffers (float32), e.g. after meta-device build;
+        a precision recipe casts them afterwards (`module.bfloat16()` rounds them, as DeepSpeed does)."""
         device = self.camera_token.device if device is None else device
         self.register_buffer("_resnet_mean", torch.tensor(_RESNET_MEAN, device=device).view(1, 1, 3, 1, 1),
                              persistent=False)
@@ -89,14 +91,20 @@ class VGGTAggregator(nn.Module):
             per_frame = later.expand(-1, s, -1, -1)
         return per_frame.expand(b, -1, -1, -1).reshape(b * s, tok.shape[2], tok.shape[3])
 
-    def _embed(self, images: torch.Tensor, first_frame_is_start: bool) -> tuple[torch.Tensor, tuple]:
-        """Images [B,S,3,H,W] in [0,1] -> tokens [B*S, P, C] and the per-frame RoPE tables."""
+    def _embed(self, images: torch.Tensor, first_frame_is_start: bool) -> tuple[torch.Tensor, RopeTables]:
+        """Images [B,S,3,H,W] in [0,1] -> tokens [B*S, P, C] and the per-frame RoPE tables.
+
+        Normalisation follows torch type promotion as the reference does: bf16 images with bf16 buffers
+        normalise in bf16, float32 images with bf16 buffers in float32 with the bf16-rounded constants.
+        """
         b, s, _, h, w = images.shape
-        dtype = self.camera_token.dtype
-        x = (images.float() - self._resnet_mean.float()) / self._resnet_std.float()
-        patches = self.patch_embed(x.reshape(b * s, 3, h, w).to(dtype))
+        x = (images - self._resnet_mean) / self._resnet_std
+        weight = self.patch_embed.patch_embed.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)  # weights in another dtype than the input, no autocast to bridge them
+        patches = self.patch_embed(x.reshape(b * s, 3, h, w))
         tokens = torch.cat([self._special_tokens(b, s, first_frame_is_start), patches], dim=1)
-        rope = self.rope.tables(h // self.patch_size, w // self.patch_size, tokens.device, dtype)
+        rope = self.rope.tables(h // self.patch_size, w // self.patch_size, tokens.device)
         return tokens, rope
 
     # ----------------------------------------------------------------------------------------------

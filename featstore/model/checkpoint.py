@@ -12,19 +12,21 @@ from typing import Callable, Mapping
 
 import torch
 
+from featstore.constants import NAMED_MODELS
 from featstore.errors import CheckpointError, describe_load_error
 from featstore.model.aggregator import VGGTAggregator
 from featstore.model.config import VGGTConfig, get_config
+from featstore.model.precision import Precision, get_precision
 from featstore.model.weights import fill_module_with_rule_
 
-#: Names that build a model from the golden weight rule instead of reading a file.
-NAMED_SOURCES = {"tiny": "tiny", "vggt-1b-random": "vggt-1b"}
-#: File names looked for inside a checkpoint directory, in this order.
-CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
+#: Names that build a model from the golden weight rule instead of reading a file (``constants.NAMED_MODELS``).
+NAMED_SOURCES = NAMED_MODELS
+#: File names looked for inside a checkpoint directory, in this order (checkpoints.pth: StreamVGGT's release).
+CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin", "checkpoints.pth")
 HEAD_NAMES = ("camera_head", "depth_head", "point_head", "track_head")
 _ANCHOR = "camera_token"
-_EXPECTED = ("expected model.safetensors, model.pt, model.pth, pytorch_model.bin or sharded safetensors "
-             "with a *.safetensors.index.json (a file, or a directory holding one)")
+_EXPECTED = ("expected model.safetensors, model.pt, model.pth, pytorch_model.bin, checkpoints.pth or sharded "
+             "safetensors with a *.safetensors.index.json (a file, or a directory holding one)")
 _SHOW = 5
 
 
@@ -288,14 +290,21 @@ def _build(config: VGGTConfig, tensors: dict[str, torch.Tensor] | None, device: 
     return model.eval().requires_grad_(False)
 
 
-def load_vggt(source: str | os.PathLike, device: torch.device | str = "cpu",
-              dtype: torch.dtype | None = None) -> VGGTAggregator:
+def load_vggt(source: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+              precision: str | Precision | None = None) -> VGGTAggregator:
     """Load the VGGT aggregator (eval mode) from a checkpoint file or directory, or a rule-weight name.
 
-    `source`: a path (model.safetensors, model.pt, model.pth, pytorch_model.bin, sharded safetensors
-    index, or a directory holding one), or "tiny" / "vggt-1b-random" (golden rule weights). `dtype`
-    None means bfloat16 on a CUDA device that supports it, else float32.
+    `source`: a path (model.safetensors, model.pt, model.pth, pytorch_model.bin, StreamVGGT's
+    checkpoints.pth, sharded safetensors index, or a directory holding one), or "tiny" /
+    "vggt-1b-random" (golden rule weights). `dtype` None means bfloat16 on a CUDA device that supports
+    it, else float32. `precision` (a recipe name, see `featstore.model.precision`) instead loads float32
+    weights and prepares them for that recipe; it cannot be combined with `dtype`.
     """
+    if precision is not None:
+        if dtype is not None:
+            raise ValueError("load_vggt: pass dtype or precision, not both (a recipe fixes the weights' dtype)")
+        recipe = get_precision(precision)
+        return recipe.prepare(load_vggt(source, device, torch.float32))
     dev = torch.device(device)
     dt = default_dtype(dev) if dtype is None else dtype
     if isinstance(source, str) and source in NAMED_SOURCES:

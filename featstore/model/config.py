@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from featstore.constants import DEFAULT_IMAGE_SIZE, PATCH_SIZE
 
 @dataclass(frozen=True)
 class VGGTConfig:
@@ -13,8 +14,8 @@ class VGGTConfig:
 
     name: str = "vggt-1b"
     # Image / patch grid. `img_size` fixes the stored position-embedding grid (img_size / patch_size squared).
-    img_size: int = 518
-    patch_size: int = 14
+    img_size: int = DEFAULT_IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
     in_chans: int = 3
     # Aggregator (alternating frame / global attention).
     embed_dim: int = 1024

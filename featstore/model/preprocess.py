@@ -47,11 +47,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from featstore.constants import DEFAULT_IMAGE_SIZE, JANUSVLN_IMAGE_SIZE, PATCH_SIZE, is_patch_multiple
 from featstore.errors import ImageError
 
-TARGET_SIZE = 518  # the official model's size; the default `image_size`
-JANUSVLN_IMAGE_SIZE = 644  # JanusVLN's copy of load_and_preprocess_images
-PATCH_SIZE = 14
+TARGET_SIZE = DEFAULT_IMAGE_SIZE  # the official model's size; the default `image_size`
 JANUSVLN_MULTIPLE = 28
 UINT8_MODES = ("crop", "pad")  # modes whose result is exactly uint8 / 255 (see preprocess_image_u8)
 MIN_SIDE = PATCH_SIZE
@@ -71,8 +70,7 @@ def _check_mode(mode: str) -> None:
 
 def check_image_size(image_size: int) -> int:
     """Return `image_size` if it is a positive multiple of the patch size (14), else raise ValueError."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0 \
-            or image_size % PATCH_SIZE:
+    if not is_patch_multiple(image_size):
         raise ValueError(f"image size {image_size!r} is not a positive multiple of {PATCH_SIZE}: "
                          f"use e.g. {TARGET_SIZE} (official VGGT) or {JANUSVLN_IMAGE_SIZE} (JanusVLN)")
     return image_size

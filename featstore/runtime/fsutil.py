@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import socket
 import uuid
 from pathlib import Path
-from typing import IO, Any, Collection, Iterator
+from typing import IO, Any, Collection, Iterable, Iterator
 
 from featstore.errors import StoreError
 from featstore.runtime.faults import crash_point
@@ -166,7 +167,25 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, fsync: bool = True) -> 
         f.write(data)
 
 
+def pretty_json(obj: Any) -> bytes:
+    """THE text of every JSON document featstore writes (manifests, build.json, parts): indented, UTF-8."""
+    return (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def jsonl_bytes(rows: Iterable[Any]) -> bytes:
+    """THE text of every JSONL ledger featstore writes (missing, failures): one compact UTF-8 object a line."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a local file's content, streamed (THE file digest: shards, indexes, inputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_json(path: Path | str, obj: Any, *, fsync: bool = True) -> None:
-    """Write ``obj`` as pretty JSON to ``path`` atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+    """Write ``obj`` as pretty JSON (:func:`pretty_json`) to ``path`` atomically."""
+    atomic_write_bytes(path, pretty_json(obj), fsync=fsync)

@@ -19,8 +19,7 @@ from featstore.storage.base import (DEFAULT_CHUNK_BYTES, DEFAULT_MAX_OPEN, DEFAU
 from featstore.storage.local import LocalStorage
 from featstore.storage.mapped import MappedFile, OpenFiles
 from featstore.storage.objects import publish_json, read_json, sha256_of
-from featstore.storage.options import (STORAGE_OPTIONS_HELP, add_storage_options_argument, storage_options_from_json,
-                                       storage_options_of)
+from featstore.storage.options import storage_options_from_json
 from featstore.storage.redact import (REDACTED, SECRET_ENV_VARS, RedactingFilter, install_log_redaction, redact,
                                       redact_url, register_secrets)
 from featstore.storage.remote import ATOMIC_CREATE_PROTOCOLS, OBJECT_STORE_PROTOCOLS, S3_PROTOCOLS, FsspecStorage
@@ -63,5 +62,5 @@ __all__ = ["Storage", "LocalStorage", "FsspecStorage", "MappedFile", "OpenFiles"
            "is_remote", "local_path_of", "join_name", "staging_dir", "reset_staging_dir", "local_file_to_publish",
            "local_copy", "publish_json", "read_json", "sha256_of", "redact", "redact_url", "register_secrets",
            "install_log_redaction", "RedactingFilter", "REDACTED", "SECRET_ENV_VARS", "storage_options_from_json",
-           "add_storage_options_argument", "storage_options_of", "STORAGE_OPTIONS_HELP", "ATOMIC_CREATE_PROTOCOLS",
+           "ATOMIC_CREATE_PROTOCOLS",
            "OBJECT_STORE_PROTOCOLS", "S3_PROTOCOLS", "DEFAULT_CHUNK_BYTES", "DEFAULT_READ_AHEAD", "DEFAULT_MAX_OPEN"]

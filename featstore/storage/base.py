@@ -14,9 +14,9 @@ import io
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-DEFAULT_CHUNK_BYTES = 8 << 20
-DEFAULT_READ_AHEAD = 2
-DEFAULT_MAX_OPEN = 64
+from featstore.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_OPEN, DEFAULT_READ_AHEAD
+
+__all__ = ["Storage", "ChunkStream", "join_name", "DEFAULT_CHUNK_BYTES", "DEFAULT_MAX_OPEN", "DEFAULT_READ_AHEAD"]
 
 
 def join_name(root: str, name: str) -> str:

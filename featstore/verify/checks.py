@@ -16,7 +16,7 @@ import torch
 
 from featstore.errors import FeatstoreError
 from featstore.formats.keys import image_path_of
-from featstore.formats.manifest import shape_key
+from featstore.formats.manifest import BuildSettings, shape_key
 from featstore.formats.record import Record, decode_record, dtype_name
 from featstore.formats.staleness import frames_changed, is_checkable, source_changed
 from featstore.verify.fixes import rebuild_records
@@ -39,14 +39,15 @@ class Expectations:
 
     @classmethod
     def from_manifest(cls, m: dict[str, Any], data_root: str | None, rebuild: str) -> "Expectations":
-        """The expectations a manifest sets, with the images looked for under ``data_root``."""
-        tensors = {n: t for n, t in (m.get("tensors") or {}).items() if isinstance(t, dict)}
+        """The expectations a manifest sets (its settings read as formats.manifest.BuildSettings, older
+        manifests with their historic defaults), with the images looked for under ``data_root``."""
+        settings = BuildSettings.of(m)
+        tensors = {n: t for n, t in settings.tensors.items() if isinstance(t, dict)}
         return cls(dtypes={n: t.get("dtype") for n, t in tensors.items()},
                    layers={n: t.get("layer") for n, t in tensors.items()},
                    shapes=frozenset((m.get("feature_shapes") or {}).keys()),
-                   model=(m.get("model") or {}).get("fingerprint"),
-                   preprocess=(m.get("preprocess") or {}).get("mode"),
-                   tokens=m.get("tokens"), context=(m.get("context") or {}).get("mode", "image"),
+                   model=settings.model.get("fingerprint"), preprocess=settings.preprocess.get("mode"),
+                   tokens=m.get("tokens"), context=settings.context["mode"],
                    data_root=data_root if data_root and os.path.isdir(data_root) else None, rebuild=rebuild)
 
 

@@ -17,7 +17,7 @@ PROBE_MISSING = 20  # missing images decoded to tell "not built yet" from "canno
 def source_listing(m: dict[str, Any], data_root: str | None) -> tuple[Any, str | None]:
     """The images the store should hold: its recorded sources repeated under the data root (``--data-root``, else
     the manifest's), or a scan of an explicit ``--data-root`` for stores that recorded none; (None, why) otherwise."""
-    from featstore.discover.sources import discover_images, discover_recorded
+    from featstore.discover import discover_images, discover_recorded
 
     root = data_root or m.get("data_root")
     if not root or not os.path.isdir(root):
@@ -36,7 +36,7 @@ def source_listing(m: dict[str, Any], data_root: str | None) -> tuple[Any, str |
 
 def recorded_samples(root: str, m: dict[str, Any]) -> Any:
     """The samples a sample store should hold: its recorded annotation files or episode folders, again."""
-    from featstore.discover.sources import discover_samples
+    from featstore.discover import discover_samples
 
     src, ctx = m.get("sources") or {}, m.get("context") or {}
     if src.get("method") == "episodes":

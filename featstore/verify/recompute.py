@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
+from featstore.constants import DEFAULT_IMAGE_SIZE, NAMED_MODELS
 from featstore.errors import StoreError
 from featstore.formats.record import Record, dtype_name, lossy_max_abs
 from featstore.formats.locate import StoreLocation
@@ -27,10 +28,8 @@ RECOMPUTE_TOL = {"float32": 1e-3, "float16": 4e-3, "bfloat16": 1.6e-2, "float64"
 def recorded_model(m: dict[str, Any]) -> str:
     """The model the manifest says the store was built with, when it can be loaded here (a built-in name or
     an existing path); StoreError otherwise."""
-    from featstore.model.checkpoint import NAMED_SOURCES
-
     recorded = str(m.get("vggt_model_path") or "")
-    if recorded in NAMED_SOURCES or (recorded and Path(recorded).exists()):
+    if recorded in NAMED_MODELS or (recorded and Path(recorded).exists()):
         return recorded
     where = f"the manifest's model {recorded!r} is not a built-in name or an existing path" if recorded else \
         "the manifest records no model"
@@ -47,7 +46,7 @@ class Recomputer:
         self.device = device
         pre = m.get("preprocess") or {}
         self.mode = pre.get("mode") or "crop"
-        self.opts = {"apply_exif": bool(pre.get("apply_exif")), "image_size": int(pre.get("target_size") or 518)}
+        self.opts = {"apply_exif": bool(pre.get("apply_exif")), "image_size": int(pre.get("target_size") or DEFAULT_IMAGE_SIZE)}
 
     def _image(self, key: str, data_root: str) -> torch.Tensor:
         from featstore.model.preprocess import preprocess_image

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from featstore.errors import StoreError
 from featstore.formats.index import Index, IndexEntry, local_index_file
 from featstore.formats.layout import INDEX_NAME, PARTS_DIR, SHARD_MANIFEST, SHARDS_DIR
-from featstore.formats.shards import parse_shard_name
+from featstore.formats.shardstore import list_store_shards
 from featstore.storage import Storage, local_copy
 from featstore.verify import fixes
 from featstore.verify.checks import Expectations
@@ -51,8 +51,7 @@ class ShardStoreCheck:
         self.report = Report(str(self.root), "shards")
         self.ix: Index | None = None
         self.rows: dict[str, Any] = {}  # shard -> index rows of its records
-        self.sizes = {n.rsplit("/", 1)[-1]: size for n, size in storage.list(SHARDS_DIR).items()
-                      if parse_shard_name(n.rsplit("/", 1)[-1])}
+        self.sizes = list_store_shards(storage)
         self.on_disk = sorted(self.sizes)
         self.listed = {s["name"]: s for s in m.get("shards") or []}
         if ex.data_root is None:

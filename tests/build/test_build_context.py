@@ -115,7 +115,7 @@ def test_resume_skips_and_settings_are_checked(tmp_path):
     r = run_inproc(*context_args(root))
     assert r.returncode == 0 and "7 already stored" in r.stderr and "Processed 0 samples" in r.stderr
     r = run_inproc(*context_args(root)[:-2], "--image-size", "252")
-    assert r.returncode == 2 and "image size: store has 224, this run 252" in r.stderr
+    assert r.returncode == 2 and "--image-size: the store's records have 224, this run 252" in r.stderr
     r = run_inproc(*context_args(root, "--reference-frame", "last"))
     assert r.returncode == 2 and "context" in r.stderr
     r = run_inproc("build", "--data-root", str(root), "--model", "tiny", "--device", "cpu", "--no-progress",
@@ -168,7 +168,8 @@ def test_per_image_format_and_bad_options_refused(tmp_path):
 
 
 def test_preset_janusvln_and_overrides(tmp_path):
-    from featstore.cli.main import make_parser, apply_preset
+    from featstore.cli.build import apply_preset
+    from featstore.cli.main import make_parser
 
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln"])
     apply_preset(args)
@@ -348,7 +349,7 @@ def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny)
     assert torch.equal(got, expected)
     assert (got - streamed(tiny, paths)).abs().max().item() > 1e-4  # really computed under autocast
     r = run_inproc(*context_args(root, "--batch-size", "1"))
-    assert r.returncode == 2 and "compute: store has autocast-bfloat16, this run float32" in r.stderr
+    assert r.returncode == 2 and "--autocast: the store's records have autocast-bfloat16, this run float32" in r.stderr
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """featstore merge: parts built with different settings are refused naming the setting; a merge again keeps
-the store's counts; the typed manifest reads and writes every field as before."""
+the store's counts (parts with another codec merge: it is encoding only); the typed manifest reads and writes every field as before."""
 
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ from featstore.formats.manifest import JSON_ORDER, SETTING_FIELDS, BuildSettings
 from tests.buildutil import build_args, make_images, run_inproc
 
 
-def test_merge_refuses_parts_with_another_codec_then_merges_the_rebuilt_part(tmp_path):
+def test_merge_refuses_parts_with_another_image_size_then_merges_the_rebuilt_part(tmp_path):
     keys = make_images(tmp_path / "d", 4, per_dir=1)  # two images for each part (crc32 of the key)
     store = tmp_path / "store"
-    for part, codec in (("0", "zstd"), ("1", "raw")):
+    for part, size in (("0", "518"), ("1", "28")):  # --no-skip-existing: part 1 skips the resume check
         r = run_inproc(*build_args(tmp_path / "d", "--out", str(store), "--num-parts", "2", "--part", part,
-                                   "--codec", codec))
+                                   "--image-size", size, "--no-skip-existing"))
         assert r.returncode == 0, r.stderr
         assert json.loads((store / "parts" / f"rank-0000{part}.json").read_text())["counts"]["processed"] == 2
     parts = sorted(p.name for p in (store / "parts").iterdir())
     r = run_inproc("merge", str(store))
     assert r.returncode == 2, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("[ERROR]")]
-    assert len(errors) == 1 and "different settings (codec: 'zstd' in rank-00000, 'raw' in rank-00001)" in errors[0]
+    assert len(errors) == 1 and "different settings (--image-size: 518 in rank-00000, 28 in rank-00001 (preprocess.target_size))" in errors[0]
     assert "Traceback" not in r.stderr
     # nothing written: no index or manifest, the parts stay for the merge after the fix
     assert not (store / "index.fsi").exists() and not (store / "manifest.json").exists()
@@ -32,25 +32,11 @@ def test_merge_refuses_parts_with_another_codec_then_merges_the_rebuilt_part(tmp
     assert r.returncode == 0, r.stderr
     assert run_inproc("merge", str(store)).returncode == 0
     first = json.loads((store / "manifest.json").read_text())
-    assert first["codec"] == "zstd" and first["complete"] and first["processed_images"] == len(keys) == 4
+    assert first["preprocess"]["target_size"] == 518 and first["complete"] and first["processed_images"] == len(keys) == 4
     assert first["parts"] == [0, 1] and first["counts"]["processed"] == 4
     # merging again (nothing new) keeps what the store knows: totals, counts, parts
     assert run_inproc("merge", str(store)).returncode == 0
     assert json.loads((store / "manifest.json").read_text()) == first
-
-
-def test_settings_differences_compare_what_changes_the_records():
-    a = BuildSettings(vggt_model_path="/node1/vggt", model={"fingerprint": "f1", "name": "vggt"}, layers=[-2],
-                      preprocess={"mode": "crop", "apply_exif": False, "target_size": 518}, dtype="bfloat16")
-    same = BuildSettings(vggt_model_path="/node2/vggt", model={"fingerprint": "f1", "name": None}, layers=[-2],
-                         preprocess={"mode": "crop", "apply_exif": False}, dtype=None)  # an older part: unknowns
-    assert a.differences(same) == []
-    other = BuildSettings(model={"fingerprint": "f2"}, layers=[-1], preprocess={"mode": "pad", "target_size": 518},
-                          dtype="float32", codec="raw")
-    assert [d[0] for d in a.differences(other)] == ["model", "layers", "preprocess", "dtype"]
-    assert a.differences(other)[0] == ("model", "f1", "f2")
-    assert "codec" not in [d[0] for d in a.differences(other)]  # None (an older store's) differs from nothing
-    assert BuildSettings(codec="zstd").differences(BuildSettings(codec="raw")) == [("codec", "zstd", "raw")]
 
 
 def test_manifest_round_trips_every_field_and_keeps_other_tools_fields():
@@ -70,3 +56,17 @@ def test_manifest_round_trips_every_field_and_keeps_other_tools_fields():
     nulls = Manifest.from_json(dict(legacy, counts=None, model=None, compute=None))  # a hand-edited document
     assert nulls.is_complete() and nulls.counts["failed"] == 0 and nulls.compute is None
     assert nulls.settings().differences(BuildSettings(model={"fingerprint": "f"})) == []
+
+
+def test_merge_joins_parts_written_with_different_codecs(tmp_path):
+    make_images(tmp_path / "d", 4, per_dir=1)
+    store = tmp_path / "store"
+    for part, codec in (("0", "zstd"), ("1", "raw")):
+        r = run_inproc(*build_args(tmp_path / "d", "--out", str(store), "--num-parts", "2", "--part", part,
+                                   "--codec", codec))
+        assert r.returncode == 0, r.stderr
+    r = run_inproc("merge", str(store))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((store / "manifest.json").read_text())
+    assert m["complete"] and m["processed_images"] == 4
+    assert run_inproc("verify", str(store)).returncode == 0

@@ -20,8 +20,8 @@ from featstore.formats.record import Record
 from featstore.runtime.fsutil import final_name_of, remove_temp_files, temp_name_for
 from featstore.build.locks import BuildLock, RankLock, StorageLock, lock_for_rank
 from featstore.build.pipeline import WorkItem
-from featstore.build.resume import (build_target, check_compatible, owner_of, plan_resume, rank_share, reusable_settings,
-                              settings_differences)
+from featstore.build.resume import build_target, check_compatible, owner_of, plan_resume, rank_share, reusable_settings
+from featstore.formats.manifest import BuildSettings
 from featstore.discover.samples import SampleItem, make_sample
 
 
@@ -92,35 +92,31 @@ def test_rank_share_images_by_key_samples_by_first_streamed_frame():
             assert it.owner_frame == first and owner_of(first, 3) == gid
 
 
-SETTINGS = {"model": {"fingerprint": "a" * 64, "config": {"depth": 2}}, "vggt_model_path": "tiny", "layers": [0],
-            "dtype": "float32", "tokens": "patch", "compute": "float32", "context": {"mode": "image"},
-            "preprocess": {"mode": "crop", "target_size": 518}, "codec": "zstd", "data_root": "/x"}
+SETTINGS = BuildSettings.of({
+    "model": {"fingerprint": "a" * 64, "config": {"depth": 2}}, "vggt_model_path": "tiny", "layers": [0],
+    "dtype": "float32", "tokens": "patch", "compute": "float32", "context": {"mode": "image"},
+    "preprocess": {"mode": "crop", "target_size": 518}, "codec": "zstd"})
 
 
-def test_settings_differences_name_what_changes_and_unrecorded_settings_bind_nothing():
-    assert settings_differences(SETTINGS, SETTINGS) == []
-    other = dict(SETTINGS, layers=[1], model={"fingerprint": "b" * 64}, preprocess={"mode": "pad", "target_size": 644})
-    diffs = settings_differences(SETTINGS, other)
-    assert diffs == ["layers: store has [0], this run [1]", f"model fingerprint: store has {'a' * 12}, this run "
-                     f"{'b' * 12}", "preprocess: store has crop, this run pad", "image size: store has 518, this run 644"]
-    old = {k: v for k, v in SETTINGS.items() if k not in ("dtype", "compute", "context")}
-    old["preprocess"] = {"mode": "crop"}  # recorded before target_size existed: built at 518
-    assert settings_differences(old, SETTINGS) == []
-    assert settings_differences(old, dict(SETTINGS, preprocess={"mode": "crop", "target_size": 644})) == [
-        "image size: store has 518, this run 644"]
-    with pytest.raises(StoreError, match=r"built with other settings \(layers: store has \[0\], this run \[1\]"):
-        check_compatible(SETTINGS, dict(SETTINGS, layers=[1]), "/store")
-    check_compatible(None, dict(SETTINGS, layers=[1]), "/store")  # a store without records binds nothing
+def changed(**values) -> BuildSettings:
+    return BuildSettings.of(dict(SETTINGS.to_json(), **values))
+
+
+def test_check_compatible_names_each_binding_setting_and_a_store_without_records_binds_nothing():
+    check_compatible(SETTINGS, changed(codec="raw", source_fingerprint="sha256", vggt_model_path="/x"), "/store")
+    with pytest.raises(StoreError, match=r"built with other settings \(--layers: the store's records have \[0\], "
+                                         r"this run \[1\] \(layers\)"):
+        check_compatible(SETTINGS, changed(layers=[1]), "/store")
+    check_compatible(None, changed(layers=[1]), "/store")
 
 
 def test_reusable_settings_need_every_compared_setting_recorded_and_equal():
-    requested = {k: SETTINGS[k] for k in ("vggt_model_path", "layers", "dtype", "tokens", "compute", "context",
-                                          "preprocess")}
+    requested = changed(model={"fingerprint": None, "name": None, "config": None})  # before the model loads
     carried = reusable_settings(SETTINGS, requested)
-    assert carried is not None and carried["model"] == SETTINGS["model"] and "data_root" not in carried
-    assert reusable_settings(SETTINGS, dict(requested, vggt_model_path="other")) is None
-    assert reusable_settings(SETTINGS, dict(requested, dtype="bfloat16")) is None
-    assert reusable_settings({k: v for k, v in SETTINGS.items() if k != "dtype"}, requested) is None
+    assert carried is not None and carried.model == SETTINGS.model
+    assert reusable_settings(SETTINGS, changed(vggt_model_path="other")) is None
+    assert reusable_settings(SETTINGS, changed(dtype="bfloat16")) is None
+    assert reusable_settings(changed(dtype=None), requested) is None
     assert reusable_settings(None, requested) is None
 
 

@@ -106,3 +106,54 @@ def test_frames_of_record(record, expected):
 def test_frames_of_record_rejects_malformed_fields(record):
     with pytest.raises(ValueError, match="annotation field"):
         frames_of_record(record)
+
+
+def test_the_frame_key_has_one_definition_in_formats():
+    from featstore.formats.keys import frames_key
+
+    frames = ["ep/0.jpg", "ep/1.jpg"]
+    assert sample_key(frames) == frames_key(frames) and sample_key(frames, "last") == frames_key(frames, "last")
+
+
+# ---------------------------------------------------------------- discover_samples: one result shape
+
+def test_sample_discovery_has_the_image_discovery_shape(tmp_path):
+    from featstore.discover import Discovery, MissingFrame, discover_images, discover_samples
+    from tests.discover.files import touch, write_jsonl
+
+    for n in range(3):
+        touch(tmp_path / "ep" / f"{n}.jpg")
+    ann = write_jsonl(tmp_path / "a" / "train.jsonl", [
+        {"id": "one", "images": ["ep/0.jpg", "ep/1.jpg"]},
+        {"id": "lost", "images": ["ep/0.jpg", "ep/gone.jpg"]},
+        {"images": ["ep/1.jpg", "ep/2.jpg"]},
+        "not a record"])
+    found = discover_samples(tmp_path, annotations=[ann])
+    images = discover_images(tmp_path, annotations=[ann])
+    assert type(found) is type(images) is Discovery
+    assert [i.key for i in found.items] == ["one", sample_key(["ep/1.jpg", "ep/2.jpg"])]
+    assert found.missing == [MissingFrame("lost", "ep/gone.jpg", str(ann), 2, frame="ep/gone.jpg")]
+    assert found.missing_keys == ["lost"] and images.missing_keys == ["ep/gone.jpg"]
+    assert found.missing[0].frame_key == images.missing[0].frame_key == "ep/gone.jpg"
+    assert found.missing[0].to_json() == {"key": "lost", "frame": "ep/gone.jpg", "path": "ep/gone.jpg",
+                                          "annotation": str(ann), "line": 2}
+    assert images.missing[0].to_json()["references"] == 1 and "frame" not in images.missing[0].to_json()
+    assert [str(m) for m in found.malformed] == [f"{ann}:4: a JSON str, not a record (a JSON object)"]
+    entry = found.manifest_entry
+    assert entry["annotations"] == [{"file": "a/train.jsonl", "records": 3, "samples": 2, "missing": 1}]
+    assert (entry["samples"], entry["missing"], entry["malformed_lines"]) == (2, 1, 1)
+    assert found.source_stats[0].records == 3 and found.sources == [str(ann)]
+
+
+def test_episode_samples_from_folders_share_the_shape(tmp_path):
+    from featstore.discover import discover_samples
+    from tests.discover.files import touch
+
+    for ep, n in (("a", 3), ("b", 2)):
+        for i in range(n):
+            touch(tmp_path / ep / f"{i}.jpg")
+    found = discover_samples(tmp_path, history=1)
+    assert [i.frames for i in found.items] == [("a/0.jpg",), ("a/0.jpg", "a/1.jpg"), ("a/0.jpg", "a/2.jpg"),
+                                              ("b/0.jpg",), ("b/0.jpg", "b/1.jpg")]
+    assert found.missing == [] and found.scanned
+    assert found.manifest_entry["episodes"] == 2 and found.manifest_entry["frames"] == 5

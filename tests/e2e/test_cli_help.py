@@ -66,7 +66,8 @@ BUILD_ENV = {"DATA_ROOT": None, "VGGT_MODEL_PATH": None, "BATCH_SIZE": None, "DE
 
 
 def test_build_with_no_flags_means_the_build_options_defaults():
-    from featstore.cli.main import build_options_of, make_parser
+    from featstore.cli.build import build_options_of
+    from featstore.cli.main import make_parser
     from featstore.build.options import BuildOptions
     from tests.buildutil import environment
 
@@ -87,7 +88,7 @@ def test_every_build_option_is_set_by_a_flag():
 
 
 def test_help_values_that_cannot_be_imported_cheaply_match_their_owners():
-    from featstore.cli.main import CODEC_CHOICES
+    from featstore.cli.args import CODEC_CHOICES
     from featstore.formats.codecs import CODECS
     from featstore.model.preprocess import DEFAULT_MAX_PIXELS
 

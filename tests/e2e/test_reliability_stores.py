@@ -19,7 +19,8 @@ import zstandard
 from featstore.errors import RecordError
 from featstore.formats.index import Index, write_index
 from featstore.formats.record import MAGIC, Record, encode_record
-from featstore.formats.shards import ShardEntry, ShardWriter, sha256_file
+from featstore.formats.shards import ShardEntry, ShardWriter
+from featstore.runtime.fsutil import file_sha256 as sha256_file
 from tests.buildutil import REPO, build_args, make_images, run_inproc
 
 

@@ -13,7 +13,8 @@ from featstore.errors import StoreError
 from featstore.formats.keys import member_name
 from featstore.formats.record import Record, decode_record, encode_record
 from featstore.formats.shards import (BrokenShardError, HashingReader, ShardWriter, entries_of_stream, salvage_shard,
-                                      scan_shard, scan_stored_shard, sha256_file, walk_shard)
+                                      scan_shard, scan_stored_shard, walk_shard)
+from featstore.runtime.fsutil import file_sha256 as sha256_file
 from featstore.storage import LocalStorage
 from featstore.runtime.fsutil import temp_name_for
 

@@ -34,8 +34,9 @@ class DinoVisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 
-    def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """[1, 1 + grid_h*grid_w, C]: cls position unchanged, patch part bicubic-resized (antialias, float32)."""
+    def position_embedding(self, grid_h: int, grid_w: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[1, 1 + grid_h*grid_w, C]: cls position unchanged, patch part bicubic-resized (antialias, float32),
+        cast to `dtype` (the tokens' dtype, as the official ViT does; default the weights' dtype)."""
         if grid_h == self.pos_grid and grid_w == self.pos_grid:
             return self.pos_embed
         pe = self.pos_embed.float()
@@ -43,7 +44,7 @@ class DinoVisionTransformer(nn.Module):
         patch = pe[:, 1:].reshape(1, m, m, c).permute(0, 3, 1, 2)
         patch = F.interpolate(patch, size=(grid_h, grid_w), mode="bicubic", antialias=True)
         patch = patch.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, c)
-        return torch.cat([pe[:, :1], patch], dim=1).to(self.pos_embed.dtype)
+        return torch.cat([pe[:, :1], patch], dim=1).to(self.pos_embed.dtype if dtype is None else dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] (already normalised) -> normalised patch tokens [N, (H/p)*(W/p), C]."""
@@ -51,7 +52,7 @@ class DinoVisionTransformer(nn.Module):
         tokens = self.patch_embed(x)
         n = tokens.shape[0]
         tokens = torch.cat([self.cls_token.expand(n, -1, -1), tokens], dim=1)
-        tokens = tokens + self.position_embedding(h // self.patch_size, w // self.patch_size)
+        tokens = tokens + self.position_embedding(h // self.patch_size, w // self.patch_size, tokens.dtype)
         tokens = torch.cat([tokens[:, :1], self.register_tokens.expand(n, -1, -1), tokens[:, 1:]], dim=1)
         for blk in self.blocks:
             tokens = blk(tokens)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]
 
-
-def rope_tables(grid_h: int, grid_w: int, head_dim: int, freq: float, num_special: int,
-                device: torch.device | str | None = None) -> RopeTables:
-    """cos and sin tables [num_special + grid_h*grid_w, head_dim], float32, for one frame's tokens.
+def rope_angles(grid_h: int, grid_w: int, head_dim: int, freq: float, num_special: int,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotation angles [num_special + grid_h*grid_w, head_dim], float32, for one frame's tokens.
 
     Patch (y, x) in row-major order sits at position (y+1, x+1); the special tokens sit at (0, 0),
     which is no rotation. Within each half of size d, inv_freq_j = freq^(-2j/d), angles duplicated.
@@ -24,8 +22,32 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, freq: float, num_specia
     xs = torch.arange(grid_w, device=device, dtype=torch.float32).repeat(grid_h) + 1
     ang_y = torch.cat([zeros, ys])[:, None] * inv_freq[None, :]
     ang_x = torch.cat([zeros, xs])[:, None] * inv_freq[None, :]
-    angles = torch.cat([ang_y, ang_y, ang_x, ang_x], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([ang_y, ang_y, ang_x, ang_x], dim=-1)
+
+
+def cos_sin(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `angles` taken in `dtype`: the angles are cast first, as the reference does
+    (in bf16 an angle of 27 is rounded to a multiple of 0.125 before its cosine is taken)."""
+    a = angles.to(dtype)
+    return a.cos(), a.sin()
+
+
+class RopeTables:
+    """One frame's RoPE angles; the cos/sin tables are made in the dtype of the tensor they rotate
+    (q/k follow autocast and the weights' dtype), once per dtype unless `memo` is None."""
+
+    def __init__(self, angles: torch.Tensor, memo: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        self.angles = angles
+        self._memo = memo
+
+    def for_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [P, head_dim] in `dtype`."""
+        if self._memo is None:
+            return cos_sin(self.angles, dtype)
+        hit = self._memo.get(dtype)
+        if hit is None:
+            hit = self._memo[dtype] = cos_sin(self.angles, dtype)
+        return hit
 
 
 def _rotate_halves(t: torch.Tensor) -> torch.Tensor:
@@ -35,8 +57,9 @@ def _rotate_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(t: torch.Tensor, tables: RopeTables) -> torch.Tensor:
-    """Rotate `t` [..., N, D] where N is a whole number of frames of P tokens (tables are [P, D])."""
-    cos, sin = tables
+    """Rotate `t` [..., N, D] where N is a whole number of frames of P tokens (tables are [P, D]),
+    with tables in t's dtype."""
+    cos, sin = tables.for_dtype(t.dtype)
     p = cos.shape[0]
     n = t.shape[-2]
     if n != p:  # several frames concatenated (global attention): broadcast the per-frame table
@@ -56,17 +79,16 @@ class RotaryEmbedding2D(nn.Module):
         self.num_special = num_special
         self._cache: dict[tuple, RopeTables] = {}
 
-    def tables(self, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype) -> RopeTables:
-        """cos/sin tables for a grid_h x grid_w frame, cast to `dtype` (computed in float32)."""
+    def tables(self, grid_h: int, grid_w: int, device: torch.device) -> RopeTables:
+        """The tables of a grid_h x grid_w frame; cos/sin come in whichever dtype q/k have at the call."""
         if torch.compiler.is_compiling():
             # A plain computation compiles to a tiny constant-like kernel; a dict cache would add guards.
-            cos, sin = rope_tables(grid_h, grid_w, self.head_dim, self.freq, self.num_special, device)
-            return cos.to(dtype), sin.to(dtype)
-        key = (grid_h, grid_w, str(device), dtype)
+            return RopeTables(rope_angles(grid_h, grid_w, self.head_dim, self.freq, self.num_special, device), None)
+        key = (grid_h, grid_w, str(device))
         hit = self._cache.get(key)
         if hit is None:
-            cos, sin = rope_tables(grid_h, grid_w, self.head_dim, self.freq, self.num_special, device)
-            hit = (cos.to(dtype), sin.to(dtype))
+            angles = rope_angles(grid_h, grid_w, self.head_dim, self.freq, self.num_special, device)
+            hit = RopeTables(angles, {})
             if len(self._cache) > 32:
                 self._cache.clear()
             self._cache[key] = hit
