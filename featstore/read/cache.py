@@ -34,7 +34,7 @@ from featstore.errors import StoreError
 from featstore.formats.layout import SHARDS_DIR
 from featstore.formats.locate import StoreLocation
 from featstore.runtime.fsutil import fsync_dir
-from featstore.storage import DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, Storage
+from featstore.storage import DEFAULT_CHUNK_BYTES, DEFAULT_READ_AHEAD, MappedFile, Storage
 
 log = logging.getLogger("featstore")
 CACHE_DIR_ENV = "FEATSTORE_CACHE_DIR"
@@ -89,17 +89,19 @@ def cache_from(loc: StoreLocation, cache_dir: str | os.PathLike[str] | None,
 
 
 class CachedShard:
-    """A cached shard held open for reading (its lock held shared until :meth:`close`)."""
+    """A cached shard held open for reading (its lock held shared until :meth:`close`); records are read as views
+    of its map, so nothing is copied before decoding."""
 
     def __init__(self, path: Path, lock_fd: int):
         self.path, self._lock_fd = path, lock_fd
-        self.file = open(path, "rb", buffering=0)
+        self.file = MappedFile(path)
 
-    def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.file.fileno(), length, offset)
+    def read(self, offset: int, length: int) -> memoryview | None:
+        """``length`` bytes at ``offset`` (a read-only view), or None when the file is shorter."""
+        return self.file.view(offset, length)
 
     def close(self) -> None:
-        self.file.close()
+        self.file.close()  # a view still decoding keeps the map until it is released
         os.close(self._lock_fd)  # releases the shared lock
 
 

@@ -139,6 +139,12 @@ class ShardStore(StoreReader):
                               f"{e.offset}; run `featstore verify {self.root}`")
         return buf
 
+    def prefetch(self, e: IndexEntry) -> None:
+        """Ask the kernel to start reading a local record now (a hint; a stream gives it for records ahead)."""
+        if self.storage.is_local:
+            self._check_pid()
+            self.storage.mapped_file(f"{SHARDS_DIR}/{e.shard}").will_need(e.offset, e.length)
+
     def entry(self, key: str) -> IndexEntry:
         """The index entry for ``key`` (KeyError if absent)."""
         e = self.index.get(key)

@@ -20,7 +20,6 @@ from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
 from featstore.read import stream
 from featstore.read.plans import buffer_shuffle, round_robin_taken
-from featstore.read.batches import Batching
 from featstore.read.resume import resumed_orders, split
 from featstore.build.merge import merge_shard_store
 from tests.featstore_helpers import REPO_ROOT

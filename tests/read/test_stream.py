@@ -78,3 +78,12 @@ def test_plain_webdataset_pipeline_reads_shards(stores):
 def test_stream_refuses_per_image(stores):
     with pytest.raises(featstore.errors.StoreError, match="export"):
         stream(stores / "data")
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 30_000, 1 << 40])
+def test_look_ahead_hints_keep_the_order(stores, ahead):
+    from featstore.read.fetch import hinted
+
+    st = open_store(stores / "few")
+    rows = torch.randperm(len(st), generator=torch.Generator().manual_seed(ahead % 7)).numpy()
+    assert [e.key for e in hinted(st, rows, ahead)] == [st.index.entry(int(r)).key for r in rows]
