@@ -158,10 +158,10 @@ def stream_workers(store: str, samples: int) -> None:
     """Stream ``samples`` records with 2 spawned workers; print the import baseline and each worker's peak."""
     import torch
 
-    import featstore.read.loader  # noqa: F401  (the baseline includes it, as the workers do)
+    import featstore.read  # noqa: F401  (the baseline includes it, as the workers do)
 
     base, base_anon = _status_mb("VmHWM"), _status_mb("RssAnon")
-    ds = featstore.read.loader.stream(store, shuffle=True, shuffle_buffer=1000)
+    ds = featstore.read.stream(store, shuffle=True, shuffle_buffer=1000)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=worker_report,
                                      multiprocessing_context="spawn")
     peak: dict[int, float] = {}

@@ -14,7 +14,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 from featstore.formats.buildstats import BuildStatsRun, read_process_runs, write_process_runs
-from featstore.storage.backends import Storage
+from featstore.storage import Storage
 
 log = logging.getLogger("featstore")
 FIRST_INTERVAL_S = 0.25

@@ -39,7 +39,9 @@ PRECISION_HELP = {"fp32": "float32 weights and input (official VGGT; the CPU def
                           "with bf16)",
                   "amp": "float32 weights under torch.autocast bf16 (plain PyTorch AMP; --autocast)",
                   "deepspeed-bf16": "every parameter and floating buffer in bf16 as DeepSpeed's bf16 engine casts "
-                                    "them, forward under autocast bf16 (JanusVLN's and VG-LLM's training scripts)"}
+                                    "them, forward under autocast bf16 (JanusVLN's and VG-LLM's training scripts)",
+                  "fp8": "NOT training-exact, opt-in speed: bf16 with the block linears as FP8 matmuls (torchao on "
+                         "GPUs with FP8 tensor cores, emulated on CPU); never a default or preset"}
 
 
 def preset_flags(name: str) -> str:
@@ -207,7 +209,7 @@ def _build_samples_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--history-pad", action="store_true",
                    help="with --history: repeat frame 0 in front until a sample has N+1 frames (NewJanusVLN)")
     g.add_argument("--precision", choices=tuple(PRECISION_HELP), default=None,
-                   help="how training runs the frozen VGGT, reproduced bit for bit on the same device type: "
+                   help="how training runs the frozen VGGT, reproduced bit for bit on the same device type (all but fp8): "
                         + "; ".join(f"{k}: {v}" for k, v in PRECISION_HELP.items())
                         + " (default, machine-dependent: fp32 on CPU, bf16 on GPUs with bf16)")
     g.add_argument("--autocast", dest="autocast", action="store_true", default=None,

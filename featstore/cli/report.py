@@ -57,7 +57,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from featstore.errors import FeatstoreError
-    from featstore.storage.backends import redact
+    from featstore.storage import redact
 
     log = logging.getLogger("featstore")
     try:

@@ -24,7 +24,7 @@ from featstore.formats.layout import BUILD_STATS_DIR, PER_IMAGE_BUILD_STATS_DIR,
 from featstore.runtime.fsutil import is_temp_name
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 FORMAT = "featstore-build-stats"
 VERSION = 1

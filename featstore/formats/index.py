@@ -29,7 +29,7 @@ from featstore.runtime.fsutil import atomic_open
 from featstore.formats.layout import INDEX_NAME
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 MAGIC = b"FSIDX001"
 ALIGN = 64

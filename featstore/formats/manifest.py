@@ -22,7 +22,7 @@ from featstore.runtime.fsutil import atomic_write_json
 from featstore.formats.layout import PER_IMAGE_FORMAT, PER_IMAGE_MANIFEST, SHARD_FORMAT, SHARD_MANIFEST, STORE_DIR
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 SCHEMA_VERSION = 1
 REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")

@@ -21,7 +21,7 @@ from featstore.formats.layout import ALIAS_INDEX, INDEX_NAME, SHARDS_DIR
 from featstore.formats.manifest import shape_key
 from featstore.formats.shards import ShardEntry, complete_shards, parse_shard_name, read_record_meta_at
 from featstore.runtime.fsutil import file_sha256
-from featstore.storage.backends import Storage, local_file_to_publish, parse_location, sha256_of
+from featstore.storage import Storage, local_file_to_publish, parse_location, sha256_of
 
 log = logging.getLogger("featstore")
 

@@ -86,7 +86,7 @@ class Inputs:
 
     def stats_storage(self) -> Any:
         """The storage the build's throughput series lies in."""
-        from featstore.storage.backends import LocalStorage
+        from featstore.storage import LocalStorage
 
         storage = getattr(self.store, "storage", None)
         return storage if storage is not None else LocalStorage(Path(self.store.root))

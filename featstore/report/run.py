@@ -28,7 +28,7 @@ class ReportResult:
 
 def _has_manifest(location: str | os.PathLike[str]) -> bool:
     from featstore.formats.manifest import find_manifest
-    from featstore.storage.backends import is_remote, local_path_of
+    from featstore.storage import is_remote, local_path_of
 
     if is_remote(location):
         return True
@@ -42,7 +42,7 @@ def _has_manifest(location: str | os.PathLike[str]) -> bool:
 def open_inputs(location: str | os.PathLike[str], options: Options) -> tuple[Inputs, list[str]]:
     """Open the store (StoreError when there is none at ``location``) and list its keys (a failure to list is a
     warning on the page: the sections then show what they can)."""
-    from featstore.read.loader import open_store
+    from featstore.read import open_store
 
     store = open_store(location, data_root=options.data_root, storage_options=options.storage_options)
     warnings = []
@@ -94,7 +94,7 @@ def report(store: str | os.PathLike[str], out: str | os.PathLike[str] = DEFAULT_
     """
     from featstore import __version__
     from featstore.runtime.fsutil import atomic_write_bytes
-    from featstore.storage.backends import redact
+    from featstore.storage import redact
 
     if samples < 1 or recompute < 0 or max_stats_records < 1:
         raise ValueError(f"samples ({samples}) and max_stats_records ({max_stats_records}) must be at least 1, "

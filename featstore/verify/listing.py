@@ -94,7 +94,7 @@ def compare_listing(report: Report, found: Any, why_not: str | None, stored: set
         report.skip("missing", why_not or "no source listing")
         report.notes.append(f"missing images not checked: {why_not}")
         return
-    listing = {it.key for it in found.items}
+    listing = {k for it in found.items for k in listed_keys(it, stored)}
     paths = {it.key: it.path for it in found.items if hasattr(it, "path")}  # sample stores: no single image
     report.add(*unlisted_findings(sorted(listing - stored), paths, failure_reasons(ledger), m, rebuild))
     already = report.keys_of("orphan")
@@ -105,6 +105,15 @@ def compare_listing(report: Report, found: Any, why_not: str | None, stored: set
         where = f" (each listed in {m['missing_ledger']})" if m.get("missing_ledger") else ""
         report.info[f"annotated images that do not exist{where}"] = len(found.missing)
     report.counts.update(listed_images=len(listing))
+
+
+def listed_keys(item: Any, stored: set[str]) -> tuple[str, ...]:
+    """The keys a listed record is stored under: its own, or, for a deduplicated record of a store built before
+    deduplication (one record per annotation id), each of its ids when every one of them is stored."""
+    ids = tuple(str(i) for i in getattr(item, "ids", ()) or ())
+    if item.key not in stored and len(ids) > 1 and all(i in stored for i in ids):
+        return ids
+    return (item.key,)
 
 
 def unlisted_findings(keys: list[str], paths: dict[str, Path], failed: dict[str, str], m: dict[str, Any],

@@ -18,7 +18,7 @@ from featstore.constants import DEFAULT_IMAGE_SIZE, NAMED_MODELS
 from featstore.errors import StoreError
 from featstore.formats.manifest import BuildSettings
 from featstore.formats.record import Record, dtype_name, lossy_max_abs
-from featstore.storage.backends import FsspecStorage, Storage
+from featstore.formats.locate import StoreLocation
 from featstore.formats.keys import image_path_of
 from featstore.verify.report import Finding, Report
 
@@ -119,22 +119,16 @@ def _true_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _open(location: Path | Storage, data_root: str | None) -> Any:
-    from featstore.read.loader import open_store
-
-    if isinstance(location, FsspecStorage):
-        return open_store(location.url, storage_options=location.storage_options)
-    return open_store(location, data_root=data_root)
-
-
-def recompute(report: Report, location: Path | Storage, model_path: str, n: int, seed: int, data_root: str | None,
+def recompute(report: Report, location: StoreLocation, model_path: str, n: int, seed: int, data_root: str | None,
               device: str, rebuild: str) -> None:
     """Re-run the model on ``n`` seeded records on ``device`` and compare with the stored features (the worst
     error is reported)."""
     from featstore.build.extract import pick_device
     from featstore.model import load_vggt
 
-    store = _open(location, data_root)
+    from featstore.read import open_location
+
+    store = open_location(location, data_root=data_root)
     m = store.manifest
     names = [k for k, v in (m.get("tensors") or {}).items() if isinstance(v, dict) and v.get("layer") is not None]
     if not names:

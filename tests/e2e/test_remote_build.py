@@ -15,9 +15,9 @@ import torch
 
 from featstore.cli.main import main
 from featstore.errors import LockError
-from featstore.storage.backends import parse_location
+from featstore.storage import parse_location
 from featstore.build.locks import StorageLock
-from featstore.read.loader import open_store, stream
+from featstore.read import open_store, stream
 from s3server import ACCESS_KEY, SECRET, new_bucket, s3_server
 from tests.featstore_helpers import REPO_ROOT, copy_images
 

@@ -13,7 +13,7 @@ from featstore.formats.manifest import new_manifest, write_manifest
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ClosedShard, ShardWriter
 from featstore.formats.shardstore import finalize_shard_store
-from featstore.storage.backends import LocalStorage
+from featstore.storage import LocalStorage
 
 
 def sample_record(key: str, frames: list[str], ids: list[str] | None, value: float) -> Record:

@@ -10,7 +10,7 @@ from featstore.errors import StoreError
 from featstore.formats.buildstats import (FIELDS, MAX_POINTS, MAX_RUNS, BuildStatsRun, decode_build_stats,
                                           encode_build_stats, read_build_stats, write_process_runs)
 from featstore.formats.layout import build_stats_name
-from featstore.storage.backends import LocalStorage
+from featstore.storage import LocalStorage
 from tests.featstore_helpers import build, copy_images
 
 

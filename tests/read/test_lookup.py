@@ -11,7 +11,7 @@ import torch
 import featstore
 from featstore.errors import RecordError, StoreError
 from featstore.formats.perimage import read_pt
-from featstore.read.loader import load_cached_vggt_features, open_store
+from featstore.read import load_cached_vggt_features, open_store
 from tests.featstore_helpers import build, copy_images
 
 
