@@ -20,13 +20,7 @@ from featstore.model import joint_features, load_vggt
 from featstore.model.preprocess import preprocess_image
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The golden files were made with 1 thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the golden files were made with 1 thread
 
 
 @pytest.fixture(scope="module")
