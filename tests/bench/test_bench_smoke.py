@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:

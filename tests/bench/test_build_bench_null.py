@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 KEYS = ("main_thread_cpu_ms_per_image", "decode_cpu_ms_per_image", "encode_cpu_ms_per_image", "e2e_images_per_s",
         "decode_only_images_per_s", "capacity_images_per_s", "e2e_over_capacity")

@@ -17,8 +17,8 @@ from featstore.formats.manifest import read_manifest
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import decode_record
 from featstore.formats.shards import list_shards
-from tests.buildutil import REPO, build_args, make_images, run_cli, run_inproc, write_jsonl
-from tests.featstore_helpers import copy_sample
+from helpers import REPO, build_args, make_images, run_cli, run_inproc, write_jsonl
+from helpers import copy_sample
 
 
 

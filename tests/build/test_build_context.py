@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import featstore
-from buildutil import REPO, run_cli, run_inproc, write_jsonl
+from helpers import REPO, run_cli, run_inproc, write_jsonl
 from featstore.errors import StoreError
 from featstore.formats.manifest import read_manifest
 from featstore.formats.shards import list_shards
 from featstore.model import load_vggt
 from featstore.model.preprocess import preprocess_image
 from featstore.discover.samples import janusvln_history
-from featstore_helpers import copy_sample
+from helpers import copy_sample
 
 SIZE = "224"  # small frames keep the tiny model fast; the geometry rules are the official ones at any size
 

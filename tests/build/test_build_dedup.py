@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from buildutil import make_images, run_inproc, write_jsonl
+from helpers import make_images, run_inproc, write_jsonl
 from featstore import open_store
 from featstore.formats.manifest import read_manifest
 

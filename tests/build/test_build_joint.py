@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from buildutil import run_inproc, write_jsonl
+from helpers import run_inproc, write_jsonl
 from featstore import load_sample_features, open_store, stream
 from featstore.formats.manifest import read_manifest
 from featstore.model import joint_features, load_vggt

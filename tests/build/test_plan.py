@@ -17,7 +17,7 @@ from featstore.build.schedule import build_forest
 from featstore.discover.samples import janusvln_history, make_sample, stream_order
 from featstore.model.preprocess import preprocessed_size
 from featstore.runtime.fsutil import free_bytes
-from tests.buildutil import run_inproc, write_jsonl
+from helpers import run_inproc, write_jsonl
 
 
 def images(root: Path, keys: list[str], size=(70, 56)) -> None:

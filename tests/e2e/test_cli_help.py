@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.buildutil import run_inproc
+from helpers import run_inproc
 
 
 def help_text(command: str, env: dict | None = None) -> str:
@@ -69,7 +69,7 @@ def test_build_with_no_flags_means_the_build_options_defaults():
     from featstore.cli.build import build_options_of
     from featstore.cli.main import make_parser
     from featstore.build.options import BuildOptions
-    from tests.buildutil import environment
+    from helpers import environment
 
     with environment(BUILD_ENV):
         opts = build_options_of(make_parser().parse_args(["build"]))

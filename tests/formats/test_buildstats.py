@@ -11,7 +11,7 @@ from featstore.formats.buildstats import (FIELDS, MAX_POINTS, MAX_RUNS, BuildSta
                                           encode_build_stats, read_build_stats, write_process_runs)
 from featstore.formats.layout import build_stats_name
 from featstore.storage import LocalStorage
-from tests.featstore_helpers import build, copy_images
+from helpers import build, copy_images
 
 
 def test_round_trip_and_thinning_keeps_the_file_small():

@@ -17,7 +17,7 @@ from featstore.read import open_store, stream
 from featstore.build.merge import merge_shard_store
 from featstore.read import sharedpool
 from featstore.read.sharedpool import SharedSample, worker_pool
-from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+from helpers import build, copy_images, problem_keys, run_verify
 from test_codecs import legacy_record
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.featstore_helpers import build, copy_images
+from helpers import build, copy_images
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from featstore.read.cache import ShardCache, cache_limit_bytes
 from featstore.storage import parse_location
 from featstore.errors import StoreError
 from s3server import new_bucket, s3_server
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 OLD = Path(__file__).resolve().parents[1] / "data" / "stores"
 

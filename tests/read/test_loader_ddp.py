@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from featstore.read import open_store
-from tests.featstore_helpers import REPO_ROOT, build, copy_images
+from helpers import REPO_ROOT, build, copy_images
 
 pytestmark = pytest.mark.slow  # real torchrun processes with DataLoader workers (about 35 s)
 

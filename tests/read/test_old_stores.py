@@ -15,7 +15,7 @@ import torch
 from featstore.formats.locate import LEGACY, PER_IMAGE, SHARDS, locate_store
 from featstore.formats.layout import PER_IMAGE_MANIFEST
 from featstore.read import open_store, stream
-from tests.featstore_helpers import copy_sample, run_verify
+from helpers import copy_sample, run_verify
 
 OLD = Path(__file__).resolve().parents[1] / "data" / "stores"
 EXPECTED = json.loads((OLD / "expected.json").read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ from featstore.errors import StoreError
 from featstore.storage import parse_location
 from featstore.read import open_store, stream
 from s3server import SECRET, new_bucket, s3_server
-from tests.featstore_helpers import REPO_ROOT, build, copy_images
+from helpers import REPO_ROOT, build, copy_images
 
 
 def upload_store(local: Path, url: str, options: dict) -> None:

@@ -22,7 +22,7 @@ from featstore.read import stream
 from featstore.read.plans import buffer_shuffle, round_robin_taken
 from featstore.read.resume import resumed_orders, split
 from featstore.build.merge import merge_shard_store
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def make_store(root: Path, n: int, per_shard: int) -> list[str]:

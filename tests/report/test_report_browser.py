@@ -9,8 +9,8 @@ from PIL import Image
 
 from featstore.report.browser import find_chromium, image_boxes, screenshot
 from featstore.report.page import SECTION_IDS
-from tests.buildutil import run_inproc
-from tests.featstore_helpers import build, copy_sample
+from helpers import run_inproc
+from helpers import build, copy_sample
 
 CHROMIUM = find_chromium()
 

@@ -13,8 +13,8 @@ import torch
 from featstore.formats.record import Record
 from featstore.report.maps import colour_views, record_view
 from featstore.report.page import SECTION_IDS
-from tests.buildutil import run_inproc
-from tests.featstore_helpers import build, copy_images, copy_sample
+from helpers import run_inproc
+from helpers import build, copy_images, copy_sample
 
 
 @pytest.fixture(scope="module")

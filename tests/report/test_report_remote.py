@@ -9,8 +9,8 @@ import re
 import pytest
 
 from s3server import SECRET, new_bucket, s3_server
-from tests.buildutil import run_inproc
-from tests.featstore_helpers import build, copy_images
+from helpers import run_inproc
+from helpers import build, copy_images
 
 
 @pytest.mark.slow  # an S3 server, a remote build and a report: about 15 s

@@ -17,7 +17,7 @@ from featstore.formats.record import encode_record
 from featstore.formats.shards import ShardEntry, ShardWriter
 from featstore.read import open_store
 from featstore.build.merge import merge_shard_store
-from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+from helpers import build, copy_images, problem_keys, run_verify
 
 
 @pytest.fixture(scope="module")
