@@ -1,4 +1,4 @@
-"""One torchrun rank for tests/read/test_resume.py: stream part of an epoch and save the state, or resume it
+"""One torchrun rank for tests/read/test_stream_resume.py: stream part of an epoch and save the state, or resume it
 (at any world size and DataLoader worker count: argv[5] workers, default 2)."""
 
 from __future__ import annotations
