@@ -62,7 +62,7 @@ class Build:
         self.opts = opts
         self.rank = Rank.of(opts)
         self.gid, self.gworld = self.rank.gid, self.rank.gworld
-        self.unit = opts.context  # "image" or "sample": what one record is
+        self.unit = "image" if opts.context == "image" else "sample"  # what one record is
         self.data_root = Path(opts.data_root).resolve()
         self.output = Output(opts, self.data_root, self.gid)
         self.out = self.output.out
