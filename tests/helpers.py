@@ -35,10 +35,23 @@ def make_images(root: Path, n: int, *, size=(70, 56), prefix="ep", per_dir=4, se
     return sorted(keys)
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write annotation records as JSON lines."""
+def write_jsonl(path: Path, records: list) -> Path:
+    """Write annotation records as JSON lines; returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def touch(path: Path, data: bytes = b"img") -> Path:
+    """Create ``path`` (and its folders) holding ``data`` (a file name is all discovery looks at)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def keys(found) -> list[str]:
+    """The item keys of a discovery, in order."""
+    return [i.key for i in found.items]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

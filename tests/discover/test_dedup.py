@@ -9,7 +9,7 @@ from featstore.discover.dedup import RecordPlan, dedup_counts, dedup_samples
 from featstore.discover.samples import SampleItem, make_sample
 from featstore.formats.keys import frames_key
 
-from tests.discover.files import touch, write_jsonl
+from helpers import touch, write_jsonl
 
 
 def scannet_like(root, scenes=3, questions=5, frames=4):

@@ -14,7 +14,7 @@ from featstore.errors import AnnotationError
 
 from helpers import copy_sample
 
-from tests.discover.files import keys, touch, write_jsonl
+from helpers import keys, touch, write_jsonl
 
 
 def test_missing_annotation_file_is_an_error(tmp_path):
