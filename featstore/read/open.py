@@ -48,11 +48,9 @@ def open_store(path: str | os.PathLike[str] | StoreLocation, *, max_open: int = 
     (``s3://bucket/prefix``); ``storage_options`` go to its backend. ``path`` may also be what
     :func:`featstore.formats.locate.locate_store` already found.
     """
-    if isinstance(path, StoreLocation):
-        return open_location(path, max_open=max_open, data_root=data_root)
     if is_remote(path):
         return open_remote_store(str(path), storage_options, max_open=max_open, data_root=data_root)
-    loc = locate_store(path)
+    loc = path if isinstance(path, StoreLocation) else locate_store(path)
     if data_root is not None and not Path(data_root).is_dir():
         raise StoreError(f"data_root {data_root} is not a directory; pass the folder that holds the images now")
     return open_location(loc, max_open=max_open, data_root=data_root)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from featstore.errors import StoreError
 from featstore.report.inputs import Inputs, Options, scan_records, short_error
 from featstore.report.page import Section, note, render
 from featstore.report.select import MAX_STATS_RECORDS, stats_records
@@ -26,32 +25,21 @@ class ReportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _has_manifest(location: str | os.PathLike[str]) -> bool:
-    from featstore.formats.manifest import find_manifest
-    from featstore.storage import is_remote, local_path_of
-
-    if is_remote(location):
-        return True
-    try:
-        find_manifest(local_path_of(location))
-        return True
-    except StoreError:
-        return False
-
-
 def open_inputs(location: str | os.PathLike[str], options: Options) -> tuple[Inputs, list[str]]:
     """Open the store (StoreError when there is none at ``location``) and list its keys (a failure to list is a
     warning on the page: the sections then show what they can)."""
+    from featstore.formats.locate import locate_store
     from featstore.read import open_store
 
-    store = open_store(location, data_root=options.data_root, storage_options=options.storage_options)
+    loc = locate_store(location, options.storage_options)
+    store = open_store(loc, data_root=options.data_root)
     warnings = []
     try:
         keys = list(store.keys())
     except Exception as e:  # noqa: BLE001 - a store whose index cannot be read still has a manifest to show
         keys = []
         warnings.append(f"could not list the store's records: {short_error(e)}")
-    return Inputs(str(location), store, store.manifest, _has_manifest(location), keys, options), warnings
+    return Inputs(str(location), store, store.manifest, loc.manifest is not None, keys, options), warnings
 
 
 def _guarded(sid: str, title: str, build: Callable[[], Section], warnings: list[str]) -> Section:
