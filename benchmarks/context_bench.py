@@ -12,6 +12,14 @@ the baseline), ``none`` batched, ``prefix`` (samples that are prefixes of anothe
 ``tree`` (every shared prefix once). Printed: frame passes per sample, steps, samples/s, frame passes/s,
 the ratio of samples/s to the baseline, and the plan's peak KV cache (frames, and bytes for VGGT-1B at
 644 pixels: 1615 tokens, 23 cached layers for layer -2, bf16). Goal (issue 13): tree >= 1.6x.
+
+    python benchmarks/context_bench.py --context joint [--quick]   # VG-LLM's joint samples (issue 17)
+
+``--context joint``: a ScanNet-like annotation set (``--scenes`` scenes of ``--frames`` frames, ``--questions``
+questions per scene, all naming the scene's one frame list). The same samples run as VG-LLM computes them (one
+sample at a time, B=1: the baseline), batched (``--batch-size`` samples of one frame count per call), and
+batched after deduplication (one record per frame list, featstore.discover.dedup); printed: samples/s, the
+ratio to the baseline, and the dedup ratio (records stored / samples).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from featstore.build.context import PlanExecutor, kv_bytes_per_frame  # noqa: E402
 from featstore.model import get_config, load_vggt  # noqa: E402
-from featstore.discover.samples import Sample, episode_samples  # noqa: E402
+from featstore.discover.samples import Sample, episode_samples, make_sample  # noqa: E402
 from featstore.build.schedule import build_forest, peak_cache_frames, plan_steps  # noqa: E402
 
 JANUSVLN_FRAME_BYTES = kv_bytes_per_frame(get_config("vggt-1b"), (490, 644), 22, torch.bfloat16)
@@ -64,9 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated configurations to run besides the baseline (sample: none,prefix,tree; "
                         "default all)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--scenes", type=int, default=4, help="--context joint, dedup part: scenes (one frame list each)")
+    p.add_argument("--frames", type=int, default=8, help="--context joint: frames per scene")
+    p.add_argument("--questions", type=int, default=6, help="--context joint: annotation records per scene")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.episodes, args.height, args.width, args.batch_size, args.repeat = "12,20", 1, 14, 14, 4, 1
+        args.scenes, args.frames, args.questions = 2, 4, 3
     return args
 
 
@@ -189,6 +201,45 @@ def print_rows(rows: list[dict]) -> None:
               f"{r['peak_cache_frames']:>10} {gib:>8.1f} GiB")
 
 
+def measure_joint(model, args: argparse.Namespace, device: torch.device) -> None:
+    """VG-LLM's joint samples: B=1 per sample (baseline), batched, and batched over the deduplicated records."""
+    from featstore.discover.dedup import dedup_samples
+    from featstore.discover.samples import SampleItem
+    from featstore.model import joint_features
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    scenes = [torch.rand(args.frames, 3, args.height, args.width, generator=gen).to(device, dtype)
+              for _ in range(args.scenes)]
+    items = [SampleItem(make_sample([f"scene{s}/{i:03d}.jpg" for i in range(args.frames)], "first", f"q{s}-{q}"),
+                        ()) for s in range(args.scenes) for q in range(args.questions)]
+    records = dedup_samples(items)
+    per_sample = [scenes[int(it.frames[0].split("/")[0][5:])] for it in items]
+    per_record = [scenes[int(it.frames[0].split("/")[0][5:])] for it in records]
+
+    def run(frames: list[torch.Tensor], batch: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for a in range(0, len(frames), batch):
+            joint_features(model, torch.stack(frames[a:a + batch]), (-2,))
+        sync(device)
+        return time.perf_counter() - start
+
+    run(per_record[:1], 1)  # warm-up
+    best = {"VG-LLM's way (B=1)": float("inf"), "batched": float("inf"), "batched, deduplicated": float("inf")}
+    for _ in range(args.repeat):
+        best["VG-LLM's way (B=1)"] = min(best["VG-LLM's way (B=1)"], run(per_sample, 1))
+        best["batched"] = min(best["batched"], run(per_sample, args.batch_size))
+        best["batched, deduplicated"] = min(best["batched, deduplicated"], run(per_record, args.batch_size))
+    base = len(items) / best["VG-LLM's way (B=1)"]
+    print(f"{len(items)} samples ({args.scenes} scenes x {args.questions} questions, {args.frames} frames of "
+          f"{args.height}x{args.width}); dedup: {len(records)} records / {len(items)} samples = "
+          f"{len(records) / len(items):.3f}")
+    for label, secs in best.items():
+        print(f"  {label:<24} B={1 if 'B=1' in label else args.batch_size:>3} {len(items) / secs:>10.1f} samples/s "
+              f"{len(items) / secs / base:>6.2f}x")
+
+
 def load_models(args: argparse.Namespace) -> tuple:
     """(baseline model, featstore's model): the same object, or with --compile a compiled second copy."""
     model = load_vggt(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -209,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models(args)
     model = models[0]
     if args.context == "joint":
-        return joint_main(models, args, device)
+        joint_main(models, args, device)
+        measure_joint(model, args, device)
+        return 0
     print(f"model {args.model} ({args.dtype}) on {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, frames {args.height}x{args.width}, B={args.batch_size}, "
           f"{args.episodes} episode(s) per length, {torch.get_num_threads()} CPU thread(s)")
     print(f"KV cache per frame per sample, VGGT-1B at 644 (490x644, 1615 tokens, 23 layers, bf16): "

@@ -86,3 +86,67 @@ def encode_breakdown(t: torch.Tensor, level: int = 1, reps: int = 10) -> dict[st
         out[name] = (time.thread_time() - c0) / reps * 1e3
     out["stored_ratio"] = len(frame) / len(raw)
     return out
+
+
+class GilProbe:
+    """A thread that asks for the GIL every millisecond and records how late it gets it: long stretches of
+    another thread holding the GIL (or the OS not scheduling the process) show up as large delays."""
+
+    def __init__(self, period_s: float = 1e-3):
+        import threading
+
+        self.period, self.delays = period_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gil-probe", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            time.sleep(self.period)
+            self.delays.append(time.perf_counter() - t0 - self.period)
+
+    def __enter__(self) -> "GilProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary_ms(self) -> dict[str, float]:
+        """Median, 99th percentile and largest delay in ms."""
+        d = sorted(self.delays) or [0.0]
+        return {"p50": d[len(d) // 2] * 1e3, "p99": d[min(len(d) - 1, int(len(d) * 0.99))] * 1e3, "max": d[-1] * 1e3}
+
+
+_PROBE_CODE = """
+import json, sys, threading, time
+stop, delays = threading.Event(), []
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+while not stop.is_set():
+    t0 = time.perf_counter(); time.sleep(1e-3); delays.append(time.perf_counter() - t0 - 1e-3)
+d = sorted(delays) or [0.0]
+print(json.dumps({"p50": d[len(d) // 2] * 1e3, "p99": d[min(len(d) - 1, int(len(d) * 0.99))] * 1e3, "max": d[-1] * 1e3}))
+"""
+
+
+class ProcessProbe:
+    """The same probe in a process of its own, at the same time: the delays the OS alone causes (no GIL shared)."""
+
+    def __enter__(self) -> "ProcessProbe":
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROBE_CODE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        import json
+
+        out, _ = self.proc.communicate("stop\n", timeout=60)
+        self.result = json.loads(out)
+
+    def summary_ms(self) -> dict[str, float]:
+        """Median, 99th percentile and largest delay in ms."""
+        return self.result

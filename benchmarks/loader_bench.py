@@ -12,12 +12,14 @@ Writes per-image caches of smooth random bf16 features, then one shard store per
 3. training setting: `stream` in a DataLoader with 2 workers (every tensor crosses a process boundary) per
    codec, int8 with `dequantize=False`, vs per-image `torch.load` in the same kind of DataLoader; the cost
    of dequantizing the int8 samples on the consumer is timed separately;
-4. cold reads: the page cache of every file dropped (`posix_fadvise(DONTNEED)`) before each reader; MB/s
-   read from disk and records/s, per-image vs each codec, one process;
+4. cold reads: the page cache of every file dropped (`posix_fadvise(DONTNEED)`, after the reader's shards
+   are unmapped: a mapped page cannot be dropped) before each reader; MB/s read from disk and records/s,
+   per-image vs each codec, (a) one process, (b) a DataLoader with workers (`stream`);
 5. object storage (``--url s3://bucket/prefix [--storage-options JSON]``, or ``--s3-local`` for a moto S3
    server on 127.0.0.1 started here): the zstd store uploaded there, then ``open_store`` random access (one
-   process) and ``stream`` (DataLoader) from the URL vs the same readers on local disk, and the number of
-   S3 requests one random-access record costs (goal: one ranged GET).
+   process) and ``stream`` (DataLoader) from the URL vs the same readers on local disk, ``stream`` with a
+   shard cache (``cache_dir``) in its first epoch (downloading) and its second (from the cache), and the
+   number of S3 requests one random-access record costs (goal: one ranged GET).
 
 The issue's targets are printed last, as ratios measured in this run: `raw` get >= 0.9x per-image
 `torch.load` (section 1), `zstd` get >= 0.9x its floor (section 2), and `stream` `int8` with
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -49,9 +52,9 @@ from featstore.export import export_to_shards  # noqa: E402
 from featstore.formats.codecs import CODECS, unshuffle_into, unzstd_into  # noqa: E402
 from featstore.formats.manifest import new_manifest, write_manifest
 from featstore.formats.perimage import write_pt  # noqa: E402
-from featstore.storage.backends import parse_location, storage_options_from_json  # noqa: E402
+from featstore.storage import parse_location, storage_options_from_json  # noqa: E402
 from featstore.formats.record import Record, decode_header  # noqa: E402
-from featstore.read.loader import open_store, stream  # noqa: E402
+from featstore.read import open_store, stream  # noqa: E402
 
 
 def make_data(root: Path, n: int, tokens: int, dim: int) -> list[str]:
@@ -79,7 +82,7 @@ def interleaved(readers: dict[str, Callable[[], int]], repeats: int,
     best = {name: (float("inf"), 0) for name in readers}
     for rnd in range(repeats + 1):
         for name, fn in readers.items():
-            if before is not None:
+            if before is not None and name in before:
                 before[name]()
             t = time.perf_counter()
             n = fn()
@@ -127,15 +130,27 @@ class PerImage(torch.utils.data.Dataset):
         return torch.load(self.root / (self.order[i] + ".vggt_cache.pt"), weights_only=True)["features"]
 
 
+OPEN_STORES: dict[str, Any] = {}  # reader name -> its store (closed before a cold run: a mapped page stays cached)
+
+
 def random_access(tmp: Path, order: list[str], codecs: list[str]) -> dict[str, Callable[[], int]]:
     """One-process readers: per-image torch.load and open_store(...).get per codec."""
     readers: dict[str, Callable[[], int]] = {}
     pi = PerImage(tmp / "data", order)
     readers["per-image torch.load"] = lambda: sum(1 for i in range(len(pi)) if pi[i] is not None)
     for c in codecs:
-        store = open_store(tmp / c)
+        store = OPEN_STORES[f"open_store {c}"] = open_store(tmp / c)
         readers[f"open_store {c}"] = (lambda s: lambda: sum(1 for k in order if s.get(k) is not None))(store)
     return readers
+
+
+def cold(files: list[Path], store: Any = None) -> Callable[[], None]:
+    """Before a cold run: unmap the reader's shards (posix_fadvise cannot evict mapped pages), drop the files."""
+    def run() -> None:
+        if store is not None:
+            store.close()
+        drop_cache(files)
+    return run
 
 
 def bare_zstd(tmp: Path, order: list[str]) -> Callable[[], int]:
@@ -217,6 +232,8 @@ TARGETS = (  # (name, section, reader, baseline, at least)
      "bare zstd decompress + unshuffle", 0.9),
     ("stream int8 dequantize=False vs per-image, DataLoader", "dataloader", "stream int8 dequantize=False",
      "per-image torch.load", 1.3),
+    ("raw get vs per-image torch.load, cold, one process", "cold", "open_store raw", "per-image torch.load", 0.9),
+    ("stream raw vs per-image torch.load, cold, DataLoader", "cold_stream", "stream raw", "per-image torch.load", 0.9),
 )
 
 
@@ -279,8 +296,13 @@ def object_storage(tmp: Path, order: list[str], url: str, options: dict, workers
 
     ra = interleaved({"open_store local disk": lambda: sum(1 for k in order if local.get(k) is not None),
                       "open_store URL": lambda: sum(1 for k in order if remote.get(k) is not None)}, repeats)
+    warm, fresh = tmp / "cache-warm", tmp / "cache-fresh"
+    stream_run(url, storage_options=options, cache_dir=warm)()  # fills the cache an epoch 2 reads from
     st = interleaved({"stream local disk": stream_run(tmp / "zstd"),
-                      "stream URL": stream_run(url, storage_options=options)}, repeats)
+                      "stream URL": stream_run(url, storage_options=options),
+                      "stream URL, cache: 1st epoch": stream_run(url, storage_options=options, cache_dir=fresh),
+                      "stream URL, cache: 2nd epoch": stream_run(url, storage_options=options, cache_dir=warm)},
+                     repeats, before={"stream URL, cache: 1st epoch": lambda: shutil.rmtree(fresh, ignore_errors=True)})
     where = parse_location(url).display
     out = {"random_access": table(f"5a. open_store from {where}, one process (vs local disk)", ra,
                                   "open_store local disk"),
@@ -288,6 +310,22 @@ def object_storage(tmp: Path, order: list[str], url: str, options: dict, workers
                            "stream local disk"),
            "requests_per_random_record": requests_per_record(url, options, order)}
     print(f"   S3 requests per random-access record: {out['requests_per_random_record']}")
+    return out
+
+
+def cold_sections(ra: dict[str, Callable[[], int]], files: dict[str, list[Path]],
+                  loaders: dict[str, Callable[[], int]], args: argparse.Namespace) -> dict[str, Any]:
+    """Section 4: every reader with its files dropped from the page cache (and its shards unmapped) first:
+    one process (open_store), then a DataLoader with workers (stream)."""
+    size = {name: float(sum(p.stat().st_size for p in f)) for name, f in files.items()}
+    res = interleaved(ra, args.repeats, before={n: cold(files[n], OPEN_STORES.get(n)) for n in ra})
+    out = {"cold": table("4a. cold page cache (unmapped, posix_fadvise DONTNEED before each run), one process",
+                         res, "per-image torch.load", extra={n: size[n] for n in ra})}
+    by_stream = {n: files[n.replace("stream", "open_store").replace(" dequantize=False", "")] for n in loaders}
+    res = interleaved(loaders, args.repeats, before={n: cold(f) for n, f in by_stream.items()})
+    out["cold_stream"] = table(f"4b. cold page cache, DataLoader {args.workers} workers (stream vs per-image)", res,
+                               "per-image torch.load", extra={n: float(sum(p.stat().st_size for p in f))
+                                                              for n, f in by_stream.items()})
     return out
 
 
@@ -305,7 +343,9 @@ def main() -> None:
     ap.add_argument("--url", help="section 5: also read the zstd store from this fsspec URL (uploaded there first)")
     ap.add_argument("--storage-options", default="{}", help="JSON options for --url's backend (see docs/object-storage.md)")
     ap.add_argument("--s3-local", action="store_true", help="section 5 against a moto S3 server started here")
+    ap.add_argument("--sections", default="1,2,3,4,5", help="comma-separated sections to run")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     url, options = args.url, storage_options_from_json(args.storage_options)
     if args.s3_local:
         url, options = local_s3()
@@ -326,28 +366,28 @@ def main() -> None:
         out: dict[str, Any] = {"records": args.records, "shape": [1, args.tokens, args.dim],
                                "bytes_per_record": {k: v / args.records for k, v in sizes.items()}}
         ra = random_access(tmp, order, codecs)
-        res = interleaved(ra, args.repeats)
-        out["random_access"] = table("1. one process, warm cache (vs per-image torch.load)", res,
-                                     "per-image torch.load")
-        if "zstd" in codecs:
+        if "1" in sections:
+            res = interleaved(ra, args.repeats)
+            out["random_access"] = table("1. one process, warm cache (vs per-image torch.load)", res,
+                                         "per-image torch.load")
+        if "zstd" in codecs and "2" in sections:
             res2 = interleaved({"bare zstd decompress + unshuffle": bare_zstd(tmp, order),
                                 "open_store zstd": ra["open_store zstd"]}, args.repeats)
             out["zstd_vs_bare"] = table("2. zstd codec vs bare decompress + unshuffle of the same bytes", res2,
                                         "bare zstd decompress + unshuffle")
-        res3 = interleaved(loader_readers(tmp, order, codecs, args.workers), args.repeats)
-        out["dataloader"] = table(f"3. DataLoader, {args.workers} workers (vs per-image torch.load)", res3,
-                                  "per-image torch.load")
-        if "int8" in codecs:
+        if "3" in sections:
+            res3 = interleaved(loader_readers(tmp, order, codecs, args.workers), args.repeats)
+            out["dataloader"] = table(f"3. DataLoader, {args.workers} workers (vs per-image torch.load)", res3,
+                                      "per-image torch.load")
+        if "int8" in codecs and "3" in sections:
             out["dequantize_ms_per_record"] = dequantize_cost(tmp, min(args.records, 50)) * 1e3
             print(f"   int8 dequantize on the consumer (CPU, 1 thread of the main process): "
                   f"{out['dequantize_ms_per_record']:.2f} ms/record, not included above")
         files = {"per-image torch.load": list((tmp / "data").rglob("*.pt"))}
         files.update({f"open_store {c}": list((tmp / c / "shards").glob("*.tar")) for c in codecs})
-        res4 = interleaved(ra, args.repeats, before={n: (lambda f: lambda: drop_cache(f))(files[n]) for n in ra})
-        out["cold"] = table("4. cold page cache (posix_fadvise DONTNEED before each run), one process", res4,
-                            "per-image torch.load",
-                            extra={name: float(sum(p.stat().st_size for p in files[name])) for name in ra})
-        if url:
+        if "4" in sections:
+            out.update(cold_sections(ra, files, loader_readers(tmp, order, codecs, args.workers), args))
+        if url and "5" in sections:
             out["object_storage"] = object_storage(tmp, order, url, options, args.workers, args.repeats)
         out["targets"] = targets(out)
     if args.json:

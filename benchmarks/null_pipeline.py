@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cpu_budget import Span, cores_used, encode_breakdown, measure
+from cpu_budget import GilProbe, ProcessProbe, Span, cores_used, encode_breakdown, measure
 from featstore.build.orchestrator import Build, BuildOptions
 from featstore.build.pipeline import DecodeOptions, WorkItem
 
@@ -30,7 +30,9 @@ def run_e2e(opts: BuildOptions, items: list[WorkItem]) -> tuple[Build, Span]:
     b.prepare_output()
     size = opts.image_size
     b.extractor.run(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=b.device))  # warm-up
-    _, span = measure(lambda: b.run_loop(items))
+    with GilProbe() as probe, ProcessProbe() as os_probe:
+        _, span = measure(lambda: b.run_loop(items))
+    b.gil_delays_ms = {"in_process": probe.summary_ms(), "own_process": os_probe.summary_ms()}  # type: ignore
     return b, span
 
 
@@ -70,6 +72,10 @@ def report(args: argparse.Namespace, n: int, dec: Span, e2e: Span, b: Build, enc
     print(f"where the cores' {avail:.2f} s went: this build {ours:.2f} s ({ours / avail:.0%}), other processes "
           f"{e2e.others:.2f} s ({e2e.others / avail:.0%}), idle {max(0.0, avail - ours - e2e.others):.2f} s "
           f"({max(0.0, avail - ours - e2e.others) / avail:.0%})")
+    gil = b.gil_delays_ms  # type: ignore[attr-defined]
+    for where, d in (("in this process (GIL + OS)", gil["in_process"]), ("in a process of its own (OS)", gil["own_process"])):
+        print(f"probe thread waking every 1 ms {where}: late by p50 {d['p50']:.2f}, p99 {d['p99']:.2f}, "
+              f"max {d['max']:.1f} ms")
     print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(b.stats.stage_seconds.items())))
     print("encode passes of one record (ms of one core): " + ", ".join(f"{k} {v:.2f}" for k, v in enc.items()))
     return {"images": n, "cores": cores, "main_thread_cpu_ms_per_image": per["main_thread"],
@@ -81,7 +87,7 @@ def report(args: argparse.Namespace, n: int, dec: Span, e2e: Span, b: Build, enc
             "e2e_over_available_capacity": rate / (capacity * left),
             "targets": {"main_thread_cpu_ms_per_image": {"target": MAIN_TARGET_MS, "met": per["main_thread"] <= MAIN_TARGET_MS},
                         "e2e_over_capacity": {"target": CAPACITY_TARGET, "met": rate / capacity >= CAPACITY_TARGET}},
-            "stage_seconds": dict(b.stats.stage_seconds), "encode_record_ms": enc}
+            "stage_seconds": dict(b.stats.stage_seconds), "encode_record_ms": enc, "gil_probe_late_ms": gil}
 
 
 def null_main(args: argparse.Namespace, root: Path, tmp: str, items: list[WorkItem]) -> None:

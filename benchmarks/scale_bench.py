@@ -7,9 +7,13 @@ ru_maxrss would carry the parent's peak across exec on Linux):
 * full ``featstore verify`` time and peak memory at N and at N/10 (flat memory: ratio close to 1);
 * source discovery (``discover_images``) over a tree of N empty ``.jpg`` files and N/10 (< 60 s, flat memory);
 * ``stream``'s epoch plan: peak memory of each of 2 spawned DataLoader workers streaming the store, beyond
-  a fresh process that imported torch and featstore (target < 100 MB at 1M records).
+  a fresh process that imported torch and featstore (target < 100 MB at 1M records);
+* ``featstore plan`` of a JanusVLN-like annotation set (``--plan-samples``, default 612,000 samples of synthetic
+  R2R-style episodes, each sample the JanusVLN history of one step, ``--assume-size 640x480``, no image
+  files): time and peak memory (targets < 30 s, < 1 GB), against the same plan at a tenth of the samples.
 
     python benchmarks/scale_bench.py --n 1000000 --work /tmp/scale [--skip-verify] [--skip-discovery] [--quick]
+    python benchmarks/scale_bench.py --only-plan [--plan-samples 612000]
 
 Synthetic records are real featstore records (the one codec) with a [1, 4, 8] float16 features tensor.
 """
@@ -154,10 +158,10 @@ def stream_workers(store: str, samples: int) -> None:
     """Stream ``samples`` records with 2 spawned workers; print the import baseline and each worker's peak."""
     import torch
 
-    import featstore.read.loader  # noqa: F401  (the baseline includes it, as the workers do)
+    import featstore.read  # noqa: F401  (the baseline includes it, as the workers do)
 
     base, base_anon = _status_mb("VmHWM"), _status_mb("RssAnon")
-    ds = featstore.read.loader.stream(store, shuffle=True, shuffle_buffer=1000)
+    ds = featstore.read.stream(store, shuffle=True, shuffle_buffer=1000)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, collate_fn=worker_report,
                                      multiprocessing_context="spawn")
     peak: dict[int, float] = {}
@@ -188,6 +192,73 @@ def make_tree(root: Path, n: int) -> float:
     return time.time() - t
 
 
+PLAN = HWM + """
+import json, sys, time, contextlib, io, resource
+from featstore.cli.main import main
+base = hwm_mb()
+t = time.time()
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    rc = main(["plan", "--data-root", sys.argv[1], "--annotations", sys.argv[2], "--assume-size", "640x480",
+               "--model", "vggt-1b-random", "--preset", "janusvln", "--json", "-"])
+doc = json.loads(out.getvalue())
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"rc": rc, "seconds": time.time() - t, "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_mb": hwm_mb(),
+                  "import_mb": base,
+                  **{k: doc[k] for k in ("samples", "records", "frames_decoded", "frame_passes",
+                                         "frame_passes_without_sharing", "bytes")}, "gpu_hours": doc["gpu"]["hours"]}))
+"""
+
+
+def make_janusvln_annotations(path: Path, samples: int, seed: int = 0) -> float:
+    """JanusVLN-like training annotations: R2R-style episodes of 30-120 frames, one sample per step whose
+    ``images`` are JanusVLN's history frames of that step (8 history frames), until ``samples``; seconds."""
+    import random
+
+    from featstore.discover.samples import janusvln_history
+
+    t = time.time()
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        done, ep = 0, 0
+        while done < samples:
+            frames = [f"R2R/images/ep_{ep:06d}/frame_{i:04d}.jpg" for i in range(rng.randint(30, 120))]
+            for i in range(min(len(frames), samples - done)):
+                rec = {"id": f"ep{ep}_{i}", "images": [frames[j] for j in janusvln_history(i)],
+                       "conversations": [{"from": "human", "value": "Walk to the kitchen and stop by the sink."},
+                                         {"from": "gpt", "value": "MOVE_FORWARD"}]}
+                f.write(json.dumps(rec) + "\n")
+            done += min(len(frames), samples - done)
+            ep += 1
+    return time.time() - t
+
+
+def plan_run(work: Path, samples: int) -> dict:
+    """The plan of ``samples`` synthetic JanusVLN samples (in its own process: its own peak memory)."""
+    ann = work / "janusvln" / "train.jsonl"
+    made = make_janusvln_annotations(ann, samples)
+    out, _, _ = py(["-c", PLAN, str(ann.parent), str(ann)])
+    r = json.loads(out.strip().splitlines()[-1])
+    r["make_s"] = round(made, 1)
+    shutil.rmtree(ann.parent)
+    return r
+
+
+def plan_report(work: Path, samples: int) -> None:
+    """Plan at samples/10 and at samples; print both and the targets."""
+    small, full = plan_run(work, max(1, samples // 10)), plan_run(work, samples)
+    print(json.dumps({"plan_small": small, "plan_full": full}))
+    print(f"\nplan of {full['samples']:,} JanusVLN samples ({full['records']:,} records, {full['frame_passes']:,} "
+          f"frame passes, {full['frame_passes_without_sharing']:,} without sharing): {full['seconds']:.1f} s "
+          f"({full['cpu_s']:.1f} s of CPU; target < 30 s; x{full['seconds'] / max(small['seconds'], 1e-9):.1f} vs "
+          f"N/10), peak RSS "
+          f"{full['maxrss_mb']:.0f} MB (target < 1024 MB; {full['import_mb']:.0f} MB before the plan; N/10: "
+          f"{small['maxrss_mb']:.0f} MB); projected zstd {full['bytes']['zstd'] / 1e12:.2f} TB, int8 "
+          f"{full['bytes']['int8'] / 1e12:.2f} TB, raw {full['bytes']['raw'] / 1e12:.2f} TB, "
+          f"{full['gpu_hours']:.1f} GPU hours (H200)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="records (and files) at full scale")
@@ -196,6 +267,9 @@ def main() -> int:
     ap.add_argument("--skip-discovery", action="store_true")
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--quick", action="store_true", help="smoke run: N=2000, stream workers only")
+    ap.add_argument("--plan-samples", type=int, default=612_000, help="samples of the plan measurement")
+    ap.add_argument("--skip-plan", action="store_true")
+    ap.add_argument("--only-plan", action="store_true", help="measure the plan only")
     ap.add_argument("--stream-worker", help=argparse.SUPPRESS)  # internal: the stream measurement's own process
     ap.add_argument("--samples", type=int, default=2000, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -203,8 +277,11 @@ def main() -> int:
         stream_workers(args.stream_worker, args.samples)
         return 0
     if args.quick:
-        args.n, args.skip_verify, args.skip_discovery = 2000, True, True
+        args.n, args.skip_verify, args.skip_discovery, args.plan_samples = 2000, True, True, 6120
     shutil.rmtree(args.work, ignore_errors=True)
+    if args.only_plan:
+        plan_report(args.work, args.plan_samples)
+        return 0
     res: dict = {"n": args.n}
     for label, n in (("small", max(1, args.n // 10)), ("full", args.n)):
         store = args.work / f"store-{label}"
@@ -239,6 +316,8 @@ def main() -> int:
     if "discovery" in f:
         print(f"discovery {f['discovery']['seconds']:.1f} s over {f['discovery']['items']:,} files, peak RSS "
               f"{f['discovery']['maxrss_mb']:.0f} MB (x{f['discovery']['maxrss_mb'] / s['discovery']['maxrss_mb']:.2f} vs N/10)")
+    if not args.skip_plan:
+        plan_report(args.work, args.plan_samples)
     return 0
 
 

@@ -25,20 +25,22 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from featstore.formats.aliases import SAMPLE_CONTEXTS
 from featstore.formats.layout import DEFAULT_SHARD_BYTES, PER_IMAGE_MANIFEST, SHARDS_DIR, SHARD_MANIFEST
 from featstore.errors import FeatstoreError, RecordError, StoreError
 from featstore.formats.index import IndexEntry
 from featstore.formats.keys import CacheLayout
-from featstore.formats.manifest import BuildSettings, Manifest, find_manifest, read_manifest, shape_key, write_manifest
+from featstore.formats.locate import StoreLocation, locate_store
+from featstore.formats.manifest import BuildSettings, Manifest, read_manifest, shape_key, write_manifest
 from featstore.formats.perimage import read_pt, scan_per_image, write_pt
 from featstore.formats.codecs import check_codec
 from featstore.formats.record import Record, decode_record, encode_record, with_lossy_provenance
 from featstore.formats.shards import ClosedShard, ShardWriter, iter_shard_records, parse_shard_name
 from featstore.formats.shardstore import finalize_shard_store
-from featstore.formats.store import Store
-from featstore.storage.backends import parse_location
+from featstore.formats.store import ShardStoreReads, Store
+from featstore.storage import parse_location
 from featstore.build.merge import collect_entries
-from featstore.read.loader import ShardStore, open_store, shard_rows
+from featstore.read import open_store
 
 log = logging.getLogger("featstore")
 LEGACY_UNKNOWN = ["model.fingerprint", "layers", "preprocess", "tokens", "source fingerprint (staleness)"]
@@ -73,7 +75,7 @@ def _same_record(path: Path, rec: Record) -> bool:
                for o, t in zip(old.tensors.values(), rec.tensors.values()))
 
 
-def _stored_records(store: ShardStore) -> Iterator[tuple[IndexEntry, bytes | memoryview | Exception]]:
+def _stored_records(store: ShardStoreReads) -> Iterator[tuple[IndexEntry, bytes | memoryview | Exception]]:
     """Every live record's stored bytes (or the error reading them), shard by shard, read sequentially.
 
     A remote shard arrives as a few large ranged GETs; a shard that turns out truncated falls back to
@@ -119,20 +121,22 @@ def export_to_per_image(store_path: Path | str, out: Path | None = None, *, fsyn
     return res
 
 
-def _image_store_to_export(store_path: Path | str, storage_options: dict[str, Any] | None) -> ShardStore:
+def _image_store_to_export(store_path: Path | str, storage_options: dict[str, Any] | None) -> ShardStoreReads:
     """The shard store of per-image records to export; StoreError for a per-image or a sample store."""
-    store = open_store(store_path, storage_options=storage_options)
-    if not isinstance(store, ShardStore):
+    loc = locate_store(store_path, storage_options)
+    if loc.layout != "shards":
         raise StoreError(f"{store_path} is already a per-image store; export it with --format shards")
-    if store.context.get("mode") == "sample":
-        raise StoreError(f"{store_path} holds one record per training sample: a sample's features depend on all "
+    store = open_store(loc)
+    assert isinstance(store, ShardStoreReads)
+    if store.context.get("mode") in SAMPLE_CONTEXTS:
+        raise StoreError(f"{store_path} holds one record per training sample (--context {store.context['mode']}): a sample's features depend on all "
                          "its frames, so a per-image file beside one image cannot hold them (and training code "
                          "reading per-image caches would take them for context-free features); read the store with "
                          "open_store(...).get_sample(frames) or featstore.load_sample_features instead")
     return store
 
 
-def _write_per_image_files(store: ShardStore, layout: CacheLayout, res: ExportResult, fsync: bool
+def _write_per_image_files(store: ShardStoreReads, layout: CacheLayout, res: ExportResult, fsync: bool
                            ) -> tuple[Counter, dict[str, dict[str, Any]]]:
     """Write each live record to its cache file (identical files left alone); returns the feature shapes and
     the worst lossy bounds of the records exported."""
@@ -175,16 +179,15 @@ class Source:
     path: Path
 
 
-def _per_image_source(data_root: Path) -> Source:
-    """The caches under a data root (or a per-image manifest's cache root)."""
-    try:
-        mpath = find_manifest(data_root)
-    except StoreError:
-        return Source(data_root, None, scan_per_image(data_root), _pt_reader(data_root), data_root)
-    m = read_manifest(mpath)
-    droot = Path(m.get("data_root") or mpath.parent)
-    croot = Path(m["cache_root"]) if m.get("cache_root") else mpath.parent
-    return Source(droot, m, scan_per_image(croot), _pt_reader(croot), data_root)
+def _per_image_source(loc: StoreLocation, path: Path) -> Source:
+    """The caches of a per-image store (under its manifest's cache root), or legacy caches under their folder."""
+    root = Path(loc.root)
+    m = loc.manifest
+    if m is None:
+        return Source(root, None, scan_per_image(root), _pt_reader(root), path)
+    droot = Path(m.get("data_root") or root)
+    croot = Path(m["cache_root"]) if m.get("cache_root") else root
+    return Source(droot, m, scan_per_image(croot), _pt_reader(croot), path)
 
 
 def _pt_reader(croot: Path) -> Callable[[str], Record]:
@@ -192,11 +195,9 @@ def _pt_reader(croot: Path) -> Callable[[str], Record]:
     return lambda key: read_pt(layout.path(key), key=key)
 
 
-def _shard_source(store: ShardStore) -> Source:
+def _shard_source(store: ShardStoreReads) -> Source:
     """A shard store's live records in shard and offset order (sequential reads), decoded to their stored dtype."""
-    ix = store.index
-    rows, _ = shard_rows(ix)
-    keys = (ix.entry(int(r)).key for r in rows)
+    keys = (e.key for entries in store.index.shard_entries().values() for e in entries)
     return Source(Path(store.manifest.get("data_root") or ""), store.manifest, keys, _record_reader(store),
                   Path(store.root))
 
@@ -208,13 +209,12 @@ def _record_reader(store: Store) -> Callable[[str], Record]:
 
 def open_source(path: Path) -> Source:
     """Per-image caches or a shard store at ``path``, as a :class:`Source`."""
-    try:
-        mpath = find_manifest(path)
-    except StoreError:
-        return _per_image_source(path)
-    if read_manifest(mpath).get("layout") == "shards":
-        return _shard_source(ShardStore(mpath.parent, read_manifest(mpath)))
-    return _per_image_source(path)
+    loc = locate_store(path)
+    if loc.layout == "shards":
+        store = open_store(loc)
+        assert isinstance(store, ShardStoreReads)
+        return _shard_source(store)
+    return _per_image_source(loc, path)
 
 
 def export_to_shards(data_root: Path, out: Path, *, shard_size: int = DEFAULT_SHARD_BYTES, prefix: str = "vggt",
@@ -285,7 +285,7 @@ def _write_shard_manifest(src: Source, out: Path, known: dict[str, list[Any]], r
     store = parse_location(out)
     base = src.manifest or {}
     checksums = [asdict(s.info) for s in res.closed] + list((old or {}).get("shards", []))
-    final = finalize_shard_store(store, known, sample_context=(base.get("context") or {}).get("mode") == "sample",
+    final = finalize_shard_store(store, known, sample_context=(base.get("context") or {}).get("mode") in SAMPLE_CONTEXTS,
                                  checksums=checksums)
     m = Manifest.new(layout="shards", data_root=str(src.data_root), model_path="")
     m.use_settings(BuildSettings.of(base))

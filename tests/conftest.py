@@ -48,6 +48,18 @@ def golden_dir(tmp_path_factory) -> Path:
     return _materialize_golden(GOLDEN_IN_REPO, tmp_path_factory.mktemp("golden"))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test, as the golden reference files were made (their README: 2 threads
+    give the same bits; BLAS may not on another machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip @pytest.mark.slow tests unless FEATSTORE_RUN_SLOW=1, CI=true (CI runs them) or `-m slow`."""
     if (os.environ.get("FEATSTORE_RUN_SLOW") == "1" or os.environ.get("CI", "").lower() == "true"

@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from featstore.read.loader import stream
+from featstore.read import stream
 
 
 def main() -> None:

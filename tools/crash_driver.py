@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO))
 # Kill schedules. Data-phase instants come first (each run still makes some progress), merge-phase ones last.
 # atomic-before-rename:1 is build.json (before any work); in a run that reaches the merge, the atomic writes
 # are build.json, part index, part summary, index.fsi, failures ledger, manifest.json (so :4 and :6 land on
-# the rename of the store's index and manifest).
+# the rename of the store's index and manifest: the runs they kill have nothing left to build, so they write no
+# build_stats/rank-*.json, which a run with a data loop writes after its last record).
 SHARD_KILLS = [
     "atomic-before-rename:1", "record-appended:1", "shard-opened:1", "shard-before-rename:1",
     "shard-after-rename:1", "batch-queued:1", "record-appended:3", "shard-tar-closed:2",

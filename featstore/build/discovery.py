@@ -12,6 +12,7 @@ from typing import Any
 
 from featstore.build.options import BuildOptions
 from featstore.build.pipeline import WorkItem
+from featstore.build.transform import NEEDS_TRANSFORM
 from featstore.discover.samples import RecordItem
 
 log = logging.getLogger("featstore")
@@ -40,18 +41,10 @@ class Found:
 def discover_items(opts: BuildOptions, data_root: Path, exclude: list[Path], ledger: str, talk: bool) -> Found:
     """The images or samples to build (``talk``: log the sources and problems; ``ledger``: where the missing
     images are listed, for messages)."""
-    from featstore.discover import discover_images, discover_samples
+    from featstore.discover import discover_images
 
-    if opts.context == "sample":
-        found = discover_samples(data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
-                                 exclude=exclude, strict=opts.strict_annotations,
-                                 reference_frame=opts.reference_frame, history=opts.history,
-                                 history_pad=opts.history_pad)
-        if talk:
-            _log_sample_discovery(found, ledger)
-        if not found.items:
-            log.warning("No samples found! %s", json.dumps(found.manifest_entry))
-        return Found(found, list(found.items), found.manifest_entry, found.missing_keys[:SHOW_MISSING])
+    if opts.context in ("sample", "joint"):
+        return _discover_records(opts, data_root, exclude, ledger, talk)
     found = discover_images(data_root, annotations=tuple(opts.annotations), image_list=opts.image_list,
                             data_path=opts.data_path, find_annotations=True, exclude=exclude,
                             strict=opts.strict_annotations)
@@ -61,6 +54,35 @@ def discover_items(opts: BuildOptions, data_root: Path, exclude: list[Path], led
         log.warning("No images found! Looked in: %s", ", ".join(map(str, found.looked_in or [data_root])))
     return Found(found, [WorkItem(i.key, str(i.path)) for i in found.items], found.manifest_entry,
                  found.missing_keys[:SHOW_MISSING])
+
+
+def discover_records(data_root: Path | str, **discover: Any) -> tuple[Any, list[Any]]:
+    """The training samples (``discover_samples(data_root, **discover)``, records a frame transform reads as
+    their own samples) and the records they make: the build's, and verify's listing of what a store should hold."""
+    from featstore.discover import discover_samples
+    from featstore.discover.dedup import dedup_samples
+
+    found = discover_samples(data_root, transform_depends_on=NEEDS_TRANSFORM, **discover)
+    return found, dedup_samples(found.items, transform_depends_on=NEEDS_TRANSFORM)
+
+
+def _discover_records(opts: BuildOptions, data_root: Path, exclude: list[Path], ledger: str, talk: bool) -> Found:
+    """The records of a sample build: the training samples, those with the same frames, reference frame and
+    frame-transform input grouped into one record (discover.dedup), every id of a group mapping to it."""
+    from featstore.discover.dedup import dedup_counts
+
+    found, plans = discover_records(data_root, annotations=tuple(opts.annotations), data_path=opts.data_path,
+                                    exclude=exclude, strict=opts.strict_annotations,
+                                    reference_frame=opts.reference_frame, history=opts.history,
+                                    history_pad=opts.history_pad, keep_annotations=bool(opts.frame_transform))
+    if talk:
+        _log_sample_discovery(found, ledger)
+        samples, records = dedup_counts(plans)
+        if plans:
+            log.info("%d records for %d samples (samples with the same frames share one record)", records, samples)
+    if not found.items:
+        log.warning("No samples found! %s", json.dumps(found.manifest_entry))
+    return Found(found, list(plans), found.manifest_entry, found.missing_keys[:SHOW_MISSING])
 
 
 def _log_discovery(found: Any, data_root: Path, ledger: str) -> None:

@@ -47,6 +47,7 @@ class Extractor:
     store_dtype: torch.dtype
     tokens: str = "patch"
     forward: Callable[..., dict[int, torch.Tensor]] | None = None
+    input_dtype: torch.dtype = torch.float32  # the model input's dtype (a precision recipe's; bf16 for "bf16")
 
     def __post_init__(self) -> None:
         self.names = tensor_names(self.layers)
@@ -58,7 +59,7 @@ class Extractor:
         """Features for a batch (float in [0,1], or uint8 = value * 255) on the model's device (call
         :func:`to_host` to copy them out)."""
         assert self.forward is not None
-        pixels = images if getattr(self.model, "ignores_pixels", False) else to_unit_float(images)
+        pixels = images if getattr(self.model, "ignores_pixels", False) else to_unit_float(images).to(self.input_dtype)
         out = self.forward(pixels[:, None], layers=self.layers)
         start = int(getattr(self.model, "patch_start_idx", 5)) if self.tokens == "patch" else 0
         return {n: out[i][:, :, start:].to(self.store_dtype) for n, i in zip(self.names, self.layers)}
@@ -84,13 +85,6 @@ def default_store_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """The dtype JanusVLN's autocast uses: bfloat16, or float16 on GPUs without bf16 (compute capability < 8)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def pick_device(requested: str, shown: str | None = None) -> torch.device:

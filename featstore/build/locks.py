@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from featstore.errors import LockError
-from featstore.storage.backends import Storage
+from featstore.storage import Storage
 from featstore.formats.layout import LOCK_NAME, rank_lock_name
 
 log = logging.getLogger("featstore")

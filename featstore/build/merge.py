@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from featstore.errors import StoreError
+from featstore.formats.aliases import SAMPLE_CONTEXTS
 from featstore.formats.index import Index, write_index
-from featstore.formats.manifest import COUNT_FIELDS, BuildSettings, Manifest, read_manifest, read_store_manifest, write_manifest
+from featstore.formats.locate import locate_store
+from featstore.formats.manifest import COUNT_FIELDS, BuildSettings, Manifest, read_manifest, write_manifest
 from featstore.formats.shardstore import finalize_shard_store, list_store_shards
 from featstore.formats.shards import ClosedShard, ShardEntry, scan_stored_shard
-from featstore.storage.backends import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
+from featstore.storage import (Storage, local_copy, local_file_to_publish, parse_location, publish_json,
                                        read_json)
 from featstore.runtime.faults import crash_point
 from featstore.runtime.fsutil import is_temp_name, jsonl_bytes
@@ -157,12 +159,12 @@ def merge_shard_store(out_dir: Path | Storage) -> dict[str, Any]:
     store = parse_location(out_dir)
     parts = read_parts(store.sub(PARTS_DIR))
     check_part_settings(parts)
-    old = read_store_manifest(store) if store.exists(SHARD_MANIFEST) else None
+    old = locate_store(store).manifest if store.exists(SHARD_MANIFEST) else None
     _, known = collect_entries(store)
     m, _, failures = _merged_manifest("shards", parts, old)
     crash_point("merge-before-index")
     earlier = [*(old or {}).get("shards", []), *(s for p in parts for s in p.get("shards", []))]
-    final = finalize_shard_store(store, known, sample_context=m.context.get("mode") == "sample", checksums=earlier)
+    final = finalize_shard_store(store, known, sample_context=m.context.get("mode") in SAMPLE_CONTEXTS, checksums=earlier)
     if parts:
         _write_ledger(store, FAILURES_LEDGER, failures)
     m.processed_images, m.feature_shapes = final.records, final.feature_shapes

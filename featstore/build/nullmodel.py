@@ -16,6 +16,7 @@ import logging
 import torch
 
 from featstore.model.config import VGGTConfig, get_config
+from featstore.model.precision import Precision
 
 log = logging.getLogger("featstore")
 NULL_MODEL = "null"
@@ -63,11 +64,11 @@ def load_null_model(device: torch.device | str, dtype: torch.dtype | None = None
     return NullModel(torch.device(device), dtype or torch.bfloat16)
 
 
-def load_model(name: str, device: torch.device, dtype: torch.dtype | None, store_dtype: torch.dtype) -> torch.nn.Module:
+def load_model(name: str, device: torch.device, precision: Precision, store_dtype: torch.dtype) -> torch.nn.Module:
     """The build's model: the stand-in for ``null`` (its outputs already in the storage dtype, so the build
     converts nothing), else :func:`featstore.model.load_vggt`."""
     if name == NULL_MODEL:
         return load_null_model(device, store_dtype)
     from featstore.model import load_vggt
 
-    return load_vggt(name, device=str(device), dtype=dtype)
+    return load_vggt(name, device=str(device), precision=precision)

@@ -20,6 +20,7 @@ from featstore.errors import OptionError
 from featstore.formats.layout import DEFAULT_SHARD_BYTES
 
 MAX_ZSTD_LEVEL = 22
+CONTEXTS = ("image", "sample", "joint")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -42,11 +43,15 @@ class BuildOptions:
     layers: tuple[int, ...] = (-2,)
     preprocess: str = "crop"
     image_size: int = DEFAULT_IMAGE_SIZE
-    context: str = "image"  # "image": a record per image; "sample": a record per training sample (frame list)
+    # "image": a record per image; "sample": a record per training sample, its frames streamed (JanusVLN);
+    # "joint": a record per sample, its frames through the aggregator together (VG-LLM)
+    context: str = "image"
     reference_frame: str = "first"
     history: int | None = None  # samples from episode folders with JanusVLN's history rule
     history_pad: bool = False
-    autocast: bool = False  # fp32 weights under torch.autocast (bf16), as JanusVLN's forward runs VGGT
+    autocast: bool = False  # the old spelling of precision="amp"
+    precision: str | None = None  # a recipe of featstore.model.precision; None: fp32 on CPU, bf16 on GPUs with bf16
+    frame_transform: str | None = None  # "MODULE:FUNCTION" giving the images VGGT sees of a sample's frames
     apply_exif: bool = False
     tokens: str = "patch"
     shard_size: int = DEFAULT_SHARD_BYTES
@@ -155,22 +160,33 @@ def check_build_options(opts: Any) -> None:
     check_context(opts)
 
 
+def check_precision(opts: Any) -> None:
+    """``--precision`` names a recipe and agrees with ``--autocast`` (its old spelling for amp)."""
+    from featstore.model.precision import resolve_precision
+
+    resolve_precision(getattr(opts, "precision", None), True if getattr(opts, "autocast", False) else None)
+
+
 def check_context(opts: Any) -> None:
     """Image size, codec and the training-sample options (--context sample, --history) fit together."""
     size = opts.image_size
     if not is_patch_multiple(size):
         raise OptionError(f"{shown(opts, 'image_size')}: expected a positive multiple of {PATCH_SIZE} (the patch "
                           f"size): use {DEFAULT_IMAGE_SIZE} (official VGGT) or {JANUSVLN_IMAGE_SIZE} (JanusVLN)")
-    if opts.context not in ("image", "sample"):
-        raise OptionError(f"{shown(opts, 'context')}: expected image or sample")
+    if opts.context not in CONTEXTS:
+        raise OptionError(f"{shown(opts, 'context')}: expected image, sample or joint")
     _at_least(opts, "history", 0, "a number of history frames, e.g. 8")
-    if (opts.history is not None or opts.history_pad) and opts.context != "sample":
+    if (opts.history is not None or opts.history_pad) and opts.context == "image":
         raise OptionError("--history and --history-pad make training samples: add --context sample (or "
                           "--preset janusvln)")
-    if opts.context == "sample" and opts.format != "shards":
-        raise OptionError("--context sample writes shard stores only: a per-image cache file beside an image cannot "
-                          "hold a sample's features, which depend on every frame of the sample; drop --format "
-                          "per-image")
+    if opts.context != "image" and opts.format != "shards":
+        raise OptionError(f"--context {opts.context} writes shard stores only: a per-image cache file beside an image "
+                          f"cannot hold a sample's features, which depend on every frame of the sample; drop "
+                          f"--format per-image")
+    if getattr(opts, "frame_transform", None) and opts.context != "joint":
+        raise OptionError(f"{shown(opts, 'frame_transform')} transforms the frames of a joint sample: add --context "
+                          f"joint (or --preset vgllm)")
+    check_precision(opts)
     if getattr(opts, "codec", "zstd") != "zstd" and opts.format != "shards":
         raise OptionError(f"{shown(opts, 'codec')} needs --format shards (per-image caches are torch.save files); "
                           f"drop --codec or write shards")

@@ -34,6 +34,7 @@ import torch
 
 from featstore.build.discovery import Found, discover_items
 from featstore.build.image_loop import run_image_loop
+from featstore.build.joint_loop import run_joint_loop
 from featstore.build.ledger import Ledger, RunStats, write_missing_ledger
 from featstore.build.locks import lock_for_rank
 from featstore.build.merge import merge_per_image_store, merge_shard_store, per_image_manifest_path, wait_for_parts, write_part
@@ -42,7 +43,7 @@ from featstore.build.output import Output
 from featstore.build.pipeline import DecodeOptions
 from featstore.build.resume import check_compatible, plan_resume, previous_settings, rank_share, reusable_settings
 from featstore.build.sample_loop import frame_sizes, run_sample_loop
-from featstore.build.settings import requested_settings
+from featstore.build.settings import precision_of, requested_settings
 from featstore.build.setup import (Rank, barrier, compute_context, layers_of, load_model, model_path_problem,
                                    resolve_device, setup_distributed, store_dtype_of)
 from featstore.build.summary import part_summary, report
@@ -61,7 +62,7 @@ class Build:
         self.opts = opts
         self.rank = Rank.of(opts)
         self.gid, self.gworld = self.rank.gid, self.rank.gworld
-        self.unit = opts.context  # "image" or "sample": what one record is
+        self.unit = "image" if opts.context == "image" else "sample"  # what one record is
         self.data_root = Path(opts.data_root).resolve()
         self.output = Output(opts, self.data_root, self.gid)
         self.out = self.output.out
@@ -121,8 +122,8 @@ class Build:
             check_compatible(previous_settings(self.output.target), self.settings(), self.output.where)
 
     def compute_context(self) -> Any:
-        """The autocast context of every model call, or one that does nothing."""
-        return compute_context(self.opts, self.resolve_device())
+        """The context every model call runs in: the precision recipe's autocast, or one that does nothing."""
+        return compute_context(precision_of(self.opts, self.resolve_device()), self.resolve_device())
 
     def decode_options(self) -> DecodeOptions:
         """How this build decodes and preprocesses every image."""
@@ -159,6 +160,10 @@ class Build:
     def run_sample_loop(self, todo: list[Any]) -> None:
         """Build one record per training sample of ``todo`` (featstore.build.sample_loop)."""
         run_sample_loop(self, todo)
+
+    def run_joint_loop(self, todo: list[Any]) -> None:
+        """Build one record per training sample of ``todo``, its frames in one call (featstore.build.joint_loop)."""
+        run_joint_loop(self, todo)
 
     def frame_sizes(self, todo: list[Any]) -> tuple[list[Any], dict[str, tuple[int, int]]]:
         """The samples whose frames share one readable size, and each frame's size."""
@@ -262,7 +267,7 @@ def _run_loop(b: Build, todo: list[Any], found: int) -> None:
                  len(todo) if b.gworld == 1 else found, b.unit + "s", b.stats.skipped, b.gworld, b.device,
                  b.opts.batch_size, dtype_name(b.store_dtype))
     if todo:
-        b.run_sample_loop(todo) if b.opts.context == "sample" else b.run_loop(todo)
+        {"image": b.run_loop, "sample": b.run_sample_loop, "joint": b.run_joint_loop}[b.opts.context](todo)
     if b.device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -20,7 +20,7 @@ from featstore.formats.shards import ClosedShard, ShardWriter, parse_shard_name
 from featstore.build.merge import per_image_manifest_path
 from featstore.runtime.faults import crash_point
 from featstore.runtime.fsutil import remove_temp_files
-from featstore.storage.backends import LocalStorage, Storage, publish_json, reset_staging_dir
+from featstore.storage import LocalStorage, Storage, publish_json, reset_staging_dir
 
 log = logging.getLogger("featstore")
 

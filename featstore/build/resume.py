@@ -22,7 +22,7 @@ from featstore.formats.keys import CacheLayout
 from featstore.formats.manifest import BuildSettings, parse_manifest, read_manifest
 from featstore.formats.perimage import read_pt
 from featstore.formats.shards import read_record_meta, read_record_meta_at, salvage_shard
-from featstore.storage.backends import LocalStorage, Storage, is_remote, parse_location, redact, staging_dir
+from featstore.storage import LocalStorage, Storage, is_remote, parse_location, redact, staging_dir
 from featstore.runtime.fsutil import is_temp_name, remove_temp_files
 from featstore.formats.shardstore import list_store_shards, shard_order
 from featstore.build.merge import collect_entries, per_image_manifest_path

@@ -111,7 +111,7 @@ def _run_step(b: "Build", step: Step, decoded: DecodedStep, run: SampleRun, writ
     t0 = time.perf_counter()
     run.frame_sources.update(decoded.sources)
     bad = run.mark_failed(step, decoded.errors)
-    images = to_unit_float(decoded.images.to(b.device, non_blocking=True))
+    images = to_unit_float(decoded.images.to(b.device, non_blocking=True)).to(b.extractor.input_dtype)
     done = []
     with b.compute_context():
         results = run.executor.run_step(step, images)
@@ -136,6 +136,15 @@ def _sample_head(b: "Build", item: SampleItem, image_size: tuple[int, int], fram
                 frames=list(item.sample.frames), kept=kept_index(item.sample),
                 reference_frame=item.sample.reference_frame, grid=[image_size[0] // patch, image_size[1] // patch],
                 source=sample_fingerprint(sources), frame_sources=sources)
+    add_ids(meta, item)
+    return RecordHead(item.key, item.kept_path, meta)
+
+
+def add_ids(meta: dict[str, Any], item: SampleItem) -> None:
+    """The annotation ids a record answers to: its sample's ``id``, and every id of a deduplicated record
+    (``ids``, which the alias index maps to it)."""
     if item.sample.id is not None:
         meta["id"] = item.sample.id
-    return RecordHead(item.key, item.kept_path, meta)
+    ids = list(getattr(item, "ids", ()) or ())
+    if ids and ids != [item.sample.id]:
+        meta["ids"] = ids

@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 
-from featstore.build.extract import autocast_dtype, tensor_names
+from featstore.build.extract import tensor_names
+from featstore.build.transform import load_transform
 from featstore.formats.manifest import BuildSettings
 from featstore.formats.record import dtype_name
 from featstore.model.checkpoint import default_dtype as default_model_dtype
+from featstore.model.precision import Precision, resolve_precision
 
 
 def preprocess_settings(opts: Any) -> dict[str, Any]:
@@ -21,18 +23,30 @@ def preprocess_settings(opts: Any) -> dict[str, Any]:
 
 
 def context_settings(opts: Any) -> dict[str, Any]:
-    """What a record is: one image, or one training sample streamed with its frames as causal context."""
+    """What a record is: one image, or one training sample (streamed with its frames as causal context, or
+    its frames through the model together)."""
     if opts.context == "image":
         return {"mode": "image"}
     history = None if opts.history is None else {"frames": opts.history, "pad": opts.history_pad, "rule": "janusvln"}
-    return {"mode": "sample", "reference_frame": opts.reference_frame, "history": history}
+    return {"mode": opts.context, "reference_frame": opts.reference_frame, "history": history}
 
 
-def compute_name(opts: Any, device: torch.device) -> str:
-    """How the model computes: ``autocast-<dtype>`` (fp32 weights under autocast) or its weights' dtype."""
-    if opts.autocast:
-        return f"autocast-{dtype_name(autocast_dtype(device))}"
-    return dtype_name(default_model_dtype(device))
+def default_precision(device: torch.device) -> str:
+    """The recipe of a build that names none, what builds did before recipes: bf16 weights on GPUs with bf16,
+    else fp32."""
+    return "bf16" if default_model_dtype(device) == torch.bfloat16 else "fp32"
+
+
+def precision_of(opts: Any, device: torch.device) -> Precision:
+    """The build's recipe: ``--precision``, ``--autocast`` (amp), else the device's default."""
+    return resolve_precision(opts.precision, True if opts.autocast else None, default=default_precision(device))
+
+
+def transform_identity(opts: Any) -> dict[str, Any]:
+    """The manifest's ``frame_transform``: name and source sha256 of ``--frame-transform``, or none."""
+    if not getattr(opts, "frame_transform", None):
+        return {"name": None, "sha256": None}
+    return load_transform(opts.frame_transform).identity()
 
 
 def model_identity(model: Any = None) -> dict[str, Any]:
@@ -46,9 +60,11 @@ def requested_settings(opts: Any, device: torch.device, layers: tuple[int, ...],
                        model: Any = None) -> BuildSettings:
     """The settings this run's records get (``model`` None: before it loads, its fingerprint unknown)."""
     dtype = dtype_name(store_dtype)
+    recipe = precision_of(opts, device)
     return BuildSettings(
         vggt_model_path=str(opts.model), model=model_identity(model), layers=list(layers),
         tensors={n: {"layer": i, "dtype": dtype, "codec": opts.codec} for n, i in zip(tensor_names(layers), layers)},
         preprocess=preprocess_settings(opts), context=context_settings(opts), dtype=dtype,
-        compute=compute_name(opts, device), codec=opts.codec, tokens=opts.tokens,
+        compute=recipe.compute_name(device), precision=recipe.name, frame_transform=transform_identity(opts),
+        codec=opts.codec, tokens=opts.tokens,
         source_fingerprint="sha256" if opts.hash_inputs else "stat")

@@ -3,7 +3,6 @@ that cuts records' tensors from its output."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,12 +11,14 @@ from typing import Any
 
 import torch
 
-from featstore.build.extract import Extractor, autocast_dtype, default_store_dtype, pick_device, resolve_layers
+from featstore.build.extract import Extractor, default_store_dtype, pick_device, resolve_layers
 from featstore.build.options import BuildOptions, shown
 from featstore.build.nullmodel import NULL_MODEL, load_model as load_build_model
 from featstore.constants import NAMED_MODELS
+from featstore.build.settings import precision_of
 from featstore.errors import OptionError
 from featstore.formats.record import parse_dtype
+from featstore.model.precision import Precision
 from featstore.runtime.env import DistEnv, dist_env
 
 log = logging.getLogger("featstore")
@@ -94,6 +95,7 @@ class ModelSetup:
     extractor: Extractor
     layers: tuple[int, ...]
     store_dtype: torch.dtype
+    precision: Precision
     compile_report: Any = None
 
 
@@ -117,14 +119,14 @@ def warmup_shapes(opts: BuildOptions, first_image: str | None) -> list[tuple[int
 
 
 def compile_model(opts: BuildOptions, model: Any, layers: tuple[int, ...], device: torch.device,
-                  first_image: str | None) -> Any:
+                  first_image: str | None, recipe: Precision) -> Any:
     """``--compile`` (auto: on for CUDA): the blocks compiled in place and warmed up (featstore.model.compile)."""
     from featstore.model.compile import CompileReport, prepare_compiled
 
     if opts.model == NULL_MODEL:
         return CompileReport(False, "stand-in model")
-    report = prepare_compiled(model, opts.compile, warmup_shapes(opts, first_image), layers, torch.float32,
-                              compute_context(opts, device), stream=opts.context == "sample")
+    report = prepare_compiled(model, opts.compile, warmup_shapes(opts, first_image), layers, recipe.input_dtype,
+                              compute_context(recipe, device), stream=opts.context == "sample")
     log.info("%s", report.line())
     return report
 
@@ -136,16 +138,15 @@ def load_model(opts: BuildOptions, device: torch.device, model: torch.nn.Module 
     if opts.model == NULL_MODEL and opts.context != "image":
         raise OptionError(f"{shown(opts, 'model')}: the stand-in model has no streaming steps; use it with "
                           f"--context image, or pass a VGGT checkpoint")
-    dtype = torch.float32 if opts.autocast else None  # None: bf16 on GPUs with bf16, else fp32
+    recipe = precision_of(opts, device)
     store_dtype = store_dtype_of(opts, device)
-    model = model if model is not None else load_build_model(opts.model, device, dtype, store_dtype)
+    model = model if model is not None else load_build_model(opts.model, device, recipe, store_dtype)
     layers = layers_of(opts, int(model.config.depth))
-    report = compile_model(opts, model, layers, device, first_image)
-    return ModelSetup(model, Extractor(model, layers, store_dtype, opts.tokens), layers, store_dtype, report)
+    report = compile_model(opts, model, layers, device, first_image, recipe)
+    extractor = Extractor(model, layers, store_dtype, opts.tokens, input_dtype=recipe.input_dtype)
+    return ModelSetup(model, extractor, layers, store_dtype, recipe, report)
 
 
-def compute_context(opts: BuildOptions, device: torch.device) -> Any:
-    """The autocast context of every model call (``--autocast``), or a context that does nothing."""
-    if not opts.autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=autocast_dtype(device))
+def compute_context(recipe: Precision, device: torch.device) -> Any:
+    """The context every model call of the recipe runs in (autocast, or one that does nothing)."""
+    return recipe.autocast(device)

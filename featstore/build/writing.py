@@ -13,6 +13,7 @@ import torch
 from featstore.build.ledger import Ledger
 from featstore.build.output import Output
 from featstore.build.pipeline import BackgroundWriter
+from featstore.build.throughput import recording
 from featstore.formats.record import Record
 
 
@@ -57,8 +58,10 @@ def writing(output: Output, ledger: Ledger) -> Iterator[BackgroundWriter]:
     sink = output.sink()
     writer = BackgroundWriter(sink, records_of, ledger.written)
     waits = ledger.stats.stage_seconds
+    counters = lambda: (ledger.stats.processed, waits["wait_decode"], waits["model_launch"],  # noqa: E731
+                        sum(sink.seconds.values()))
     try:
-        with sink:
+        with sink, recording(output.store, output.opts.format, output.gid, counters):
             yield writer
             t0 = time.perf_counter()
             writer.close()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from featstore.storage.backends import add_storage_options_argument, is_remote, storage_options_of
+from featstore.storage import is_remote, storage_options_from_json
 
 __all__ = ["CODEC_CHOICES", "add_storage_options_argument", "format_layers", "format_size", "out_location",
            "parse_layers", "parse_size", "storage_options_of"]
@@ -61,3 +61,28 @@ def parse_layers(text: str) -> tuple[int, ...]:
 def out_location(text: str) -> Path | str:
     """``--out``: a local folder (Path) or an fsspec URL kept as text."""
     return text if is_remote(text) else Path(text)
+
+
+STORAGE_OPTIONS_HELP = ("options for the fsspec backend of a URL store, as JSON (e.g. '{\"anon\": true}' or "
+                        "'{\"client_kwargs\": {\"endpoint_url\": \"http://host:9000\"}}'), or @FILE to read the "
+                        "JSON from a file (keeps secrets out of the process list). Default: the backend's standard "
+                        "environment variables and config files (AWS_*, ~/.aws). Never written to any file or log")
+
+
+def add_storage_options_argument(parser: Any) -> None:
+    """Add ``--storage-options JSON|@FILE`` to an argparse parser (parsed by :func:`storage_options_of`)."""
+    parser.add_argument("--storage-options", metavar="JSON", default=None, help=STORAGE_OPTIONS_HELP)
+
+
+def storage_options_of(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The parsed ``--storage-options`` of a CLI namespace (None when not given); ValueError when bad."""
+    text = getattr(args, "storage_options", None)
+    if not text:
+        return None
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"--storage-options {text}: cannot read the file ({e.strerror}); pass @FILE with a "
+                             f"JSON object, or the JSON itself") from None
+    return storage_options_from_json(text)

@@ -26,11 +26,22 @@ def _skip_existing_flags(p: argparse._ActionsContainer) -> None:
 
 #: Option values a preset stands for; options the user passes explicitly win over them.
 PRESETS = {"janusvln": {"context": "sample", "image_size": 644, "preprocess": "crop", "layers": (-2,),
-                        "reference_frame": "first", "autocast": True}}
+                        "reference_frame": "first", "precision": "deepspeed-bf16"},
+           "vgllm": {"context": "joint", "image_size": 518, "preprocess": "crop", "layers": (-2,),
+                     "reference_frame": "first", "precision": "deepspeed-bf16"}}
 
 
 #: The options a preset may set: left unset (None) by the parser, filled by :func:`apply_preset`.
-PRESET_FIELDS = ("context", "image_size", "preprocess", "layers", "reference_frame", "autocast")
+PRESET_FIELDS = ("context", "image_size", "preprocess", "layers", "reference_frame", "autocast", "precision")
+#: What each recipe (featstore.model.precision) reproduces, for --help (names pinned equal by a test).
+PRECISION_HELP = {"fp32": "float32 weights and input (official VGGT; the CPU default)",
+                  "bf16": "weights, buffers and input in bf16, no autocast (pure-bf16 trainers; the default on GPUs "
+                          "with bf16)",
+                  "amp": "float32 weights under torch.autocast bf16 (plain PyTorch AMP; --autocast)",
+                  "deepspeed-bf16": "every parameter and floating buffer in bf16 as DeepSpeed's bf16 engine casts "
+                                    "them, forward under autocast bf16 (JanusVLN's and VG-LLM's training scripts)",
+                  "fp8": "NOT training-exact, opt-in speed: bf16 with the block linears as FP8 matmuls (torchao on "
+                         "GPUs with FP8 tensor cores, emulated on CPU); never a default or preset"}
 
 
 def preset_flags(name: str) -> str:
@@ -50,6 +61,8 @@ def preset_flags(name: str) -> str:
 def apply_preset(args: argparse.Namespace) -> None:
     """Fill the options left unset from the chosen preset, then from the defaults of :class:`BuildOptions`."""
     preset = PRESETS.get(args.preset or "", {})
+    if args.autocast is not None and args.precision is None:
+        preset = {k: v for k, v in preset.items() if k != "precision"}  # --autocast/--no-autocast win
     for name in PRESET_FIELDS:
         if getattr(args, name) is None:
             setattr(args, name, preset.get(name, build_default(name)))
@@ -64,13 +77,21 @@ def add_build_parser(sub: argparse._SubParsersAction) -> None:
                     ".vggt_cache.pt files or zstd tar shards with an index. Resumable: re-running skips finished "
                     "images. Multi-GPU / multi-node: `torchrun --nproc-per-node N -m featstore build ...`. "
                     "DATA_ROOT, VGGT_MODEL_PATH, BATCH_SIZE, DEVICE and SKIP_EXISTING stand in for their flags.")
+    add_build_arguments(p)
+    from featstore.cli.plan import add_plan_arguments
+
+    add_plan_arguments(p, dry_run=True)
+    p.set_defaults(func=_cmd_build)
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    """Every option of ``featstore build`` (``featstore plan`` takes the same)."""
     _build_inputs_args(p)
     _build_output_args(p)
     _build_model_args(p)
     _build_samples_args(p)
     _build_resume_args(p)
     _build_scale_out_args(p)
-    p.set_defaults(func=_cmd_build)
 
 
 def _build_inputs_args(p: argparse.ArgumentParser) -> None:
@@ -169,11 +190,13 @@ def _build_model_args(p: argparse.ArgumentParser) -> None:
 
 def _build_samples_args(p: argparse.ArgumentParser) -> None:
     """Training samples: records with causal context (--context sample) and the presets."""
-    g = p.add_argument_group("training samples (records with causal context, as JanusVLN computes them)")
-    g.add_argument("--context", choices=("image", "sample"), default=None,
+    g = p.add_argument_group("training samples (records with the context training gives them)")
+    g.add_argument("--context", choices=("image", "sample", "joint"), default=None,
                    help="image: one record per image, no context; sample: one record per training sample, its "
                         "frames streamed through VGGT with a KV cache as JanusVLN's training does, the last fed "
-                        "frame's tokens kept; samples come from annotation records (images, history_images + "
+                        "frame's tokens kept; joint: one record per sample, its frames through VGGT together "
+                        "(bidirectional attention, as VG-LLM's training does), every frame's tokens kept "
+                        "[S, h*w, C]; samples come from annotation records (images, history_images + "
                         "current_image, image) or episode folders with --history "
                         f"(default: {build_default('context')})")
     g.add_argument("--reference-frame", choices=("first", "last"), default=None,
@@ -185,13 +208,21 @@ def _build_samples_args(p: argparse.ArgumentParser) -> None:
                         "frame i, frames range(i+1) while i <= N, else linspace(0, i, N+1) (JanusVLN: 8)")
     g.add_argument("--history-pad", action="store_true",
                    help="with --history: repeat frame 0 in front until a sample has N+1 frames (NewJanusVLN)")
+    g.add_argument("--precision", choices=tuple(PRECISION_HELP), default=None,
+                   help="how training runs the frozen VGGT, reproduced bit for bit on the same device type (all but fp8): "
+                        + "; ".join(f"{k}: {v}" for k, v in PRECISION_HELP.items())
+                        + " (default, machine-dependent: fp32 on CPU, bf16 on GPUs with bf16)")
     g.add_argument("--autocast", dest="autocast", action="store_true", default=None,
-                   help="keep the weights in fp32 and run VGGT under torch.autocast in bf16 (fp16 on GPUs without "
-                        "bf16), as JanusVLN's forward does; without it the model runs with bf16 weights on GPUs "
-                        "(the same rounding at every matmul, not the same bits) and fp32 on CPU")
-    g.add_argument("--no-autocast", dest="autocast", action="store_false", help="run the model in its own dtype")
+                   help="the old spelling of --precision amp")
+    g.add_argument("--no-autocast", dest="autocast", action="store_false",
+                   help="with a preset: keep its settings but not its precision (the machine's default)")
+    g.add_argument("--frame-transform", metavar="MODULE:FUNCTION", default=None,
+                   help="--context joint: a function f(frames, record) receiving a sample's frames as PIL images "
+                        "with its annotation record and returning the images VGGT should see (the trainer's own "
+                        "hook, e.g. VG-LLM's SPAR markers); the manifest records its name and source sha256")
     g.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                   help=f"janusvln = {preset_flags('janusvln')}; flags given explicitly win")
+                   help=f"janusvln = {preset_flags('janusvln')}; vgllm = {preset_flags('vgllm')} (a record with "
+                        f"spar_info needs --frame-transform); flags given explicitly win")
 
 
 def _build_resume_args(p: argparse.ArgumentParser) -> None:
@@ -236,6 +267,14 @@ def build_options_of(args: argparse.Namespace) -> BuildOptions:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from featstore.cli.plan import run_plan_command
+
+        return run_plan_command(args)
+    from featstore.cli.plan import refuse_plan_flags
+
+    if refuse_plan_flags(args):
+        return 2
     try:
         opts = build_options_of(args)
     except (ValueError, FeatstoreError) as e:

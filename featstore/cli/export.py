@@ -11,7 +11,7 @@ from featstore.cli.args import CODEC_CHOICES, add_storage_options_argument, form
 from featstore.cli.help import HelpFormatter, command_module
 from featstore.errors import FeatstoreError
 from featstore.formats.layout import DEFAULT_SHARD_BYTES
-from featstore.storage.backends import is_remote, redact
+from featstore.storage import is_remote, redact
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     """Define ``featstore export``."""

@@ -1,4 +1,4 @@
-"""The ``featstore`` command line: the dispatcher of build, verify, export and merge (each command's parser is
+"""The ``featstore`` command line: the dispatcher of build, plan, verify, export, merge and report (each command's parser is
 its own module in featstore.cli; the module that runs a command is imported when it runs, and a failed import
 is one ``[ERROR]`` line naming it)."""
 
@@ -13,6 +13,8 @@ from featstore.cli.build import add_build_parser
 from featstore.cli.export import add_export_parser
 from featstore.cli.help import CommandUnavailable, HelpFormatter, Parser, setup_logging
 from featstore.cli.merge import add_merge_parser
+from featstore.cli.plan import add_plan_parser
+from featstore.cli.report import add_report_parser
 from featstore.cli.verify import add_verify_parser
 
 def make_parser() -> argparse.ArgumentParser:
@@ -25,9 +27,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_build_parser(sub)
+    add_plan_parser(sub)
     add_verify_parser(sub)
     add_export_parser(sub)
     add_merge_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

@@ -21,44 +21,17 @@ def add_merge_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     from featstore.errors import StoreError
-    from featstore.formats.layout import PARTS_DIR, PER_IMAGE_MANIFEST, PER_IMAGE_STATE_DIR, SHARD_MANIFEST, SHARDS_DIR
+    from featstore.formats.layout import PER_IMAGE_MANIFEST
+    from featstore.formats.locate import locate_store
     from featstore.build.merge import merge_per_image_store, merge_shard_store
 
     log = logging.getLogger("featstore")
-    if isinstance(args.store, str):  # a URL: a remote shard store
-        return _merge_remote(args.store, args)
-    store: Path = args.store
-    if not any((store / p).exists() for p in (SHARDS_DIR, PARTS_DIR, SHARD_MANIFEST, PER_IMAGE_STATE_DIR)):
-        log.error("%s is not a featstore store: expected %s/, %s/ or %s there (the --out of `featstore build`, "
-                  "or the per-image root)", store, SHARDS_DIR, PARTS_DIR, SHARD_MANIFEST)
-        return 2
     try:
-        if (store / PER_IMAGE_STATE_DIR).is_dir():
-            m = merge_per_image_store(store, store / PER_IMAGE_MANIFEST)
+        loc = locate_store(args.store, storage_options_of(args), unmerged=True)
+        if loc.layout == "per-image":
+            m = merge_per_image_store(Path(loc.root), Path(loc.root) / PER_IMAGE_MANIFEST)
         else:
-            m = merge_shard_store(store)
-    except StoreError as e:
-        log.error("%s", e)
-        return 2
-    log.info("merged: %d records of %d images (complete: %s)", m["processed_images"], m["total_images"], m["complete"])
-    return 0
-
-
-def _merge_remote(url: str, args: argparse.Namespace) -> int:
-    from featstore.errors import StoreError
-    from featstore.storage.backends import parse_location
-    from featstore.formats.layout import PARTS_DIR
-    from featstore.formats.shardstore import list_store_shards
-    from featstore.build.merge import merge_shard_store
-
-    log = logging.getLogger("featstore")
-    try:
-        store = parse_location(url, storage_options_of(args))
-        if not (list_store_shards(store) or store.list(PARTS_DIR)):
-            log.error("%s is not a featstore store: expected shards/ or parts/ there (the --out of `featstore "
-                      "build`)", store.display)
-            return 2
-        m = merge_shard_store(store)
+            m = merge_shard_store(loc.storage)
     except (StoreError, ValueError) as e:
         log.error("%s", e)
         return 2

@@ -77,7 +77,7 @@ def _write_json(target: str, doc: dict) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from featstore.errors import FeatstoreError
-    from featstore.storage.backends import redact
+    from featstore.storage import redact
 
     verify = command_module("featstore.verify").verify
     log = logging.getLogger("featstore")

@@ -5,7 +5,9 @@
 * ``references``: an image reference of a record -> (key, path) (``resolve_image_ref``, ``ImageResolver``);
 * ``scan``: what discovery's folder scans take and skip (the walk itself: ``runtime.walk``);
 * ``images``: the images of a per-image build (``discover_images``, ``discover_recorded``);
-* ``samples``: training samples, JanusVLN's frame rule and ``discover_samples``;
+* ``samples``: what a training sample is (frames in training order, sample keys) and JanusVLN's frame rule;
+* ``training``: the training samples of a build (``discover_samples``: annotation records or episode folders);
+* ``dedup``: samples that share one record (``dedup_samples`` -> ``RecordPlan`` with the ids mapping to it);
 * ``result``: ``Discovery``, the one result shape of both (items, ``missing`` frames, malformed lines).
 
 Words: a *source* is what discovery reads to choose records (an annotation file, an image list, or the
@@ -18,7 +20,8 @@ from featstore.discover.annotations import (AnnotationRecord, MalformedLine, fin
 from featstore.discover.images import ImageItem, discover_images, discover_recorded
 from featstore.discover.references import ImageResolver, ResolvedImage, resolve_image_ref
 from featstore.discover.result import Discovery, MissingFrame, SourceStats
-from featstore.discover.samples import SampleItem, discover_samples
+from featstore.discover.samples import SampleItem
+from featstore.discover.training import discover_samples
 
 __all__ = ["AnnotationRecord", "Discovery", "ImageItem", "ImageResolver", "MalformedLine", "MissingFrame",
            "ResolvedImage", "SampleItem", "SourceStats", "discover_images", "discover_recorded",

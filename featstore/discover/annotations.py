@@ -145,6 +145,7 @@ def _jsonl_records(path: str, strict: bool, malformed: list[MalformedLine] | Non
         f = open(path, "rb")
     except OSError as exc:
         raise _open_error(path, exc) from None
+    where = Path(path)
     with f:
         for number, raw in enumerate(f, 1):
             objs, error = _parse_line(raw)
@@ -152,7 +153,7 @@ def _jsonl_records(path: str, strict: bool, malformed: list[MalformedLine] | Non
                 _malformed(path, number, str(error), strict, malformed)
                 continue
             for o in objs:
-                yield AnnotationRecord(Path(path), number, o)
+                yield AnnotationRecord(where, number, o)
 
 
 def _json_records(path: str, strict: bool, malformed: list[MalformedLine] | None) -> Iterator[AnnotationRecord]:
@@ -170,8 +171,9 @@ def _json_records(path: str, strict: bool, malformed: list[MalformedLine] | None
         _malformed(path, exc.lineno, f"not valid JSON ({exc.msg} at column {exc.colno}); file skipped", strict,
                    malformed)
         return
+    where = Path(path)
     for index, record in enumerate(_records_from_json(doc)):
-        yield AnnotationRecord(Path(path), index, record)
+        yield AnnotationRecord(where, index, record)
 
 
 def iter_annotation_records(files: StrPath | Iterable[StrPath], strict: bool = False,

@@ -35,8 +35,8 @@ class ImageItem:
 class _Collector:
     """Adds resolved images (de-duplicated by real path) and missing references, per source."""
 
-    def __init__(self, data_root: str, data_path: str | None):
-        self.resolver = ImageResolver(data_root, data_path)
+    def __init__(self, data_root: str, data_path: str | None, trust_files: bool = False):
+        self.resolver = ImageResolver(data_root, data_path, trust_files=trust_files)
         self.root = self.resolver.root
         self.by_real: dict[str, tuple[str, str]] = {}  # real path -> (key, path as found)
         self.other_keys: dict[str, set[str]] = {}  # real path -> further keys naming it
@@ -156,14 +156,15 @@ def manifest_entry(found: Discovery, root: str, data_path: str | None) -> dict[s
 def discover_images(data_root: StrPath, *, annotations: StrPath | Sequence[StrPath] = (),
                     image_list: StrPath | None = None, data_path: str | None = None,
                     find_annotations: bool = False, exclude: Iterable[StrPath] = (),
-                    strict: bool = False) -> Discovery:
+                    strict: bool = False, trust_files: bool = False) -> Discovery:
     """Find the images to process under `data_root`: from annotation files and/or an image list; when
     neither is given, from the annotation files ``find_annotation_files`` finds (``find_annotations=True``)
-    or else a recursive scan. ``exclude`` folders (a build's output) are never read."""
+    or else a recursive scan. ``exclude`` folders (a build's output) are never read. ``trust_files``: an
+    annotated image is taken to exist as named (nothing looked up; ``featstore plan --assume-size``)."""
     root = os.fspath(data_root)
     if not os.path.isdir(root):
         raise AnnotationError(f"data root is not a directory: {root}; pass the folder that holds the images")
-    collector = _Collector(root, data_path)
+    collector = _Collector(root, data_path, trust_files)
     skip = [os.path.abspath(os.fspath(e)) for e in exclude]
     given = as_list(annotations)
     files = expand_annotation_sources(given)

@@ -31,9 +31,10 @@ class ResolvedImage:
 class ImageResolver:
     """Resolves image references under one data root (see the module docs), caching folder real paths."""
 
-    def __init__(self, data_root: StrPath, data_path: str | None = None):
+    def __init__(self, data_root: StrPath, data_path: str | None = None, *, trust_files: bool = False):
         self.root = os.path.abspath(os.fspath(data_root))
         self.data_path = data_path
+        self.trust_files = trust_files  # every reference names a file as written: nothing is looked up on disk
         self._prefixes = root_prefixes(self.root)
         self._real_dirs: dict[str, str] = {}
 
@@ -74,13 +75,23 @@ class ImageResolver:
             real_dir = self._real_dirs[folder] = os.path.realpath(folder)
         return os.path.join(real_dir, name)
 
-    def resolve_in(self, ref: str, bases: tuple[str, ...]) -> ResolvedImage | None:
-        """Resolve against given base folders; None when no candidate is a file."""
+    def locate(self, ref: str, bases: tuple[str, ...]) -> tuple[str, str, str] | None:
+        """(key, path, real path) of the first candidate that is a file, or None (with ``trust_files``: the
+        first candidate, unchecked)."""
+        if self.trust_files:
+            first = os.path.normpath(ref if os.path.isabs(ref) else os.path.join(bases[0], ref))
+            key = self.key_for(first)
+            return (ref if key == ref else key), first, first  # one string for the two
         for candidate in self.candidates(ref, bases):
             real = self.real_file(candidate)
             if real is not None:
-                return ResolvedImage(self.key_for(candidate), Path(candidate), real)
+                return self.key_for(candidate), candidate, real
         return None
+
+    def resolve_in(self, ref: str, bases: tuple[str, ...]) -> ResolvedImage | None:
+        """Resolve against given base folders; None when no candidate is a file (see :meth:`locate`)."""
+        found = self.locate(ref, bases)
+        return None if found is None else ResolvedImage(found[0], Path(found[1]), found[2])
 
     def resolve(self, ref: str, data_path: str | None = None,
                 annotation_file: StrPath | None = None) -> ResolvedImage | None:

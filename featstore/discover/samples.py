@@ -8,26 +8,18 @@ the list before streaming, so the kept tokens are the oldest frame's, with the n
 Sample keys (:func:`sample_key`): the record's ``id`` when there is one, else the frame-list key
 :func:`featstore.formats.keys.frames_key` (frames being the ordered frame keys in training order).
 
-``discover_samples`` finds the samples of a context build: one per annotation record (``images``,
-``history_images`` + ``current_image``, or ``image``), or JanusVLN's samples of every episode folder.
+:func:`featstore.discover.training.discover_samples` finds the samples of a build.
 """
 
 from __future__ import annotations
 
-import os
-import posixpath
-from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from featstore.discover.annotations import (AnnotationRecord, MalformedLine, StrPath, as_list,
-                                            expand_annotation_sources, find_annotation_files,
-                                            iter_annotation_records, record_data_path, relative_to)
-from featstore.discover.references import ImageResolver, ResolvedImage
-from featstore.discover.result import Discovery, MissingFrame, SourceStats
-from featstore.errors import AnnotationError
-from featstore.formats.keys import SAMPLE_KEY_PREFIX, frames_key
+from featstore.formats.keys import SAMPLE_KEY_PREFIX, frames_key  # noqa: F401  (SAMPLE_KEY_PREFIX: re-exported)
 
 REFERENCE_FRAMES = ("first", "last")
 JANUSVLN_HISTORY = 8  # JanusVLN's max_history_images / --num_history: up to 9 frames per sample
@@ -38,7 +30,7 @@ def _check_reference_frame(reference_frame: str) -> None:
         raise ValueError(f"reference frame {reference_frame!r} is not one of {', '.join(REFERENCE_FRAMES)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One training sample: `frames` are frame keys in training order (chronological, current frame last)."""
 
@@ -51,7 +43,7 @@ class Sample:
         object.__setattr__(self, "frames", tuple(self.frames))
         if not self.frames:
             raise ValueError(f"sample {self.key!r} has no frames")
-        if not all(isinstance(f, str) and f for f in self.frames):
+        if not all(map(isinstance, self.frames, repeat(str))) or "" in self.frames:
             raise ValueError(f"sample {self.key!r}: every frame key must be a non-empty string")
         _check_reference_frame(self.reference_frame)
 
@@ -110,7 +102,7 @@ def episode_samples(frame_keys: Sequence[str], history: int = JANUSVLN_HISTORY, 
 def _string_list(record: dict[str, Any], field: str) -> list[str]:
     value = record[field]
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) and v for v in items):
+    if not isinstance(items, (list, tuple)) or not all(map(isinstance, items, repeat(str))) or "" in items:
         raise ValueError(f"annotation field {field!r} must be a path or a list of paths, got {value!r:.80}")
     return list(items)
 
@@ -150,12 +142,18 @@ class RecordItem(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SampleItem:
-    """One training sample to build: the sample (key, frame keys in training order) and its frame paths."""
+    """One training sample to build: the sample (key, frame keys in training order) and its frame paths;
+    ``annotation``: its annotation record, when kept (a frame transform reads it); ``own_input``: the frame
+    transform reads this record's own fields, so it never shares a record with another sample; ``count``:
+    the annotation records that named this sample (same key)."""
 
     sample: Sample
     paths: tuple[str, ...]
+    annotation: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    own_input: bool = field(default=False, compare=False)
+    count: int = field(default=1, compare=False)
 
     @property
     def key(self) -> str:
@@ -176,122 +174,3 @@ class SampleItem:
     def kept_path(self) -> str:
         """Path of the frame whose tokens the record keeps."""
         return self.paths[kept_index(self.sample)]
-
-
-# ---------------------------------------------------------------- discovering the samples
-
-def _sample_from_record(rec: AnnotationRecord, resolver: ImageResolver
-                        ) -> tuple[str | None, list[ResolvedImage | str]] | None:
-    """(id, resolved frames or the missing reference) of one annotation record; None when it names no frames."""
-    try:
-        refs = frames_of_record(rec.record)
-    except ValueError:
-        return None
-    if not refs:
-        return None
-    bases = resolver.bases(record_data_path(rec.record), os.path.dirname(os.path.abspath(rec.file)))
-    frames: list[ResolvedImage | str] = [resolver.resolve_in(r, bases) or r for r in refs]
-    raw_id = rec.record.get("id")
-    return (None if raw_id is None or isinstance(raw_id, (dict, list)) else str(raw_id)), frames
-
-
-def _unique_ids(found: list[tuple[AnnotationRecord, str | None, list]]) -> set[str]:
-    """Ids that name one frame list only (an id reused for other frames falls back to the frame digest)."""
-    frames_of: dict[str, set[tuple]] = {}
-    for _, sid, frames in found:
-        if sid is not None:
-            frames_of.setdefault(sid, set()).add(tuple(f.key if isinstance(f, ResolvedImage) else f for f in frames))
-    return {sid for sid, lists in frames_of.items() if len(lists) == 1}
-
-
-def _sample_entry(stats: list[SourceStats], root: str, data_path: str | None, found: Discovery) -> dict[str, Any]:
-    """The manifest's ``sources`` entry of a sample discovery from annotation files."""
-    files = [{"file": relative_to(s.file, root), "records": s.records, "samples": s.samples, "missing": s.missing}
-             for s in stats]
-    return {"method": "annotations", "annotations": files, "data_path": data_path, "samples": len(found.items),
-            "missing": len(found.missing), "malformed_lines": len(found.malformed)}
-
-
-def _collect(found: list[tuple[AnnotationRecord, str | None, list]], resolver: ImageResolver, reference_frame: str,
-             stats: dict[str, SourceStats]) -> tuple[dict[str, SampleItem], dict[str, MissingFrame]]:
-    """The samples of the parsed records (first of each key kept) and those that miss a frame."""
-    unique = _unique_ids(found)
-    items: dict[str, SampleItem] = {}
-    missing: dict[str, MissingFrame] = {}
-    for rec, sid, frames in found:
-        s = stats[os.fspath(rec.file)]
-        keys = [f.key if isinstance(f, ResolvedImage) else resolver.key_for(f) for f in frames]
-        sample = make_sample(keys, reference_frame, sid if sid in unique else None)
-        lost = next((f for f in frames if not isinstance(f, ResolvedImage)), None)
-        if lost is not None:
-            s.missing += sample.key not in missing
-            missing.setdefault(sample.key, MissingFrame(sample.key, lost, os.fspath(rec.file), rec.line,
-                                                        frame=resolver.key_for(lost)))
-        elif sample.key not in items:
-            s.samples += 1
-            items[sample.key] = SampleItem(sample, tuple(str(f.path) for f in frames))  # type: ignore[union-attr]
-    return items, missing
-
-
-def samples_from_annotations(data_root: StrPath, files: list[str], reference_frame: str = "first",
-                             data_path: str | None = None, strict: bool = False) -> Discovery:
-    """One sample per annotation record (``images``, ``history_images`` + ``current_image``, or ``image``),
-    keyed by its ``id`` when unique across the files, else by the digest of its frames."""
-    resolver = ImageResolver(data_root, data_path)
-    malformed: list[MalformedLine] = []
-    stats = {f: SourceStats(f, "annotations") for f in files}
-    found = []
-    for rec in iter_annotation_records(files, strict, malformed):
-        stats[os.fspath(rec.file)].records += 1
-        got = _sample_from_record(rec, resolver)
-        if got is not None:
-            found.append((rec, *got))
-    items, missing = _collect(found, resolver, reference_frame, stats)
-    out = Discovery(sorted(items.values(), key=lambda i: i.key), [missing[k] for k in sorted(missing)], malformed,
-                    sources=list(files), source_stats=list(stats.values()), looked_in=[resolver.root])
-    out.manifest_entry = _sample_entry(out.source_stats, resolver.root, data_path, out)
-    return out
-
-
-def samples_from_episodes(data_root: StrPath, history: int, pad: bool = False, reference_frame: str = "first",
-                          exclude: Iterable[StrPath] = ()) -> Discovery:
-    """JanusVLN's samples from episode folders: every folder holding images is an episode, its frames sorted
-    by name, one sample per frame (frames chosen by the history rule)."""
-    from featstore.discover.images import discover_images
-
-    found = discover_images(data_root, exclude=exclude)
-    episodes: dict[str, list[Any]] = {}
-    for item in found.items:
-        episodes.setdefault(posixpath.dirname(item.key), []).append(item)
-    items = []
-    for folder in sorted(episodes):
-        frames = sorted(episodes[folder], key=lambda i: posixpath.basename(i.key))
-        path_of = {i.key: str(i.path) for i in frames}
-        for sample in episode_samples([i.key for i in frames], history, pad, reference_frame):
-            items.append(SampleItem(sample, tuple(path_of[k] for k in sample.frames)))
-    entry = {"method": "episodes", "scan": True, "episodes": len(episodes), "frames": len(found.items),
-             "history": {"frames": history, "pad": pad, "rule": "janusvln"}, "samples": len(items), "missing": 0}
-    return Discovery(items, manifest_entry=entry, sources=found.sources, looked_in=found.looked_in, scanned=True)
-
-
-def discover_samples(data_root: StrPath, *, annotations: StrPath | Sequence[StrPath] = (), data_path: str | None = None,
-                     exclude: Iterable[StrPath] = (), strict: bool = False, reference_frame: str = "first",
-                     history: int | None = None, history_pad: bool = False) -> Discovery:
-    """The training samples of a context build: with ``history``, JanusVLN's samples of every episode folder;
-    else one per record of the given annotation files, or of those ``find_annotation_files`` finds."""
-    root = os.fspath(data_root)
-    if not os.path.isdir(root):
-        raise AnnotationError(f"data root is not a directory: {root}; pass the folder that holds the images")
-    if history is not None:
-        if as_list(annotations):
-            raise AnnotationError("--history builds samples from episode folders and --annotations from annotation "
-                                  "records: pass one of them")
-        return samples_from_episodes(root, history, history_pad, reference_frame, exclude)
-    files = expand_annotation_sources(as_list(annotations))
-    if not files and not as_list(annotations):
-        files = [str(p) for p in find_annotation_files(root, [os.path.abspath(os.fspath(e)) for e in exclude])]
-    if not files:
-        raise AnnotationError(f"--context sample needs samples: no annotation files (*.jsonl, annotations.json) under "
-                              f"{root}; pass --annotations FILE, or --history 8 to make JanusVLN's samples from "
-                              "episode folders")
-    return samples_from_annotations(root, files, reference_frame, data_path, strict)

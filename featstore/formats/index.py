@@ -29,7 +29,7 @@ from featstore.runtime.fsutil import atomic_open
 from featstore.formats.layout import INDEX_NAME
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 MAGIC = b"FSIDX001"
 ALIGN = 64
@@ -197,22 +197,23 @@ class Index:
         return out
 
 
-def local_index_file(storage: "Storage") -> Path:
-    """A local file holding the store's index: the index itself for a local store, else a downloaded copy.
+def local_index_file(storage: "Storage", name: str = INDEX_NAME) -> Path:
+    """A local file holding the store's index (or its alias index, ``name``): the file itself for a local store,
+    else a downloaded copy.
 
     A copy is fetched once (one or a few GETs) into a temporary file that lives until this process exits,
     so DataLoader workers forked or spawned from it memory-map the same copy instead of fetching again.
     """
-    local = storage.local_path(INDEX_NAME)
+    local = storage.local_path(name)
     if local is not None:
         return local
     fd, tmp = tempfile.mkstemp(prefix="featstore-index-", suffix=".fsi")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(storage.read_bytes(INDEX_NAME))
+            f.write(storage.read_bytes(name))
     except FileNotFoundError:
         os.unlink(tmp)
-        raise StoreError(f"shard store {storage.display} has no {INDEX_NAME}: the build has not finished (or was "
+        raise StoreError(f"shard store {storage.display} has no {name}: the build has not finished (or was "
                          f"interrupted); re-run the build, or `featstore merge {storage.display}`") from None
     except BaseException:
         os.unlink(tmp)

@@ -22,7 +22,7 @@ from featstore.runtime.fsutil import atomic_write_json
 from featstore.formats.layout import PER_IMAGE_FORMAT, PER_IMAGE_MANIFEST, SHARD_FORMAT, SHARD_MANIFEST, STORE_DIR
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 SCHEMA_VERSION = 1
 REQUIRED = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format")
@@ -46,10 +46,14 @@ class BuildSettings:
     # "crop", "pad" or "janusvln", apply_exif, target_size (longest or width side), multiple (14 or 28)
     preprocess: dict[str, Any] = field(default_factory=lambda: {"mode": None, "apply_exif": False})
     # "image": a record per image; "sample": a record per training sample (its frames streamed as causal
-    # context, one frame's tokens kept), with {"reference_frame", "history"}
+    # context, one frame's tokens kept); "joint": a record per sample, every frame's tokens of one joint call;
+    # with {"reference_frame", "history"}
     context: dict[str, Any] = field(default_factory=lambda: {"mode": "image"})
     dtype: str | None = None
-    compute: str | None = None  # how the model ran: its weights' dtype, or "autocast-bfloat16"
+    compute: str | None = None  # how the model ran on the build's device, e.g. "bfloat16-weights+autocast-bfloat16"
+    precision: str | None = None  # the recipe (featstore.model.precision): fp32, bf16, amp, deepspeed-bf16
+    # the --frame-transform function ("MODULE:FUNCTION") and the sha256 of its source file; None: no transform
+    frame_transform: dict[str, Any] = field(default_factory=lambda: {"name": None, "sha256": None})
     codec: str | None = None  # shard codec the build or export wrote with (zstd, raw, int8); None: zstd (older)
     tokens: str = "patch"  # "patch": patch tokens only (JanusVLN); "all": camera + register + patch
     source_fingerprint: str = "stat"  # "stat" (size, mtime) or "sha256"
@@ -112,14 +116,17 @@ def _compared(name: str, mine: Any, theirs: Any) -> list[tuple[str, Any, Any]]:
 
 def _historic(s: BuildSettings) -> BuildSettings:
     """Fill in what stores recorded before a setting existed: every build ran at image size 518, without EXIF
-    rotation, to a multiple of 14 (28 for janusvln), one record per image; a store that recorded no
-    preprocessing at all (an older script's caches) stays unknown."""
+    rotation, to a multiple of 14 (28 for janusvln), one record per image, without a frame transform, and in the
+    recipe its ``compute`` names (:data:`LEGACY_PRECISION`); a store that recorded no preprocessing at all (an
+    older script's caches) stays unknown."""
     pre = s.preprocess
     if pre.get("mode") is not None:
         pre.setdefault("apply_exif", False)
         pre.setdefault("target_size", HISTORIC_IMAGE_SIZE)
         pre.setdefault("multiple", 28 if pre["mode"] == "janusvln" else 14)
     s.context.setdefault("mode", "image")
+    if s.precision is None and s.compute is not None:
+        s.precision = LEGACY_PRECISION.get(s.compute, f"legacy-{s.compute}")
     return s
 
 
@@ -134,16 +141,22 @@ BINDS, PER_RECORD, FREE, DERIVED = "binds", "per-record", "free", "derived"
 #: - ``free``: it changes neither. ``vggt_model_path`` is where the checkpoint lies (the model binds by its
 #:   fingerprint); ``source_fingerprint`` is how ``--hash-inputs`` notes each source image: every record keeps
 #:   its own note and staleness judges each record by its own, so runs may differ; the manifest holds the latest.
-#: - ``derived``: ``tensors`` follows from layers, dtype and codec.
+#: - ``derived``: ``tensors`` follows from layers, dtype and codec; ``compute`` from the precision and the device.
 SETTING_RULES: dict[str, str] = {"vggt_model_path": FREE, "model": BINDS, "layers": BINDS, "tensors": DERIVED,
-                                 "preprocess": BINDS, "context": BINDS, "dtype": BINDS, "compute": BINDS,
-                                 "codec": PER_RECORD, "tokens": BINDS, "source_fingerprint": FREE}
+                                 "preprocess": BINDS, "context": BINDS, "dtype": BINDS, "compute": DERIVED,
+                                 "precision": BINDS, "frame_transform": BINDS, "codec": PER_RECORD, "tokens": BINDS,
+                                 "source_fingerprint": FREE}
 #: The flag that sets each binding setting, for messages.
 SETTING_FLAGS: dict[str, str] = {"model": "--model", "layers": "--layers", "preprocess.mode": "--preprocess",
                                  "preprocess.apply_exif": "--apply-exif", "preprocess.target_size": "--image-size",
                                  "preprocess.multiple": "--preprocess", "context.mode": "--context",
                                  "context.reference_frame": "--reference-frame", "context.history": "--history",
-                                 "dtype": "--dtype", "compute": "--autocast", "tokens": "--tokens"}
+                                 "dtype": "--dtype", "precision": "--precision", "tokens": "--tokens",
+                                 "frame_transform.name": "--frame-transform", "frame_transform.sha256": "--frame-transform"}
+#: The recipe of stores recorded before ``precision`` existed, by their ``compute``: float32 is the fp32 recipe bit
+#: for bit; their bf16 and autocast runs followed another dtype flow (RoPE tables, input normalisation), which
+#: no recipe reproduces: they read as ``legacy-<compute>``, so a resume with any recipe is refused.
+LEGACY_PRECISION = {"float32": "fp32"}
 #: The image size of stores recorded before ``preprocess.target_size`` existed (they were all built at 518).
 HISTORIC_IMAGE_SIZE = DEFAULT_IMAGE_SIZE
 assert set(SETTING_RULES) == set(SETTING_FIELDS), "every build setting needs a rule"
@@ -229,9 +242,9 @@ COUNT_FIELDS = ("records", "processed", "skipped", "failed", "missing", "stale_r
 # the manifest's fields in the order every featstore version has written them
 JSON_ORDER = ("total_images", "processed_images", "vggt_model_path", "data_root", "cache_format", "featstore_version",
               "schema_version", "layout", "cache_root", "complete", "model", "layers", "tensors", "preprocess",
-              "context", "dtype", "compute", "codec", "lossy", "tokens", "feature_shapes", "counts", "failures_ledger",
-              "missing_ledger", "sources", "source_fingerprint", "times", "world_size", "parts", "shards", "index",
-              "provenance_unknown")
+              "context", "dtype", "compute", "precision", "frame_transform", "codec", "lossy", "tokens",
+              "feature_shapes", "counts", "failures_ledger", "missing_ledger", "sources", "source_fingerprint", "times",
+              "world_size", "parts", "shards", "index", "provenance_unknown")
 
 
 NULLABLE = frozenset(k for k, v in Manifest().to_json().items() if v is None)

@@ -15,13 +15,13 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from featstore.formats.aliases import write_alias_index
+from featstore.formats.aliases import alias_entries, write_alias_index
 from featstore.formats.index import Index, write_index
-from featstore.formats.layout import INDEX_NAME, SHARDS_DIR
+from featstore.formats.layout import ALIAS_INDEX, INDEX_NAME, SHARDS_DIR
 from featstore.formats.manifest import shape_key
-from featstore.formats.shards import ShardEntry, complete_shards, parse_shard_name
+from featstore.formats.shards import ShardEntry, complete_shards, parse_shard_name, read_record_meta_at
 from featstore.runtime.fsutil import file_sha256
-from featstore.storage.backends import Storage, local_file_to_publish, parse_location, sha256_of
+from featstore.storage import Storage, local_file_to_publish, parse_location, sha256_of
 
 log = logging.getLogger("featstore")
 
@@ -101,9 +101,15 @@ def _shard_blocks(store: Storage, live: list[str], known: Mapping[str, list[Shar
 
 
 def _write_aliases(store: Storage, live: list[str], known: Mapping[str, list[ShardEntry]]) -> None:
+    """The alias index of a sample store; a remote one's records are read by their headers (ranged reads)
+    and the index uploaded."""
     local = store.local_path()
-    if local is None:
-        log.warning("%s: the alias index (frame-list lookups of id-keyed samples) is not written for remote "
-                    "stores yet; look samples up by their keys", store.display)
+    if local is not None:
+        write_alias_index(local, live, dict(known))
         return
-    write_alias_index(local, live, dict(known))
+    aliases = alias_entries(live, dict(known), lambda shard, offset: read_record_meta_at(store, shard, offset))
+    if not aliases:
+        store.delete(ALIAS_INDEX)
+        return
+    with local_file_to_publish(store, ALIAS_INDEX) as path:
+        write_index(path, live, aliases)

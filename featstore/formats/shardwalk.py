@@ -20,7 +20,7 @@ from featstore.formats.record import decode_header
 from featstore.formats.shardinfo import ShardEntry, entry_from_record_bytes
 
 if TYPE_CHECKING:
-    from featstore.storage.backends import Storage
+    from featstore.storage import Storage
 
 
 class BrokenShardError(StoreError):

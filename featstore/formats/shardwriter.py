@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import queue
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -23,18 +25,37 @@ from featstore.runtime.fsutil import disk_full_is_store_error, fsync_dir, sweep_
 class _TarAppender:
     """Writes a pax tar archive member by member, the bytes ``tarfile`` writes, hashing them as they go.
 
-    Each member is three writes (header, data, padding) and one sha256 update of the data: background writer
-    threads then take and release the GIL a few times per record instead of once per 16 KB (``tarfile`` copies
-    through a 16 KB buffer), which starves a GPU build's main thread.
+    Each member is three writes (header, data, padding): background writer threads then take and release the
+    GIL a few times per record instead of once per 16 KB (``tarfile`` copies through a 16 KB buffer), which
+    starves a GPU build's main thread. The sha256 runs on a thread of its own, one member behind the writes
+    (other buffers than ``bytes`` are copied first), so the writer thread only writes.
     """
 
     def __init__(self, f: BinaryIO):
         self.f, self.pos, self.sha = f, 0, hashlib.sha256()
+        self._parts: queue.Queue = queue.Queue(maxsize=4)
+        self._hasher = threading.Thread(target=self._hash, name="featstore-shard-sha256", daemon=True)
+        self._hasher.start()
+
+    def _hash(self) -> None:
+        while (part := self._parts.get()) is not None:
+            self.sha.update(part)
 
     def _put(self, part: bytes | memoryview) -> None:
         self.f.write(part)
-        self.sha.update(part)
+        self._parts.put(part if isinstance(part, bytes) else bytes(part))  # a buffer's owner may change it later
         self.pos += len(part)
+
+    def hexdigest(self) -> str:
+        """sha256 of everything written (waits for the hashing thread, which then ends)."""
+        self.stop()
+        return self.sha.hexdigest()
+
+    def stop(self) -> None:
+        """End the hashing thread (after the parts already handed to it)."""
+        if self._hasher.is_alive():
+            self._parts.put(None)
+            self._hasher.join()
 
     def add(self, name: str, data: bytes | memoryview) -> int:
         """Append one member; returns the offset of its data."""
@@ -127,7 +148,7 @@ class ShardWriter:
         if self.fsync:
             fsync_dir(self.dir)
         crash_point("shard-after-rename")
-        info = ShardInfo(name, len(self._entries), self._tar.pos, self._tar.sha.hexdigest())
+        info = ShardInfo(name, len(self._entries), self._tar.pos, self._tar.hexdigest())
         closed = ClosedShard(info, self._entries, self.dir / name)
         self._tar = self._f = self._tmp = None
         self._entries = []
@@ -138,6 +159,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the open shard's temporary file (used on errors; a crash leaves it for cleanup)."""
+        if self._tar is not None:
+            self._tar.stop()
         if self._f is not None:
             with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
                 self._f.close()

@@ -1,16 +1,20 @@
 """The one reading interface of a store, whatever its layout: what export and verify code against.
 
-``loader.ShardStore`` (tar shards + index) and ``loader.PerImageStore`` (``<image>.vggt_cache.pt`` files)
-implement it; ``loader.open_store`` returns one of them. Layout-specific reads (a shard store's index and
-raw record bytes) stay on the concrete classes.
+``featstore.read.ShardStore`` (tar shards + index) and ``featstore.read.PerImageStore`` (``<image>.vggt_cache.pt``
+files) implement it; ``featstore.read.open_store`` returns one of them. A shard store's own reads (its index and
+a record's stored bytes) are :class:`ShardStoreReads`, so code outside the reader (export) needs no reader class.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from featstore.formats.index import Index, IndexEntry
 from featstore.formats.record import Record
+
+if TYPE_CHECKING:
+    from featstore.storage import Storage
 
 
 @runtime_checkable
@@ -45,4 +49,20 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release open files (the store reopens them on next use)."""
+        ...
+
+
+@runtime_checkable
+class ShardStoreReads(Store, Protocol):
+    """A shard store opened for reading: a :class:`Store` with its index, its storage and raw record reads."""
+
+    storage: "Storage"
+
+    @property
+    def index(self) -> Index:
+        """The store's index (memory-mapped; fetched once for a remote store)."""
+        ...
+
+    def read_bytes(self, e: IndexEntry) -> memoryview:
+        """The stored bytes of the record ``e`` points at (exactly ``e.length``, or RecordError)."""
         ...

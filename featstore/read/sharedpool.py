@@ -17,7 +17,7 @@ latest sample mapped, so a sample without a descriptor always finds its arena ma
 that map once the worker has exited and another worker's arena arrives.)
 
 The receiver gets plain dicts of plain tensors. Only :class:`SharedSample` dicts made by
-:func:`featstore.read.loader.stream` in a worker take this path; their tensors are views of the slot, which
+:func:`featstore.read.stream.stream` in a worker take this path; their tensors are views of the slot, which
 another pickler would copy (as it copies any non-shared tensor).
 """
 

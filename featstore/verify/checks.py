@@ -70,6 +70,8 @@ def check_record(rec: Record, ex: Expectations, key: str) -> tuple[list[Finding]
         info[INFO_LEGACY_RECORDS] += 1
     else:
         found += check_provenance(rec, ex, key)
+    if rec.meta.get("context") == "joint" or ex.context == "joint":
+        return found + check_joint_record(rec, ex, key), info
     if rec.meta.get("context") == "sample" or ex.context == "sample":
         return found + check_sample_record(rec, ex, key), info
     if ex.data_root is not None:
@@ -152,6 +154,26 @@ def check_sample_record(rec: Record, ex: Expectations, key: str) -> list[Finding
     if rec.features.shape[-2] != tokens:
         out.append(Finding("layout", key, f"features have {rec.features.shape[-2]} tokens, its grid "
                                           f"{grid[0]}x{grid[1]} means {tokens}", fix))
+    if ex.data_root is None:
+        return out
+    return out + check_sample_frames(frames, meta.get("frame_sources") or [], ex, key)
+
+
+def check_joint_record(rec: Record, ex: Expectations, key: str) -> list[Finding]:
+    """A joint record's own consistency (its frame list, grid and frame count against the tensor ``[S, h*w, C]``)
+    and, with the data root, that its frames exist and are unchanged."""
+    meta, fix = rec.meta, f"re-run `{ex.rebuild} --no-skip-existing`"
+    frames, grid = meta.get("frames"), meta.get("grid")
+    if not (isinstance(frames, list) and frames and all(isinstance(f, str) for f in frames)
+            and isinstance(grid, list) and len(grid) == 2):
+        return [Finding("layout", key, f"joint record has no valid frames/grid (frames {str(frames)[:80]}, "
+                                       f"grid {grid})", fix)]
+    tokens = grid[0] * grid[1] + (0 if (ex.tokens or meta.get("tokens")) != "all" else 5)
+    out = []
+    for name, t in rec.tensors.items():
+        if t.dim() != 3 or t.shape[0] != len(frames) or t.shape[1] != tokens:
+            out.append(Finding("layout", key, f"tensor {name!r} is {list(t.shape)}; its {len(frames)} frames and "
+                                              f"grid {grid[0]}x{grid[1]} mean [{len(frames)}, {tokens}, C]", fix))
     if ex.data_root is None:
         return out
     return out + check_sample_frames(frames, meta.get("frame_sources") or [], ex, key)

@@ -23,7 +23,7 @@ def source_listing(m: dict[str, Any], data_root: str | None) -> tuple[Any, str |
     if not root or not os.path.isdir(root):
         return None, f"data root {root} not found; pass --data-root"
     try:
-        if (m.get("context") or {}).get("mode") == "sample":
+        if (m.get("context") or {}).get("mode") in ("sample", "joint"):
             return recorded_samples(root, m), None
         if m.get("sources"):
             return discover_recorded(root, m["sources"]), None
@@ -35,22 +35,30 @@ def source_listing(m: dict[str, Any], data_root: str | None) -> tuple[Any, str |
 
 
 def recorded_samples(root: str, m: dict[str, Any]) -> Any:
-    """The samples a sample store should hold: its recorded annotation files or episode folders, again."""
-    from featstore.discover import discover_samples
-
+    """The records a sample store should hold (its samples, deduplicated as the build does): its recorded
+    annotation files or episode folders, again."""
     src, ctx = m.get("sources") or {}, m.get("context") or {}
     if src.get("method") == "episodes":
         hist = src.get("history") or ctx.get("history") or {}
-        return discover_samples(root, reference_frame=ctx.get("reference_frame", "first"),
-                                history=int(hist.get("frames", 8)), history_pad=bool(hist.get("pad")))
+        return _records(root, reference_frame=ctx.get("reference_frame", "first"),
+                        history=int(hist.get("frames", 8)), history_pad=bool(hist.get("pad")))
     files = [a["file"] if os.path.isabs(a["file"]) else os.path.join(root, a["file"]) for a in src.get("annotations") or []]
     for f in files:
         if not os.path.isfile(f):
             raise AnnotationError(f"annotation file {f} recorded in the manifest no longer exists")
     if not files:
         raise AnnotationError("the manifest records no sample sources")
-    return discover_samples(root, annotations=files, data_path=src.get("data_path"),
-                            reference_frame=ctx.get("reference_frame", "first"))
+    return _records(root, annotations=files, data_path=src.get("data_path"),
+                    reference_frame=ctx.get("reference_frame", "first"))
+
+
+def _records(root: str, **discover: Any) -> Any:
+    """The discovery of a sample store's sources with its items the records the build makes of them."""
+    from featstore.build.discovery import discover_records
+
+    found, records = discover_records(root, **discover)
+    found.items = records
+    return found
 
 
 def failure_reasons(ledger: Path | None) -> dict[str, str]:
@@ -86,7 +94,7 @@ def compare_listing(report: Report, found: Any, why_not: str | None, stored: set
         report.skip("missing", why_not or "no source listing")
         report.notes.append(f"missing images not checked: {why_not}")
         return
-    listing = {it.key for it in found.items}
+    listing = {k for it in found.items for k in listed_keys(it, stored)}
     paths = {it.key: it.path for it in found.items if hasattr(it, "path")}  # sample stores: no single image
     report.add(*unlisted_findings(sorted(listing - stored), paths, failure_reasons(ledger), m, rebuild))
     already = report.keys_of("orphan")
@@ -97,6 +105,15 @@ def compare_listing(report: Report, found: Any, why_not: str | None, stored: set
         where = f" (each listed in {m['missing_ledger']})" if m.get("missing_ledger") else ""
         report.info[f"annotated images that do not exist{where}"] = len(found.missing)
     report.counts.update(listed_images=len(listing))
+
+
+def listed_keys(item: Any, stored: set[str]) -> tuple[str, ...]:
+    """The keys a listed record is stored under: its own, or, for a deduplicated record of a store built before
+    deduplication (one record per annotation id), each of its ids when every one of them is stored."""
+    ids = tuple(str(i) for i in getattr(item, "ids", ()) or ())
+    if item.key not in stored and len(ids) > 1 and all(i in stored for i in ids):
+        return ids
+    return (item.key,)
 
 
 def unlisted_findings(keys: list[str], paths: dict[str, Path], failed: dict[str, str], m: dict[str, Any],

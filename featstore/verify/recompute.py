@@ -16,8 +16,9 @@ import torch
 
 from featstore.constants import DEFAULT_IMAGE_SIZE, NAMED_MODELS
 from featstore.errors import StoreError
+from featstore.formats.manifest import BuildSettings
 from featstore.formats.record import Record, dtype_name, lossy_max_abs
-from featstore.storage.backends import FsspecStorage, Storage
+from featstore.formats.locate import StoreLocation
 from featstore.formats.keys import image_path_of
 from featstore.verify.report import Finding, Report
 
@@ -36,37 +37,75 @@ def recorded_model(m: dict[str, Any]) -> str:
     raise StoreError(f"--recompute needs --model PATH (the checkpoint the store was built with): {where}")
 
 
+def recorded_precision(m: dict[str, Any]) -> Any:
+    """The precision recipe the store records (fp32 for stores recorded before recipes, or with a legacy one)."""
+    from featstore.model.precision import PRECISIONS
+
+    return PRECISIONS.get(str(BuildSettings.of(m).precision), PRECISIONS["fp32"])
+
+
 class Recomputer:
-    """Computes records afresh: one extractor (model, layers, tokens) for the run, on one device."""
+    """Computes records afresh: one extractor (model, layers, tokens) for the run, on one device, in the
+    store's precision recipe, with its frame transform."""
 
     def __init__(self, model: Any, layers: tuple[int, ...], m: dict[str, Any], device: torch.device):
         from featstore.build.extract import Extractor
+        from featstore.build.transform import load_transform
 
-        self.ext = Extractor(model, layers, torch.float32, m.get("tokens") or "patch")
+        settings = BuildSettings.of(m)
+        self.recipe = recorded_precision(m)
+        self.ext = Extractor(model, layers, torch.float32, settings.tokens or "patch",
+                             input_dtype=self.recipe.input_dtype)
         self.device = device
-        pre = m.get("preprocess") or {}
-        self.mode = pre.get("mode") or "crop"
-        self.opts = {"apply_exif": bool(pre.get("apply_exif")), "image_size": int(pre.get("target_size") or DEFAULT_IMAGE_SIZE)}
+        self.mode = settings.preprocess.get("mode") or "crop"
+        self.opts = {"apply_exif": bool(settings.preprocess.get("apply_exif")),
+                     "image_size": int(settings.preprocess.get("target_size") or DEFAULT_IMAGE_SIZE)}
+        name = (settings.frame_transform or {}).get("name")
+        self.transform = load_transform(name) if name else None
 
     def _image(self, key: str, data_root: str) -> torch.Tensor:
         from featstore.model.preprocess import preprocess_image
 
         return preprocess_image(image_path_of(key, data_root), self.mode, **self.opts)
 
+    def _joint_frames(self, rec: Record, data_root: str) -> torch.Tensor:
+        """A joint record's frames as the build fed them: through the frame transform when there is one."""
+        from featstore.build.transform import apply_transform
+        from featstore.model.preprocess import open_image, preprocess_image
+
+        paths = [image_path_of(f, data_root) for f in rec.meta["frames"]]
+        if self.transform is None:
+            return torch.stack([preprocess_image(p, self.mode, **self.opts) for p in paths])
+        images = [open_image(p) for p in paths]
+        seen = apply_transform(self.transform, images, dict(rec.meta.get("annotation") or {}))
+        return torch.stack([preprocess_image(im, self.mode, **self.opts) for im in seen])
+
     def features(self, rec: Record, data_root: str) -> dict[str, torch.Tensor]:
-        """The record's tensors computed afresh (on the CPU): its image, or for a sample record its frames
-        streamed as training streams them (causal over frames, the kept frame's tokens)."""
-        if rec.meta.get("context") != "sample":
-            out = self.ext.run(self._image(rec.key, data_root)[None].to(self.device))
-            return {n: t.cpu() for n, t in out.items()}
+        """The record's tensors computed afresh (on the CPU), each with a leading batch dimension: its image; a
+        sample record's frames streamed as training streams them (causal over frames, the kept frame's tokens);
+        a joint record's frames through the model together."""
+        with self.recipe.autocast(self.device):
+            return self._features(rec, data_root)
+
+    def _features(self, rec: Record, data_root: str) -> dict[str, torch.Tensor]:
+        ext, context = self.ext, rec.meta.get("context")
+        if context == "joint":
+            from featstore.model.joint import joint_features
+
+            frames = self._joint_frames(rec, data_root).to(self.device)
+            out = joint_features(ext.model, frames, ext.layers, rec.meta.get("reference_frame", "first"), ext.tokens,
+                                 self.recipe)
+            return {n: out[i][None].float().cpu() for n, i in zip(ext.names, ext.layers)}  # [1, S, N, C]
+        if context != "sample":
+            out = ext.run(self._image(rec.key, data_root)[None].to(self.device))
+            return {n: t.float().cpu() for n, t in out.items()}
         frames = list(rec.meta["frames"])
         order = frames if rec.meta.get("reference_frame", "first") == "first" else frames[::-1]
         images = torch.stack([self._image(f, data_root) for f in order])[None].to(self.device)
-        ext = self.ext
         with torch.inference_mode():
-            out = ext.model(images, layers=ext.layers, causal=True)
+            out = ext.model(self.recipe.cast_input(images), layers=ext.layers, causal=True)
         start = int(ext.model.patch_start_idx) if ext.tokens == "patch" else 0
-        return {n: out[i][:, -1:, start:].cpu() for n, i in zip(ext.names, ext.layers)}  # [1, 1, P, C] like run
+        return {n: out[i][:, -1:, start:].float().cpu() for n, i in zip(ext.names, ext.layers)}  # [1, 1, P, C]
 
 
 @contextlib.contextmanager
@@ -80,44 +119,40 @@ def _true_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _open(location: Path | Storage, data_root: str | None) -> Any:
-    from featstore.read.loader import open_store
-
-    if isinstance(location, FsspecStorage):
-        return open_store(location.url, storage_options=location.storage_options)
-    return open_store(location, data_root=data_root)
-
-
-def recompute(report: Report, location: Path | Storage, model_path: str, n: int, seed: int, data_root: str | None,
+def recompute(report: Report, location: StoreLocation, model_path: str, n: int, seed: int, data_root: str | None,
               device: str, rebuild: str) -> None:
     """Re-run the model on ``n`` seeded records on ``device`` and compare with the stored features (the worst
     error is reported)."""
     from featstore.build.extract import pick_device
     from featstore.model import load_vggt
 
-    store = _open(location, data_root)
+    from featstore.read import open_location
+
+    store = open_location(location, data_root=data_root)
     m = store.manifest
     names = [k for k, v in (m.get("tensors") or {}).items() if isinstance(v, dict) and v.get("layer") is not None]
     if not names:
         report.notes.append("recompute skipped: the manifest does not say which layers were stored")
         return
     dev = pick_device(device, f"--device {device}")
-    model = load_vggt(model_path, device=dev, dtype=torch.float32)
+    model = load_vggt(model_path, device=dev, precision=recorded_precision(m))
     run = Recomputer(model, tuple(int(m["tensors"][k]["layer"]) for k in names), m, dev)
     keys = store.keys()
     chosen = random.Random(seed).sample(keys, min(n, len(keys)))
     worst, worst_key, tol_used = 0.0, None, None
+    per_record: list[dict[str, Any]] = []  # every comparison, for `featstore report`'s histogram
     with _true_float32():
         for key in chosen:
             rec = store.record(key)
             findings, errors = compare_record(rec, run.features(rec, store.data_root), names, rebuild)
             report.add(*findings)
             for err, tol in errors:
+                per_record.append({"key": key, "error": err, "tolerance": tol})
                 tol_used = tol if tol_used is None else max(tol_used, tol)
                 if worst_key is None or err > worst:
                     worst, worst_key = err, key
     report.recompute = {"checked": len(chosen), "worst_error": worst, "worst_key": worst_key, "tolerance": tol_used,
-                        "model": model.fingerprint, "device": str(dev)}
+                        "errors": per_record, "model": model.fingerprint, "device": str(dev)}
     if m.get("model", {}).get("fingerprint") not in (None, model.fingerprint):
         report.notes.append(f"--model fingerprint {model.fingerprint[:12]} differs from the store's "
                             f"{m['model']['fingerprint'][:12]}")

@@ -1,5 +1,5 @@
-"""The entry of ``featstore verify``: find what PATH is (a shard store, local or remote, or per-image caches),
-check it, and optionally recompute records with the model."""
+"""The entry of ``featstore verify``: find what PATH is (:func:`featstore.formats.locate.locate_store`: a shard
+store, local or remote, or per-image caches), check it, and optionally recompute records with the model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from featstore.errors import StoreError
-from featstore.formats.manifest import find_manifest, read_manifest, read_store_manifest
-from featstore.storage.backends import Storage, is_remote, local_path_of, parse_location
+from featstore.formats.locate import StoreLocation, locate_store
+from featstore.storage import Storage
 from featstore.verify.checks import Expectations
 from featstore.verify.fixes import rebuild_command
 from featstore.verify.per_image import per_image_expectations, verify_per_image
@@ -25,6 +25,7 @@ class Target:
 
     manifest: dict[str, Any]
     manifest_path: Path | None  # None for a remote store or legacy caches without a manifest
+    location: StoreLocation
     storage: Storage | None = None  # shard stores
     root: Path | None = None  # per-image caches: the manifest's folder
 
@@ -32,25 +33,10 @@ class Target:
 def find_target(path: Path | str, storage_options: dict[str, Any] | None) -> Target:
     """Resolve PATH (a store folder or URL, a cache or data root, or a manifest file); StoreError when it is
     none of these."""
-    from featstore.formats.perimage import scan_per_image
-
-    if is_remote(path):
-        storage = parse_location(str(path), storage_options)
-        return Target(read_store_manifest(storage), None, storage=storage)
-    local = local_path_of(path)
-    if not local.exists():
-        raise StoreError(f"{local} does not exist; pass a shard store folder, a data root or a manifest")
-    try:
-        mpath: Path | None = find_manifest(local)
-    except StoreError:
-        if not (local.is_dir() and next(scan_per_image(local), None) is not None):
-            raise
-        mpath = None  # legacy caches without a manifest
-    m = read_manifest(mpath) if mpath is not None else {"layout": "per-image", "data_root": str(local)}
-    if m.get("layout") == "per-image":
-        return Target(m, mpath, root=mpath.parent if mpath is not None else local)
-    assert mpath is not None
-    return Target(m, mpath, storage=parse_location(mpath.parent))
+    loc = locate_store(path, storage_options)
+    if loc.layout == "per-image":
+        return Target(loc.document(), loc.manifest_path, loc, root=Path(loc.root))
+    return Target(loc.document(), loc.manifest_path, loc, storage=loc.storage)
 
 
 def checked_data_root(data_root: str | None) -> str | None:
@@ -91,9 +77,7 @@ def verify(path: Path | str, *, data_root: str | None = None, sample: int | None
         assert model is not None
         if model_note:
             report.notes.append(model_note)
-        location = target.storage if is_remote(path) else local_path_of(path)
-        assert location is not None
-        recompute(report, location, model, recompute_n, seed, data_root, device, ex.rebuild)
+        recompute(report, target.location, model, recompute_n, seed, data_root, device, ex.rebuild)
     else:
         report.skip("recompute", "pass --recompute N")
     return report

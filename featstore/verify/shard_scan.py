@@ -12,7 +12,7 @@ from featstore.formats.keys import key_from_member
 from featstore.formats.layout import SHARDS_DIR
 from featstore.formats.record import crc32_of
 from featstore.formats.shards import BrokenShardError, HashingReader, TarMember, walk_shard
-from featstore.storage.backends import Storage
+from featstore.storage import Storage
 from featstore.verify.checks import Expectations, check_record_bytes
 from featstore.verify.fixes import rebuild_shard
 from featstore.verify.report import CheckedBatch, Finding

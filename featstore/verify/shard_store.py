@@ -12,7 +12,7 @@ from featstore.errors import StoreError
 from featstore.formats.index import Index, IndexEntry, local_index_file
 from featstore.formats.layout import INDEX_NAME, PARTS_DIR, SHARD_MANIFEST, SHARDS_DIR
 from featstore.formats.shardstore import list_store_shards
-from featstore.storage.backends import Storage, local_copy
+from featstore.storage import Storage, local_copy
 from featstore.verify import fixes
 from featstore.verify.checks import Expectations
 from featstore.verify.leftovers import lock_names, temp_file_findings, unfinished_build_findings

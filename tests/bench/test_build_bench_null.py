@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 KEYS = ("main_thread_cpu_ms_per_image", "decode_cpu_ms_per_image", "encode_cpu_ms_per_image", "e2e_images_per_s",
         "decode_only_images_per_s", "capacity_images_per_s", "e2e_over_capacity")
@@ -35,4 +35,6 @@ def test_build_bench_null_model_json(tmp_path):
     assert res["e2e_over_capacity"] == pytest.approx(res["e2e_images_per_s"] / res["capacity_images_per_s"])
     assert res["encode_record_ms"]["zstd"] > 0 and 0 < res["encode_record_ms"]["stored_ratio"] < 1
     assert set(res["targets"]) == {"main_thread_cpu_ms_per_image", "e2e_over_capacity"}
+    probes = res["gil_probe_late_ms"]
+    assert set(probes) == {"in_process", "own_process"} and all(0 <= p["p50"] <= p["p99"] <= p["max"] for p in probes.values())
     assert "CPU budget per image" in proc.stdout and "where the cores'" in proc.stdout

@@ -17,8 +17,8 @@ from featstore.formats.manifest import read_manifest
 from featstore.formats.perimage import read_pt
 from featstore.formats.record import decode_record
 from featstore.formats.shards import list_shards
-from tests.buildutil import REPO, build_args, make_images, run_cli, run_inproc, write_jsonl
-from tests.featstore_helpers import copy_sample
+from helpers import REPO, build_args, make_images, run_cli, run_inproc, write_jsonl
+from helpers import copy_sample
 
 
 
@@ -249,7 +249,7 @@ def test_job_array_parts_then_merge(tmp_path):
 @pytest.mark.slow  # chaos: SIGKILL at each point, then resume (about 5 s each, real processes)
 @pytest.mark.parametrize("point", ["record-appended:3", "shard-before-rename:1", "shard-after-rename:2",
                                    "part-index-written", "merge-before-index", "merge-before-manifest",
-                                   "merge-before-cleanup", "atomic-before-rename:2"])
+                                   "merge-before-cleanup", "atomic-before-rename:3"])
 def test_sigkill_then_resume_shards(tmp_path, point):
     keys = make_images(tmp_path / "d", 9)
     args = build_args(tmp_path / "d", "--shard-size", "60KB")

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 import featstore
-from buildutil import REPO, run_cli, run_inproc, write_jsonl
+from helpers import REPO, run_cli, run_inproc, write_jsonl
 from featstore.errors import StoreError
 from featstore.formats.manifest import read_manifest
 from featstore.formats.shards import list_shards
 from featstore.model import load_vggt
 from featstore.model.preprocess import preprocess_image
 from featstore.discover.samples import janusvln_history
-from featstore_helpers import copy_sample
+from helpers import copy_sample
 
 SIZE = "224"  # small frames keep the tiny model fast; the geometry rules are the official ones at any size
 
@@ -60,9 +60,10 @@ def test_sample_records_equal_training_streams(tmp_path, tiny, reference):
     root = copy_sample(tmp_path / "d")
     r = run_inproc(*context_args(root, "--reference-frame", reference))
     assert r.returncode == 0, r.stderr
-    assert "[SUCCESS] Processed 7 samples" in r.stderr
+    # 7 annotation records, 4 frame lists: ep000 and 0 (ep001 and 1, ep002 and 2) name the same frames
+    assert "4 records for 7 samples" in r.stderr and "[SUCCESS] Processed 4 samples" in r.stderr
     store = featstore.open_store(root / "vggt_featstore")
-    assert len(store) == 7 and store.context["reference_frame"] == reference
+    assert len(store) == 4 and store.context["reference_frame"] == reference
     for sid, paths in annotation_samples(root):
         stream = paths if reference == "first" else paths[::-1]
         expected = streamed(tiny, stream)
@@ -70,7 +71,7 @@ def test_sample_records_equal_training_streams(tmp_path, tiny, reference):
         assert got is not None and got.shape == expected.shape == (1, 16 * 12, 128)
         assert (got - expected).abs().max().item() <= 2e-5, sid
         assert torch.equal(store.get_sample(id=sid), got)
-        rec = store.record(sid)
+        rec = store.record(sid if sid in store.keys() else store.sample_key(paths))
         assert rec.meta["frames"] == [store.key_for(p) for p in paths] and rec.meta["grid"] == [12, 16]
         assert rec.meta["kept"] == (len(paths) - 1 if reference == "first" else 0)
         assert rec.path == str(paths[rec.meta["kept"]])
@@ -113,7 +114,7 @@ def test_resume_skips_and_settings_are_checked(tmp_path):
     root = copy_sample(tmp_path / "d")
     assert run_inproc(*context_args(root)).returncode == 0
     r = run_inproc(*context_args(root))
-    assert r.returncode == 0 and "7 already stored" in r.stderr and "Processed 0 samples" in r.stderr
+    assert r.returncode == 0 and "4 already stored" in r.stderr and "Processed 0 samples" in r.stderr
     r = run_inproc(*context_args(root)[:-2], "--image-size", "252")
     assert r.returncode == 2 and "--image-size: the store's records have 224, this run 252" in r.stderr
     r = run_inproc(*context_args(root, "--reference-frame", "last"))
@@ -130,8 +131,11 @@ def test_changed_frame_makes_its_samples_stale(tmp_path):
     frame = root / "episodes/episode_000/frame.001.jpg"
     os.utime(frame, ns=(frame.stat().st_atime_ns, frame.stat().st_mtime_ns + 10**9))
     r = run_inproc(*context_args(root, "--rebuild-stale"))
-    # frame.001 is a frame of sample ep000 (train.jsonl) and of sample 0 (annotations.json)
-    assert r.returncode == 0 and "stale rebuilt 2" in r.stderr, r.stderr
+    # frame.001 is a frame of sample ep000 (train.jsonl) and of sample 0 (annotations.json): the same frame list,
+    # so one deduplicated record serves both, and it is the one record rebuilt
+    assert r.returncode == 0 and "stale rebuilt 1" in r.stderr, r.stderr
+    st = featstore.open_store(root / "vggt_featstore")
+    assert torch.equal(st.get_sample(id="ep000"), st.get_sample(id=0))
 
 
 def test_missing_and_broken_frames_fail_their_samples_only(tmp_path):
@@ -173,13 +177,18 @@ def test_preset_janusvln_and_overrides(tmp_path):
 
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln"])
     apply_preset(args)
-    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.autocast) == \
-        ("sample", 644, "crop", (-2,), "first", True)
+    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.precision) == \
+        ("sample", 644, "crop", (-2,), "first", "deepspeed-bf16")
     args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "janusvln",
                                      "--preprocess", "pad", "--reference-frame", "last", "--no-autocast"])
     apply_preset(args)
-    assert (args.context, args.image_size, args.preprocess, args.reference_frame, args.autocast) == \
-        ("sample", 644, "pad", "last", False)
+    assert (args.context, args.image_size, args.preprocess, args.reference_frame, args.autocast, args.precision) == \
+        ("sample", 644, "pad", "last", False, None)  # --no-autocast: not the preset's recipe, the machine's
+    args = make_parser().parse_args(["build", "--data-root", str(tmp_path), "--model", "tiny", "--preset", "vgllm",
+                                     "--image-size", "644"])
+    apply_preset(args)
+    assert (args.context, args.image_size, args.preprocess, args.layers, args.reference_frame, args.precision) == \
+        ("joint", 644, "crop", (-2,), "first", "deepspeed-bf16")
 
 
 def test_sample_lookups_and_stream(tmp_path):
@@ -195,7 +204,7 @@ def test_sample_lookups_and_stream(tmp_path):
         store.get_sample(paths, id=sid)
     samples = list(featstore.stream(out, shuffle=False))
     assert sorted(s["key"] for s in samples) == store.keys()
-    one = next(s for s in samples if s["key"] == sid)
+    one = next(s for s in samples if s["key"] == store.sample_key(paths))  # ep000 and 0: one record
     assert one["frames"] == [store.key_for(p) for p in paths] and one["grid"] == (12, 16)
     assert one["features"].shape == (1, 192, 128)
     image_root = copy_sample(tmp_path / "img")
@@ -282,7 +291,9 @@ def test_verify_sample_store(tmp_path):
     kinds = {}
     for p in json.loads(r.stdout)["problems"]:
         kinds.setdefault(p["kind"], set()).add(p["key"])
-    assert kinds["stale"] == {"ep000", "0"} and kinds["orphan"] >= {"ep001", "1"}
+    store = featstore.open_store(out)
+    ep000, ep001 = ([p for sid, p in annotation_samples(root) if sid == name][0] for name in ("ep000", "ep001"))
+    assert kinds["stale"] == {store.sample_key(ep000)} and kinds["orphan"] >= {store.sample_key(ep001)}
     assert "new" in kinds["missing"]
 
 
@@ -336,7 +347,7 @@ def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny)
     r = run_inproc(*context_args(root, "--autocast", "--batch-size", "1"))
     assert r.returncode == 0, r.stderr
     store = featstore.open_store(root / "vggt_featstore")
-    assert store.manifest["compute"] == "autocast-bfloat16"
+    assert (store.manifest["precision"], store.manifest["compute"]) == ("amp", "float32-weights+autocast-bfloat16")
     # JanusVLN's loop: fp32 weights, autocast, one frame at a time on a KV cache, the last frame's tokens kept
     paths = [root / ep / f"frame.00{i}.jpg" for i in range(3)]
     cache = None
@@ -349,7 +360,7 @@ def test_autocast_runs_fp32_weights_under_autocast_like_janusvln(tmp_path, tiny)
     assert torch.equal(got, expected)
     assert (got - streamed(tiny, paths)).abs().max().item() > 1e-4  # really computed under autocast
     r = run_inproc(*context_args(root, "--batch-size", "1"))
-    assert r.returncode == 2 and "--autocast: the store's records have autocast-bfloat16, this run float32" in r.stderr
+    assert r.returncode == 2 and "--precision: the store's records have amp, this run fp32" in r.stderr
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from featstore.formats.manifest import read_manifest
-from tests.buildutil import REPO, build_args, make_images, run_inproc
+from helpers import REPO, build_args, make_images, run_inproc
 
 IS_ROOT = os.geteuid() == 0
 BASE = ["--no-progress", "--num-workers", "0"]

@@ -54,5 +54,7 @@ def test_requested_settings_are_one_build_settings_with_every_binding_setting(tm
     assert s.context == {"mode": "sample", "reference_frame": "last", "history": None}
     assert s.tensors == {"features": {"layer": 22, "dtype": "bfloat16", "codec": "raw"},
                          "layer_23": {"layer": 23, "dtype": "bfloat16", "codec": "raw"}}
-    assert (s.codec, s.source_fingerprint, s.compute, s.dtype) == ("raw", "sha256", "float32", "bfloat16")
+    assert (s.codec, s.source_fingerprint, s.precision, s.compute, s.dtype) == (
+        "raw", "sha256", "fp32", "float32-weights", "bfloat16")
+    assert s.frame_transform == {"name": None, "sha256": None}
     assert BuildSettings.of(s.to_json()) == s  # what build.json holds reads back the same

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from featstore.formats.manifest import JSON_ORDER, SETTING_FIELDS, BuildSettings, Manifest, new_manifest
-from tests.buildutil import build_args, make_images, run_inproc
+from helpers import build_args, make_images, run_inproc
 
 
 def test_merge_refuses_parts_with_another_image_size_then_merges_the_rebuilt_part(tmp_path):

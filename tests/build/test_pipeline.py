@@ -14,7 +14,7 @@ from featstore.build.pipeline import (MAX_DECODE_CHUNK, DecodedStep, DecodeOptio
 from featstore.build.ring import BatchFeeder, Ring
 from featstore.build.schedule import plan_steps
 from featstore.discover.samples import make_sample
-from tests.buildutil import make_images
+from helpers import make_images
 
 
 def loaders(root, pin: bool):
@@ -143,7 +143,7 @@ def test_the_null_model_gives_full_size_outputs_without_computing(tmp_path):
 
 def test_a_build_with_the_null_model_writes_readable_full_size_records(tmp_path):
     import featstore
-    from tests.buildutil import run_inproc
+    from helpers import run_inproc
 
     make_images(tmp_path / "data", 3, size=(560, 560))
     out = tmp_path / "store"
@@ -176,7 +176,7 @@ def test_host_copies_run_on_a_side_stream_and_hold_the_values_after_the_event():
 
 
 def test_the_null_model_is_refused_for_sample_context_before_anything_is_written(tmp_path):
-    from tests.buildutil import run_inproc
+    from helpers import run_inproc
 
     make_images(tmp_path / "data", 4, size=(56, 56))
     out = tmp_path / "store"

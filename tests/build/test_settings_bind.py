@@ -11,7 +11,7 @@ import pytest
 from featstore.formats.index import Index
 from featstore.formats.manifest import BuildSettings
 from featstore.formats.record import decode_header, decode_record
-from tests.buildutil import build_args, make_images, run_inproc
+from helpers import build_args, make_images, run_inproc
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

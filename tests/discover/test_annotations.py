@@ -13,7 +13,7 @@ from featstore.discover.annotations import (find_annotation_files, iter_annotati
 from featstore.discover.images import ImageItem, discover_images
 from featstore.errors import AnnotationError
 
-from tests.discover.files import keys, touch, write_jsonl
+from helpers import keys, touch, write_jsonl
 
 
 def test_record_image_refs_all_fields():

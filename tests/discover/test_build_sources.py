@@ -8,7 +8,7 @@ from pathlib import Path
 
 from featstore.formats.index import Index
 from featstore.formats.manifest import read_manifest
-from tests.buildutil import build_args, make_images, run_inproc, write_jsonl
+from helpers import build_args, make_images, run_inproc, write_jsonl
 
 
 def stored_keys(data: Path) -> list[str]:

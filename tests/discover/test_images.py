@@ -12,9 +12,9 @@ from featstore.discover.annotations import find_annotation_files, read_annotatio
 from featstore.discover.images import ImageItem, discover_images, discover_recorded
 from featstore.errors import AnnotationError
 
-from tests.featstore_helpers import copy_sample
+from helpers import copy_sample
 
-from tests.discover.files import keys, touch, write_jsonl
+from helpers import keys, touch, write_jsonl
 
 
 def test_missing_annotation_file_is_an_error(tmp_path):

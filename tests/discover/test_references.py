@@ -11,7 +11,7 @@ import pytest
 from featstore.discover.images import discover_images
 from featstore.discover.references import ImageResolver, resolve_image_ref
 
-from tests.discover.files import keys, touch, write_jsonl
+from helpers import keys, touch, write_jsonl
 
 
 def test_resolution_order_data_path_then_root_then_annotation_folder(tmp_path):

@@ -119,7 +119,7 @@ def test_the_frame_key_has_one_definition_in_formats():
 
 def test_sample_discovery_has_the_image_discovery_shape(tmp_path):
     from featstore.discover import Discovery, MissingFrame, discover_images, discover_samples
-    from tests.discover.files import touch, write_jsonl
+    from helpers import touch, write_jsonl
 
     for n in range(3):
         touch(tmp_path / "ep" / f"{n}.jpg")
@@ -147,7 +147,7 @@ def test_sample_discovery_has_the_image_discovery_shape(tmp_path):
 
 def test_episode_samples_from_folders_share_the_shape(tmp_path):
     from featstore.discover import discover_samples
-    from tests.discover.files import touch
+    from helpers import touch
 
     for ep, n in (("a", 3), ("b", 2)):
         for i in range(n):

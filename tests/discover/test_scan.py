@@ -10,7 +10,7 @@ import pytest
 
 from featstore.discover.images import discover_images
 
-from tests.discover.files import keys, touch, write_jsonl
+from helpers import keys, touch, write_jsonl
 
 
 def test_scan_extensions_case_and_skips(tmp_path):

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from featstore.formats.index import Index
-from tests.buildutil import build_args, make_images, run_cli, run_inproc, write_jsonl
+from helpers import build_args, make_images, run_cli, run_inproc, write_jsonl
 
 
 def janusvln_root(root: Path) -> list[str]:

@@ -7,7 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tests.featstore_helpers import REPO_ROOT, SAMPLE, build, copy_sample
+from helpers import REPO_ROOT, SAMPLE, build, copy_sample
 
 
 def _files(root: Path) -> list[str]:
@@ -29,9 +29,9 @@ def test_sample_copy_ignores_what_the_readme_commands_write(tmp_path):
 
 
 def test_no_test_reads_the_sample_folder_directly():
-    """Only tests/featstore_helpers.py names examples/sample; every test copies from it to tmp_path."""
+    """Only tests/helpers.py names examples/sample; every test copies from it to tmp_path."""
     pattern = re.compile(r"examples[\"'/ ,]+[\"']?sample|SAMPLE\b")
     offenders = [p.name for p in (REPO_ROOT / "tests").rglob("*.py")
-                 if p.name not in ("featstore_helpers.py", Path(__file__).name) and pattern.search(p.read_text())]
+                 if p.name not in ("helpers.py", Path(__file__).name) and pattern.search(p.read_text())]
     assert offenders == []
     assert SAMPLE.is_dir()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.buildutil import run_inproc
+from helpers import run_inproc
 
 
 def help_text(command: str, env: dict | None = None) -> str:
@@ -69,7 +69,7 @@ def test_build_with_no_flags_means_the_build_options_defaults():
     from featstore.cli.build import build_options_of
     from featstore.cli.main import make_parser
     from featstore.build.options import BuildOptions
-    from tests.buildutil import environment
+    from helpers import environment
 
     with environment(BUILD_ENV):
         opts = build_options_of(make_parser().parse_args(["build"]))
@@ -120,3 +120,16 @@ def test_verify_whose_module_fails_to_import_stays_listed_and_names_the_error(mo
     assert all(re.search(rf"^\s+{c}\s", top, re.M) for c in ("build", "verify", "export", "merge")), top
     line = the_one_error(run_inproc("verify", str(tmp_path)))
     assert "importing featstore.verify failed" in line and "ModuleNotFoundError" in line, line
+
+
+def test_precision_help_names_every_recipe_and_the_presets_say_theirs():
+    from featstore.cli.build import PRECISION_HELP, PRESETS
+    from featstore.model.precision import PRECISION_NAMES, PRECISIONS
+
+    assert tuple(PRECISION_HELP) == PRECISION_NAMES and set(PRECISIONS) == set(PRECISION_HELP)
+    text = "".join(help_text("build").split())  # argparse wraps at spaces and hyphens
+    for name in PRECISION_NAMES:
+        assert f"{name}:" in text
+    assert "vgllm=--contextjoint--image-size518--preprocesscrop--layers=-2--reference-framefirst" \
+           "--precisiondeepspeed-bf16(arecordwithspar_infoneeds--frame-transform)" in text
+    assert PRESETS["janusvln"]["precision"] == PRESETS["vgllm"]["precision"] == "deepspeed-bf16"

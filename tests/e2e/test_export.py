@@ -13,9 +13,9 @@ from featstore.formats.layout import SHARDS_DIR
 from featstore.cli.main import main
 from featstore.formats.record import Record, encode_record
 from featstore.formats.shards import ShardWriter
-from featstore.read.loader import open_store
+from featstore.read import open_store
 from featstore.build.merge import merge_shard_store
-from tests.featstore_helpers import build, copy_images, run_verify
+from helpers import build, copy_images, run_verify
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ from featstore.formats.layout import LOCK_NAME
 from featstore.errors import LockError
 from featstore.formats.index import Index
 from featstore.build.locks import BuildLock, read_lock
-from tests.buildutil import REPO, build_args, make_images, run_cli
+from helpers import REPO, build_args, make_images, run_cli
 
 IS_ROOT = os.geteuid() == 0
 pytestmark = pytest.mark.slow  # several real build processes each (about 80 s together)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.buildutil import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.buildutil import REPO, build_args, make_images
+from helpers import REPO, build_args, make_images
 from test_reliability_concurrency import IS_ROOT, run_cli_as_user
 
 

@@ -21,7 +21,7 @@ from featstore.formats.index import Index, write_index
 from featstore.formats.record import MAGIC, Record, encode_record
 from featstore.formats.shards import ShardEntry, ShardWriter
 from featstore.runtime.fsutil import file_sha256 as sha256_file
-from tests.buildutil import REPO, build_args, make_images, run_inproc
+from helpers import REPO, build_args, make_images, run_inproc
 
 
 @pytest.fixture(scope="module")

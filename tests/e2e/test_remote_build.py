@@ -15,11 +15,11 @@ import torch
 
 from featstore.cli.main import main
 from featstore.errors import LockError
-from featstore.storage.backends import parse_location
+from featstore.storage import parse_location
 from featstore.build.locks import StorageLock
-from featstore.read.loader import open_store, stream
+from featstore.read import open_store, stream
 from s3server import ACCESS_KEY, SECRET, new_bucket, s3_server
-from tests.featstore_helpers import REPO_ROOT, copy_images
+from helpers import REPO_ROOT, copy_images
 
 TINY = ["--model", "tiny", "--device", "cpu", "--no-progress", "--num-workers", "0", "--writer-threads", "1",
         "--no-fsync", "--batch-size", "4"]

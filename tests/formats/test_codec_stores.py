@@ -13,11 +13,11 @@ from featstore.formats.layout import SHARDS_DIR
 from featstore.cli.main import main
 from featstore.formats.record import Record, decode_header, encode_record
 from featstore.formats.shards import ShardWriter
-from featstore.read.loader import open_store, stream
+from featstore.read import open_store, stream
 from featstore.build.merge import merge_shard_store
 from featstore.read import sharedpool
 from featstore.read.sharedpool import SharedSample, worker_pool
-from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+from helpers import build, copy_images, problem_keys, run_verify
 from test_codecs import legacy_record
 
 

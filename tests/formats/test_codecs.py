@@ -17,7 +17,7 @@ from featstore.errors import RecordError
 from featstore.formats import codecs
 from featstore.formats.codecs import CODECS
 from featstore.formats.record import Record, decode_header, decode_record, encode_record
-from featstore.read.loader import record_to_sample
+from featstore.read.samples import record_to_sample
 
 LOSSLESS = ("zstd", "raw")
 

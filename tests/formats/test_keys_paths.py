@@ -10,7 +10,7 @@ import pytest
 
 from featstore.errors import RecordError
 from featstore.formats.keys import CacheLayout, cache_file_beside, image_path_of, key_for_path
-from tests.buildutil import build_args, make_images, run_inproc
+from helpers import build_args, make_images, run_inproc
 
 
 def test_key_to_cache_file_and_back(tmp_path):

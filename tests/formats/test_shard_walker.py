@@ -15,7 +15,7 @@ from featstore.formats.record import Record, decode_record, encode_record
 from featstore.formats.shards import (BrokenShardError, HashingReader, ShardWriter, entries_of_stream, salvage_shard,
                                       scan_shard, scan_stored_shard, walk_shard)
 from featstore.runtime.fsutil import file_sha256 as sha256_file
-from featstore.storage.backends import LocalStorage
+from featstore.storage import LocalStorage
 from featstore.runtime.fsutil import temp_name_for
 
 

@@ -4,6 +4,7 @@ shard with its index entries to its ``post`` hook."""
 from __future__ import annotations
 
 import tarfile
+import threading
 
 import pytest
 import torch
@@ -63,3 +64,19 @@ def test_a_failing_hook_stops_the_writer_with_the_shard_closed(tmp_path):
         with ShardWriter(tmp_path, "vggt", 0, 0, fsync=False, post=upload) as w:
             w.write(key, data)
     assert [p.name for p in tmp_path.iterdir()] == ["vggt-00000-000000.tar"]
+
+
+def test_shard_sha256_is_the_file_sha256_with_precomputed_entries_and_reused_buffers(tmp_path):
+    from featstore.formats.shards import entry_from_record_bytes
+    from featstore.runtime.fsutil import file_sha256
+
+    closed: list[ClosedShard] = []
+    buf = bytearray()
+    with ShardWriter(tmp_path, "vggt", 0, 0, fsync=False, post=closed.append) as w:
+        for i in range(5):
+            key, data = record_bytes(i)
+            buf[:] = data  # one buffer, overwritten by the next record once write() returns (hashed off-thread)
+            w.write(key, memoryview(buf), entry_from_record_bytes(key, 0, data) if i % 2 else None)
+    (s,) = closed
+    assert s.info.sha256 == file_sha256(s.path) and s.entries == scan_shard(s.path)
+    assert not [t for t in threading.enumerate() if t.name == "featstore-shard-sha256"]

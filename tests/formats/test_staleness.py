@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from featstore.formats.staleness import file_sha256, source_changed
-from tests.buildutil import build_args, make_images, run_inproc
-from tests.featstore_helpers import problem_keys, run_verify
+from helpers import build_args, make_images, run_inproc
+from helpers import problem_keys, run_verify
 
 
 def rewrite_same_size_same_mtime(path: Path) -> None:

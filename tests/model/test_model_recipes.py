@@ -14,13 +14,7 @@ from featstore.model.layers.rope import RotaryEmbedding2D, rope_angles
 RECIPES = ("fp32", "amp", "deepspeed-bf16", "bf16")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The golden files were made with 1 thread (their README: 2 threads give the same bits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the golden files were made with 1 thread
 
 
 @pytest.fixture(scope="module")

@@ -293,7 +293,7 @@ def test_undecodable_inputs_raise_image_error_naming_the_path(tmp_path, case):
 
 
 def test_shipped_sample_frames_preprocess(tmp_path):
-    from tests.featstore_helpers import copy_images
+    from helpers import copy_images
 
     sample = copy_images(tmp_path / "sample")
     frames = sorted(p for p in sample.rglob("*") if p.is_file())

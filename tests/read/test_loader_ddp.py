@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from featstore.read.loader import open_store
-from tests.featstore_helpers import REPO_ROOT, build, copy_images
+from featstore.read import open_store
+from helpers import REPO_ROOT, build, copy_images
 
 pytestmark = pytest.mark.slow  # real torchrun processes with DataLoader workers (about 35 s)
 

@@ -11,8 +11,8 @@ import torch
 import featstore
 from featstore.errors import RecordError, StoreError
 from featstore.formats.perimage import read_pt
-from featstore.read.loader import load_cached_vggt_features, open_store
-from tests.featstore_helpers import build, copy_images
+from featstore.read import load_cached_vggt_features, open_store
+from helpers import build, copy_images
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from featstore.errors import StoreError
-from featstore.storage.backends import parse_location
-from featstore.read.loader import open_store, stream
+from featstore.storage import parse_location
+from featstore.read import open_store, stream
 from s3server import SECRET, new_bucket, s3_server
-from tests.featstore_helpers import REPO_ROOT, build, copy_images
+from helpers import REPO_ROOT, build, copy_images
 
 
 def upload_store(local: Path, url: str, options: dict) -> None:

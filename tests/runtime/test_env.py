@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from featstore.runtime.env import Consumer, consumer, dist_env
 from featstore.errors import OptionError
-from tests.buildutil import environment
+from helpers import environment
 
 NO_DIST = {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": None}
 

@@ -1,8 +1,7 @@
-"""featstore.storage.backends on local folders and on a real S3-protocol server (moto, see tests/s3server.py)."""
+"""featstore.storage on local folders and on a real S3-protocol server (moto, see tests/s3server.py)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from featstore.errors import StoreError
-from featstore.storage import backends as st
+import featstore.storage as st
 from s3server import SECRET, S3Server, new_bucket, s3_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,37 +171,9 @@ def test_s3_errors_are_redacted_store_errors(s3):
     assert SECRET not in str(e.value) and "cannot read" in str(e.value)
 
 
-def test_redaction():
-    st.register_secrets({"key": "AKIAEXAMPLEKEY", "client_kwargs": {"aws_session_token": "tok-123456"},
-                         "anon": False, "endpoint_url": "http://127.0.0.1:1"})
-    text = ("failed with AKIAEXAMPLEKEY and tok-123456 at https://user:pw@host/b/k?X-Amz-Signature=abc&X-Amz-Credential=d"
-            " and s3://AKIAEXAMPLEKEY:s3cr3t@bucket/p")
-    clean = st.redact(text)
-    for leak in ("AKIAEXAMPLEKEY", "tok-123456", "user:pw", "abc", "s3cr3t", "X-Amz-Credential=d"):
-        assert leak not in clean
-    assert "https://***@host/b/k?***" in clean and "s3://***@bucket/p" in clean
-    assert st.redact("endpoint http://127.0.0.1:1 ok") == "endpoint http://127.0.0.1:1 ok"  # not a secret
-    assert st.redact_url("s3://bucket/prefix") == "s3://bucket/prefix"
-
-
-def test_redaction_reaches_logs(caplog):
-    st.register_secrets({"secret": "log-secret-98765"})
-    with caplog.at_level(logging.INFO, logger="featstore"):
-        logging.getLogger("featstore").info("opening with %s", "log-secret-98765")
-    assert "log-secret-98765" not in caplog.text and "opening with ***" in caplog.text
-
-
-def test_storage_options_json_errors_never_echo_the_value():
-    assert st.storage_options_from_json('{"anon": true}') == {"anon": True}
-    for bad in ('{"secret": "json-secret-4242"', '["json-secret-4242"]'):
-        with pytest.raises(ValueError) as e:
-            st.storage_options_from_json(bad)
-        assert "json-secret-4242" not in str(e.value) and "--storage-options" in str(e.value)
-
-
 def test_local_use_never_imports_fsspec(tmp_path):
     code = (
-        "import sys, pathlib; from featstore.storage import backends as st\n"
+        "import sys, pathlib; import featstore.storage as st\n"
         f"s = st.parse_location({str(tmp_path)!r})\n"
         "s.publish_bytes('shards/a.tar', b'0123456789'); assert s.read_range('shards/a.tar', 2, 3) == b'234'\n"
         "assert s.list('shards') == {'shards/a.tar': 10} and s.create_exclusive('l', b'x')\n"

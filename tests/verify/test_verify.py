@@ -15,9 +15,9 @@ from featstore.formats.index import Index, write_index
 from featstore.formats.perimage import read_pt, write_pt
 from featstore.formats.record import encode_record
 from featstore.formats.shards import ShardEntry, ShardWriter
-from featstore.read.loader import open_store
+from featstore.read import open_store
 from featstore.build.merge import merge_shard_store
-from tests.featstore_helpers import build, copy_images, problem_keys, run_verify
+from helpers import build, copy_images, problem_keys, run_verify
 
 
 @pytest.fixture(scope="module")

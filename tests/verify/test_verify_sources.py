@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from featstore.formats.manifest import read_manifest
-from tests.buildutil import build_args, make_images, run_inproc, write_jsonl
-from tests.featstore_helpers import problem_keys, run_verify
+from helpers import build_args, make_images, run_inproc, write_jsonl
+from helpers import problem_keys, run_verify
 
 
 @pytest.fixture(scope="module")

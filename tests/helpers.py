@@ -1,10 +1,12 @@
-"""Helpers for build tests: small real image trees and CLI runs in-process or as real subprocesses."""
+"""The tests' one helper module: small real image trees, the sample data copied to a test's folder, CLI runs in
+process or as real subprocesses, real stores built and verified with the tiny model."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -13,7 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "sample"
+SAMPLE_FILES = ("*.jpg", "*.png", "train.jsonl", "annotations.json")
 
 
 def make_images(root: Path, n: int, *, size=(70, 56), prefix="ep", per_dir=4, seed=0, ext="png") -> list[str]:
@@ -31,10 +35,23 @@ def make_images(root: Path, n: int, *, size=(70, 56), prefix="ep", per_dir=4, se
     return sorted(keys)
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write annotation records as JSON lines."""
+def write_jsonl(path: Path, records: list) -> Path:
+    """Write annotation records as JSON lines; returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def touch(path: Path, data: bytes = b"img") -> Path:
+    """Create ``path`` (and its folders) holding ``data`` (a file name is all discovery looks at)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def keys(found) -> list[str]:
+    """The item keys of a discovery, in order."""
+    return [i.key for i in found.items]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -87,3 +104,47 @@ def run_inproc(*args: str, env: dict | None = None) -> subprocess.CompletedProce
             err.write(traceback.format_exc())
             rc = 1
     return subprocess.CompletedProcess(["featstore", *args], rc, out.getvalue(), err.getvalue())
+
+
+def copy_sample(dst: Path, src: Path = SAMPLE, patterns: tuple[str, ...] = SAMPLE_FILES) -> Path:
+    """Copy the sample data set's own files (images, annotations) to ``dst``, and nothing a user's run of the
+    README may have written there (stores, caches, manifests, ledgers): tests never depend on the checkout."""
+    for pattern in patterns:
+        for p in src.rglob(pattern):
+            rel = p.relative_to(src)
+            if p.is_file() and "vggt_featstore" not in rel.parts:
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, dst / rel)
+    return dst
+
+
+def copy_images(dst: Path, drop: int = 0) -> Path:
+    """Copy the sample images (no store, no annotations) to ``dst``; optionally drop the last ``drop`` images."""
+    copy_sample(dst, patterns=("*.jpg", "*.png"))
+    if drop:
+        for p in sorted(dst.rglob("*.*"))[-drop:]:
+            p.unlink()
+    return dst
+
+
+def build(data_root: Path, *args: str) -> None:
+    """Run `featstore build` with the tiny model on CPU; fails the test on a non-zero exit."""
+    from featstore.cli.main import main
+
+    rc = main(["build", "--data-root", str(data_root), "--model", "tiny", "--device", "cpu", "--no-progress",
+               "--num-workers", "0", "--writer-threads", "1", "--no-fsync", *args])
+    assert rc == 0, f"build failed with {rc}"
+
+
+def run_verify(path: Path, tmp: Path, *args: str) -> tuple[int, dict]:
+    """Run `featstore verify --json`; returns (exit code, report)."""
+    report = tmp / f"report-{len(list(tmp.glob('report-*')))}.json"
+    from featstore.cli.main import main
+
+    rc = main(["verify", str(path), "--json", str(report), "--no-progress", *args])
+    return rc, json.loads(report.read_text())
+
+
+def problem_keys(report: dict, kind: str) -> set[str]:
+    """Keys named by problems of one kind."""
+    return {p["key"] for p in report["problems"] if p["kind"] == kind}

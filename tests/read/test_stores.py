@@ -1,8 +1,7 @@
-"""open_store, load_cached_vggt_features, stream and decode_sample on real stores."""
+"""open_store (ShardStore, PerImageStore) and load_cached_vggt_features on real stores."""
 
 from __future__ import annotations
 
-import glob
 import itertools
 import logging
 import os
@@ -11,28 +10,12 @@ import threading
 
 import pytest
 import torch
-import webdataset as wds
 
 import featstore
 from featstore.errors import RecordError
 from featstore.formats.layout import SHARDS_DIR
-from featstore.formats.record import encode_record
-from featstore.formats.shards import ShardWriter
 from featstore.formats.store import Store
-from featstore.formats.keys import encode_key
-from featstore.read.loader import decode_sample, open_store, stream
-from featstore.build.merge import merge_shard_store
-from tests.featstore_helpers import build, copy_images
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    data = copy_images(root / "data")
-    build(data, "--out", str(root / "many"), "--shard-size", "20KB")  # 12 shards of 1 record
-    build(data, "--out", str(root / "few"), "--shard-size", "1500KB")  # 3 shards of 4 records
-    build(data, "--format", "per-image")  # beside the images
-    return root
+from featstore.read import open_store
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -114,8 +97,8 @@ def test_compressed_records_read_from_the_mapped_shard_survive_truncation_and_gr
 
 
 def test_load_cached_vggt_features(stores, monkeypatch):
-    from featstore.read.loader import _default_stores
-    import featstore.read.loader as loader
+    import featstore.read.dropin as loader
+    from featstore.read.dropin import _default_stores
 
     img = stores / "data" / "episodes/episode_000/frame.000.jpg"
     want = open_store(stores / "many")["episodes/episode_000/frame.000.jpg"]
@@ -143,64 +126,3 @@ def test_load_cached_vggt_features(stores, monkeypatch):
         _default_stores.clear()
     msgs = [r.getMessage() for r in records if "VGGT feature cache enabled" in r.getMessage()]
     assert len(msgs) == 2 and str(stores / "many") in msgs[1]
-
-
-@pytest.mark.parametrize("store_name,workers", [("many", 3), ("few", 2), ("few", 0)])
-def test_stream_each_record_once(stores, store_name, workers):
-    ds = stream(stores / store_name, seed=1, epoch=0, shuffle_buffer=4)
-    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-    keys = [s["key"] for s in dl]
-    assert sorted(keys) == open_store(stores / store_name).keys()
-    assert len(ds) == 12
-    again = [s["key"] for s in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)]
-    assert again == keys
-    ds.set_epoch(1)
-    assert [s["key"] for s in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)] != keys
-
-
-def test_stream_fewer_shards_than_workers_every_worker_reads(stores):
-    # 3 shards, 4 workers: records are split inside shards, each worker gets 3
-    ds = stream(stores / "few", shuffle=False)
-    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=4)
-    keys = [s["key"] for s in dl]
-    assert sorted(keys) == open_store(stores / "few").keys()
-
-
-def test_stream_samples_and_resampled(stores):
-    sample = next(iter(stream(stores / "many")))
-    assert set(sample) == {"__key__", "key", "path", "features"} and sample["features"].shape == (1, 1036, 128)
-    assert sample["__key__"] == encode_key(sample["key"])  # the webdataset key docs/training.md promises
-    endless = stream(stores / "many", resampled=True, shuffle_buffer=2)
-    keys = [s["key"] for s in itertools.islice(iter(endless), 30)]
-    assert len(keys) == 30 and sorted(keys[:12]) == open_store(stores / "many").keys()
-
-
-def test_stream_skips_superseded_records(stores, tmp_path):
-    store = tmp_path / "store"
-    shutil.copytree(stores / "few", store)
-    st = open_store(store)
-    key = st.keys()[0]
-    rec = st.record(key)
-    rec.tensors["features"] = rec.tensors["features"] + 1
-    w = ShardWriter(store / SHARDS_DIR, "vggt", 0, 10, fsync=False)
-    w.write(key, encode_record(rec))
-    w.close_shard()
-    merge_shard_store(store)  # the old shard keeps 3 live records and 1 superseded one
-    samples = list(stream(store, shuffle=False))
-    assert sorted(s["key"] for s in samples) == st.keys()
-    (new,) = [s for s in samples if s["key"] == key]
-    assert torch.equal(new["features"], rec.tensors["features"])
-
-
-def test_plain_webdataset_pipeline_reads_shards(stores):
-    urls = sorted(glob.glob(str(stores / "few" / SHARDS_DIR / "*.tar")))
-    ds = wds.WebDataset(urls, shardshuffle=False).map(decode_sample)
-    samples = list(ds)
-    store = open_store(stores / "few")
-    assert sorted(s["key"] for s in samples) == store.keys()
-    assert all(torch.equal(s["features"], store[s["key"]]) for s in samples)
-
-
-def test_stream_refuses_per_image(stores):
-    with pytest.raises(featstore.errors.StoreError, match="export"):
-        stream(stores / "data")
