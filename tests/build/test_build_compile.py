@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import featstore
-from tests.buildutil import build_args, run_cli
+from helpers import build_args, run_cli
 
 
 def _episode(root, n: int = 8) -> None:

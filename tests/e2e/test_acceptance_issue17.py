@@ -8,7 +8,7 @@ import argparse
 
 import pytest
 
-from buildutil import run_inproc
+from helpers import run_inproc
 from featstore.cli.build import add_build_parser, apply_preset
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from featstore.cli.build import PRESETS
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def _help(*argv: str) -> str:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from featstore import stream
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def _run(*argv: str) -> str:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tomllib
 
-from tests.featstore_helpers import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def test_report_command_line_is_spelled_as_the_issue_gives_it():
