@@ -3,6 +3,8 @@ siblings, bytes moved per step measured, and the compiled step equal to eager.""
 
 from __future__ import annotations
 
+import pytest
+
 import torch
 
 from featstore.build.context import PlanExecutor
@@ -84,6 +86,7 @@ def test_plan_executor_moves_fewer_bytes_than_concatenation(tiny_model):
     assert 0 < STATS.copied_bytes + STATS.stacked_bytes < 0.7 * concatenated, (STATS, concatenated)
 
 
+@pytest.mark.slow  # a few seconds (compile or benchmark processes)
 def test_compiled_stream_step_equals_eager():
     eager, compiled = load_vggt("tiny"), load_vggt("tiny")
     compile_blocks(compiled, backend="eager")  # inductor: tests/model/test_model_compile.py (slow)

@@ -3,6 +3,8 @@ spelled as the issue gives them, and the benchmarks' flags exist. Behaviour is c
 
 from __future__ import annotations
 
+import pytest
+
 import inspect
 import re
 import subprocess
@@ -38,6 +40,7 @@ def test_stream_takes_the_issue_keywords():
         assert name in params, name
 
 
+@pytest.mark.slow  # a few seconds (compile or benchmark processes)
 def test_loader_bench_has_url_and_scale_bench_exists():
     assert "--url" in _flags(_run(str(REPO_ROOT / "benchmarks" / "loader_bench.py")))
     assert "--assume-size" in (REPO_ROOT / "benchmarks" / "scale_bench.py").read_text()

@@ -51,6 +51,7 @@ def test_cli_compile_flags():
     assert opts("--no-compile").compile == "off"
 
 
+@pytest.mark.slow  # a few seconds (compile or benchmark processes)
 def test_one_compiled_graph_serves_every_block_and_the_stream_step():
     eager, compiled = _fresh(), _fresh()
     images = torch.rand(2, 1, 3, 28, 42, generator=torch.Generator().manual_seed(0))
