@@ -189,7 +189,7 @@ def _build_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_samples_args(p: argparse.ArgumentParser) -> None:
-    """Training samples: records with causal context (--context sample) and the presets."""
+    """Training samples: records with the context training gives them (--context sample or joint), precision and the presets."""
     g = p.add_argument_group("training samples (records with the context training gives them)")
     g.add_argument("--context", choices=("image", "sample", "joint"), default=None,
                    help="image: one record per image, no context; sample: one record per training sample, its "

@@ -61,7 +61,8 @@ def load_cached_vggt_features(image_path: str | os.PathLike[str], store: AnyStor
 def load_sample_features(frames: Sequence[str | os.PathLike[str]],
                          store: AnyStore | str | os.PathLike[str] | None = None,
                          *, id: Any = None) -> torch.Tensor | None:
-    """The cached features of one training sample (``[1, h*w, C]``; joint stores ``[S, h*w, C]``), or None: the drop-in for the VGGT loop of a
+    """The cached features of one training sample (``[1, h*w, C]``; joint stores ``[S, h*w, C]``), or None:
+    the drop-in for the VGGT loop of a
     training step. ``frames`` are the sample's frame paths in training order (current frame last); ``store``
     is an open sample store or its path (default ``$FEATSTORE_STORE``); ``id``: look up by annotation id."""
     if store is None:

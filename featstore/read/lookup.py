@@ -137,7 +137,8 @@ class StoreReader(abc.ABC):
 
     def get_sample(self, frames: Sequence[str | os.PathLike[str]] | None = None, *, id: Any = None,
                    default: Any = None) -> torch.Tensor | Any:
-        """The features of a training sample (``[1, h*w, C]``; joint stores ``[S, h*w, C]``), or ``default`` when the store does not hold it.
+        """The features of a training sample (``[1, h*w, C]``; joint stores ``[S, h*w, C]``), or ``default``
+        when the store does not hold it.
 
         ``frames``: the sample's frame paths in training order (chronological, current frame last, before any
         ``reference_frame: last`` reversal: the store applies its own setting); or ``id``: its annotation id.
